@@ -1,0 +1,7 @@
+"""nanotune: a small, readable GPT-2 fine-tuning lab."""
+
+from .generate import generate
+from .model import GPT, PRESETS, GPTConfig, KVCache
+from .tokenizer import load_tokenizer
+
+__all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "generate", "load_tokenizer"]

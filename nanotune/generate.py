@@ -1,0 +1,113 @@
+"""Sampling with a KV cache: the prompt runs once, then each step feeds one new token per row."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .model import GPT, KVCache
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    idx,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    banned_tokens: Sequence[int] = (),
+    eos_token: int | None = None,
+    generator: torch.Generator | None = None,
+):
+    """Continue prompts by max_new_tokens tokens.
+
+    idx: a (B, T) or (T,) tensor of token ids -> a tensor (B, T + max_new_tokens) (or (T + n,));
+         or a list of token-id lists of any lengths -> a list of lists (prompt + continuation).
+    temperature 0 is greedy. banned_tokens are never produced. With eos_token, a row stops after
+    producing it: tensor outputs fill the rest of that row with eos_token, list outputs end there.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    device = model.wte.weight.device
+    as_list = not isinstance(idx, torch.Tensor)
+    squeeze = False
+    attention_mask = None
+    if as_list:
+        rows = [list(map(int, r)) for r in idx]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise ValueError("generate: every prompt needs at least one token")
+        width = max(map(len, rows))
+        # left padding, so every row's next token lands in the same column
+        idx = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
+        if any(len(r) != width for r in rows):
+            attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    else:
+        if idx.dim() == 1:
+            idx, squeeze = idx[None], True
+        if idx.shape[1] == 0:
+            raise ValueError("generate: the prompt needs at least one token")
+        idx = idx.to(device)
+
+    B, T = idx.shape
+    total = T + max_new_tokens
+    if total > model.config.n_positions:
+        raise ValueError(
+            f"generate: prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the context "
+            f"of {model.config.n_positions} tokens"
+        )
+    banned = torch.tensor(sorted(set(int(t) for t in banned_tokens)), dtype=torch.long, device=device)
+    cache = KVCache(model.config, B, total, device, model.wte.weight.dtype)
+    out = torch.empty(B, total, dtype=torch.long, device=device)
+    out[:, :T] = idx
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    logits = model(idx, attention_mask=attention_mask, cache=cache)[:, -1, :]  # (B, V)
+    for t in range(T, total):
+        next_token = _pick(logits.float(), temperature, top_k, top_p, banned, generator)  # (B,)
+        if eos_token is not None:
+            next_token = torch.where(done, torch.full_like(next_token, eos_token), next_token)
+            done |= next_token == eos_token
+        out[:, t] = next_token
+        if t + 1 == total or (eos_token is not None and bool(done.all())):
+            out[:, t + 1 :] = eos_token if eos_token is not None else 0
+            break
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+        logits = model(next_token[:, None], attention_mask=attention_mask, cache=cache)[:, -1, :]
+
+    if not as_list:
+        return out[0] if squeeze else out
+    result = []
+    for r, prompt in zip(out.tolist(), rows):
+        seq = prompt + r[width:]
+        if eos_token is not None and eos_token in r[width:]:
+            seq = prompt + r[width : width + r[width:].index(eos_token) + 1]
+        result.append(seq)
+    return result
+
+
+def _pick(logits, temperature, top_k, top_p, banned, generator):
+    """logits (B, V) -> next token ids (B,)."""
+    if banned.numel():
+        logits = logits.index_fill(1, banned, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        # nucleus: keep the smallest set of tokens whose probability adds up to top_p
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) > top_p  # tokens past the nucleus (first one always kept)
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

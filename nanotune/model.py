@@ -1,0 +1,250 @@
+"""GPT-2, written out: embeddings, pre-LayerNorm blocks, causal self-attention, GELU MLP, tied head.
+
+Module names mirror the keys of the official checkpoints (wte, wpe, h.{i}.attn.c_attn, ...), so the
+mapping in weights.py is a rename-free transpose of the Conv1D weights and nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_positions: int = 1024  # context length
+    vocab_size: int = 50257
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+    @classmethod
+    def from_preset(cls, name: str) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    def to_hf_dict(self) -> dict:
+        """config.json as transformers writes it for GPT2LMHeadModel."""
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "activation_function": "gelu_new",
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_embd": self.n_embd,
+            "n_positions": self.n_positions,
+            "n_ctx": self.n_positions,
+            "vocab_size": self.vocab_size,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "bos_token_id": 50256,
+            "eos_token_id": 50256,
+            "tie_word_embeddings": True,
+            "initializer_range": 0.02,
+            "attn_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+            "scale_attn_weights": True,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "GPTConfig":
+        if d.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"{source}: model_type is {d.get('model_type')!r}, expected 'gpt2'")
+        act = d.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if d.get(flag):
+                raise ValueError(f"{source}: {flag}=true is not supported by nanotune")
+        kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        return cls(**kwargs)
+
+
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: generation writes in place instead of concatenating."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+        self.max_len = max_len
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        if attn_mask is None:
+            # plain causal attention; a single new token attends to the whole cache
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new")
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        # No separate lm_head: the output projection is wte.weight (tied), see forward().
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        # GPT-2's scheme: N(0, 0.02) weights, zero biases, LayerNorm at identity, and the two projections
+        # that write into the residual stream (c_proj) scaled by 1/sqrt(2 * n_layer) so depth keeps it stable
+        if self.wte.weight.device.type == "meta":
+            return  # from_pretrained assigns every tensor; no need to initialise
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name or name.startswith("ln_f"):
+                nn.init.ones_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size).
+
+        attention_mask (B, past + T), 1 for real tokens and 0 for padding, makes padded batches exact:
+        padding is never attended to and positions count real tokens only (so left padding works).
+        cache: a KVCache; the new tokens follow the cache.length tokens already in it.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"GPT.forward: idx must have shape (B, T), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(
+                f"GPT.forward: sequence of {past + T} tokens is longer than the context of "
+                f"{self.config.n_positions} (n_positions); truncate or split the input"
+            )
+        if cache is not None and past + T > cache.max_len:
+            raise ValueError(f"GPT.forward: KV cache holds {cache.max_len} positions, {past + T} needed")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
+            raise ValueError(f"GPT.forward: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+        attn_mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(
+                    f"GPT.forward: attention_mask must have shape {(B, past + T)}, got {tuple(attention_mask.shape)}"
+                )
+            keep = attention_mask.bool()
+            pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T) positions of real tokens
+            q_idx = torch.arange(past, past + T, device=idx.device)
+            k_idx = torch.arange(past + T, device=idx.device)
+            causal = k_idx[None, :] <= q_idx[:, None]  # (T, past + T)
+            attn_mask = causal[None] & keep[:, None, :]  # (B, T, past + T)
+            # a padding query would see no key at all (NaN softmax): let it see itself; its output is unused
+            attn_mask = attn_mask | (k_idx[None, :] == q_idx[:, None])[None]
+            attn_mask = attn_mask[:, None]  # (B, 1, T, past + T), broadcast over heads
+        else:
+            pos = torch.arange(past, past + T, device=idx.device)[None]  # (1, T)
+            if past > 0 and T > 1:
+                # a chunk after a filled cache: causal within the chunk, everything before it visible
+                q_idx = torch.arange(past, past + T, device=idx.device)
+                attn_mask = (torch.arange(past + T, device=idx.device)[None, :] <= q_idx[:, None])[None, None]
+
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        for i, block in enumerate(self.h):
+            x = block(x, attn_mask, cache, i)
+        x = self.ln_f(x)
+        if cache is not None:
+            cache.length += T
+        return F.linear(x, self.wte.weight)  # tied head: (B, T, vocab_size)
+
+    # ---- weights in the official Hugging Face layout (see weights.py) ----
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> "GPT":
+        """A preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a directory holding model.safetensors
+        (+ config.json), or a .safetensors file."""
+        from .weights import load_checkpoint, resolve_checkpoint
+
+        path, config_path = resolve_checkpoint(name_or_path)
+        config, state_dict = load_checkpoint(path, config_path)
+        with torch.device("meta"):
+            model = cls(config)
+        state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write model.safetensors + config.json that transformers.GPT2LMHeadModel.from_pretrained loads."""
+        from .weights import save_checkpoint
+
+        return save_checkpoint(self, Path(directory), dtype=dtype)

@@ -1,0 +1,42 @@
+"""Build random transformers GPT-2 models and write them the way the official checkpoints are written."""
+
+import json
+
+import torch
+from safetensors.torch import save_file
+
+
+def hf_model(n_layer=2, n_embd=64, n_head=4, n_positions=1024, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
+
+
+def write_official(hf, directory, dtype=torch.float32, config=True):
+    """openai-community/gpt2's layout: no prefix, Conv1D (in, out) weights, attn.bias masks, no lm_head."""
+    directory.mkdir(parents=True, exist_ok=True)
+    n_pos = hf.config.n_positions
+    tensors = {k: v.to(dtype).contiguous() for k, v in hf.transformer.state_dict().items()}
+    for i in range(hf.config.n_layer):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_pos, n_pos, dtype=dtype)).view(1, 1, n_pos, n_pos)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if config:
+        (directory / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    return directory
+
+
+def write_prefixed(hf, directory):
+    """A fine-tune saved by transformers: 'transformer.' prefix, masked_bias buffers, lm_head == wte."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    tensors["lm_head.weight"] = hf.transformer.wte.weight.detach().clone()
+    for i in range(hf.config.n_layer):
+        tensors[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    return directory
