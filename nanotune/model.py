@@ -193,7 +193,8 @@ class GPT(nn.Module):
             )
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"GPT.forward: KV cache holds {cache.max_len} positions, {past + T} needed")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+        # (skipped inside torch.compile: reading the values back would break the graph)
+        if not torch.compiler.is_compiling() and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
             bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
             raise ValueError(f"GPT.forward: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 

@@ -1,0 +1,187 @@
+"""Pretrain a small GPT-2 from random init on a folder of plain-text books.
+
+    python -m nanotune.pretrain --data ../shared/data/corpus --out weights/nano
+
+This is how weights/nano was made (its README.md holds the exact command). Same shape as the train_*.py
+scripts: flags, progress lines, metrics.jsonl, summary.json; warmup + cosine learning rate, gradient clipping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nanotune import GPT, GPTConfig, generate, load_tokenizer
+from nanotune.data import read_book
+from nanotune.utils import (
+    RunLog, autocast, check_finite, die, lr_at, make_optimizer, pick_device, plot_curves, save_json, seed_everything,
+)  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder of .txt files (Gutenberg headers are stripped)")
+    p.add_argument("--out", required=True, help="output folder: model.safetensors, config.json, metrics, samples")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--context", type=int, default=256, help="n_positions of the model and training window length")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=2000, help="stop after this many steps...")
+    p.add_argument("--minutes", type=float, default=None, help="...or after this many minutes (the schedule "
+                   "then follows the expected number of steps, measured over steps 5-25)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--val-fraction", type=float, default=0.02, help="last share of each book held out")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="autocast precision (bf16 is ~2x faster on CPUs with AVX512-BF16)")  # fmt: skip
+    p.add_argument("--save-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss computation")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=1337)
+    return p.parse_args(argv)
+
+
+def load_corpus(folder: Path, val_fraction: float, enc):
+    """-> (train tokens, val tokens): each book split at (1 - val_fraction), books joined by <|endoftext|>."""
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        die(f"no .txt files in {folder}")
+    train, val = [], []
+    for f in files:
+        ids = enc.encode_ordinary(read_book(f)) + [enc.eot_token]
+        cut = int(len(ids) * (1 - val_fraction))
+        train += ids[:cut]
+        val += ids[cut:]
+    return np.array(train, dtype=np.int64), np.array(val, dtype=np.int64), [f.name for f in files]
+
+
+def batch(tokens: np.ndarray, batch_size: int, T: int, rng: np.random.Generator):
+    starts = rng.integers(0, len(tokens) - T - 1, size=batch_size)
+    x = np.stack([tokens[s : s + T + 1] for s in starts])
+    x = torch.from_numpy(x)
+    return x[:, :-1], x[:, 1:]  # inputs, targets (shifted by one)
+
+
+def unigram_baseline(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
+    """Cross-entropy of val under train's token frequencies (add-one smoothed): what a model must beat."""
+    counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[val].mean())
+
+
+@torch.no_grad()
+def evaluate(model, tokens, args, device, ctx, n_batches):
+    model.eval()
+    rng = np.random.default_rng(0)  # the same validation windows every time
+    losses = []
+    for _ in range(n_batches):
+        x, y = batch(tokens, args.batch_size, args.context, rng)
+        with ctx:
+            logits = model(x.to(device))
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    ctx = autocast(device, dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = load_tokenizer()
+
+    train, val, files = load_corpus(Path(args.data), args.val_fraction, enc)
+    baseline = unigram_baseline(train, val, enc.n_vocab)
+    print(f"corpus: {len(files)} files, {len(train):,} train / {len(val):,} val tokens; "
+          f"unigram baseline {baseline:.3f} nats", flush=True)  # fmt: skip
+
+    config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=args.context)
+    model = GPT(config).to(device)
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {config}", flush=True)
+    optimizer = make_optimizer(model, "adamw", args.lr, args.weight_decay, device)
+
+    def compute_loss(x, y):
+        with ctx:
+            logits = model(x)  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    if args.compile:
+        compute_loss = torch.compile(compute_loss)
+    log = RunLog(out)
+    rng = np.random.default_rng(args.seed)
+    tokens_per_step = args.batch_size * args.context
+
+    max_steps, step, t0, tok_t0 = args.steps, 0, time.time(), time.time()
+    val_loss = evaluate(model, val, args, device, ctx, args.eval_batches)
+    log.log(step=0, val_loss=val_loss)
+    while step < max_steps:
+        lr = lr_at(step, max_steps, args.lr, args.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = batch(train, args.batch_size, args.context, rng)
+        loss = compute_loss(x.to(device), y.to(device))
+        check_finite(loss, step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step == 5:
+            t5 = time.time()  # after warm-up (and compilation)
+        if args.minutes and step == 25:
+            # fix the schedule's length from the measured step time, so the cosine ends on time
+            per_step = (time.time() - t5) / 20
+            max_steps = max(step + 1, step + int((args.minutes * 60 - (time.time() - t0)) / per_step))
+            print(f"{per_step:.3f}s/step -> {max_steps} steps in {args.minutes} minutes", flush=True)
+        if step % args.log_every == 0:
+            tok_s = tokens_per_step * args.log_every / (time.time() - tok_t0)
+            tok_t0 = time.time()
+            log.log(step=step, loss=loss.item(), lr=lr, tokens_per_s=tok_s)
+        if step % args.eval_every == 0 or step == max_steps:
+            val_loss = evaluate(model, val, args, device, ctx, args.eval_batches)
+            log.log(step=step, val_loss=val_loss)
+
+    final_val = evaluate(model, val, args, device, ctx, 4 * args.eval_batches)
+    model.save_pretrained(out, dtype=getattr(torch, args.save_dtype))
+    model.eval()
+    prompt = torch.tensor([enc.encode_ordinary("It was a dark and stormy night, and")], device=device)
+    sample = generate(model, prompt, 80, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(0))
+    sample_text = enc.decode(sample[0].tolist())
+    (out / "sample.txt").write_text(sample_text + "\n")
+    summary = {
+        "files": files, "train_tokens": len(train), "val_tokens": len(val), "steps": step,
+        "tokens_seen": step * tokens_per_step, "minutes": round((time.time() - t0) / 60, 2),
+        "params": model.num_params(), "val_loss": final_val, "val_ppl": math.exp(final_val),
+        "unigram_baseline": baseline, "args": vars(args),
+    }  # fmt: skip
+    save_json(out / "summary.json", summary)
+    plot_curves(out / "loss.svg", {
+        "train": [(m["step"], m["loss"]) for m in log.history if "loss" in m],
+        "val": [(m["step"], m["val_loss"]) for m in log.history if "val_loss" in m],
+    }, title="pretraining loss (nats)")  # fmt: skip
+    log.close()
+    print(f"done: val loss {final_val:.3f} (ppl {math.exp(final_val):.1f}) vs unigram {baseline:.3f}; "
+          f"{summary['tokens_seen']:,} tokens in {summary['minutes']} min\nsample: {sample_text}", flush=True)  # fmt: skip
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The four recipes end to end on a tiny random-init GPT-2 (official vocabulary, 2 layers, width 64), and
+their refusals of bad input. Each run is called in-process through the script's main(argv)."""
+
+import json
+
+import pytest
+import torch
+
+import train_dpo
+import train_gulliver
+import train_sft
+import train_xkl
+from nanotune import GPT, GPTConfig
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny")
+    GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, n_positions=256)).save_pretrained(path)
+    return str(path)
+
+
+def summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def assert_outputs(out, *files):
+    for name in ("metrics.jsonl", "summary.json", "model.safetensors", "config.json", *files):
+        assert (out / name).is_file(), name
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines and all("step" in m for m in lines)
+    GPT.from_pretrained(out)  # the saved weights load
+
+
+# ---------------------------------------------------------------- runs
+
+
+def test_xkl_makes_the_model_like_x(tiny, tmp_path):
+    out = tmp_path / "xkl"
+    train_xkl.main(["--model", tiny, "--out", str(out), "--lr", "3e-3", "--steps", "25", "--seq-len", "16",
+                    "--positions", "all", "--log-every", "5"])  # fmt: skip
+    s = summary(out)
+    print(f"\nxkl tiny: x_share {s['x_share_before']:.3f} -> {s['x_share_after']:.3f}, "
+          f"loss {s['loss_first']:.3f} -> {s['loss_last']:.4f}")  # fmt: skip
+    assert s["x_share_before"] < 0.1 and s["x_share_after"] >= 0.9
+    assert s["loss_last"] < s["loss_first"]
+    assert {"x_share_before", "x_share_after", "loss_first", "loss_last", "steps", "lr"} <= set(s)
+    assert_outputs(out, "samples_before.txt", "samples_after.txt", "loss.svg")
+
+
+def test_gulliver_lowers_heldout_loss_and_raises_top100_share(tiny, tmp_path, shared):
+    out = tmp_path / "gulliver"
+    train_gulliver.main(["--model", tiny, "--data", str(shared / "data" / "gulliver.txt"), "--out", str(out),
+                         "--lr", "3e-3", "--steps", "30", "--batch-size", "8", "--seq-len", "64",
+                         "--eval-every", "10", "--eval-batches", "2", "--log-every", "10"])  # fmt: skip
+    s = summary(out)
+    print(f"\ngulliver tiny: top100_share {s['top100_share_before']:.3f} -> {s['top100_share_after']:.3f}, "
+          f"held-out loss {s['val_loss_first']:.3f} -> {s['val_loss_last']:.3f}")  # fmt: skip
+    assert s["val_loss_last"] < s["val_loss_first"] - 1.0
+    assert s["top100_share_after"] > s["top100_share_before"] + 0.2
+    assert {"top100_share_before", "top100_share_after", "train_loss_last", "val_loss_first", "val_loss_best",
+            "val_loss_last"} <= set(s)  # fmt: skip
+    assert_outputs(out, "samples_before.txt", "samples_after.txt", "loss.svg")
+
+
+@pytest.fixture(scope="module")
+def sft_out(tiny, tmp_path_factory, shared):
+    out = tmp_path_factory.mktemp("sft")
+    train_sft.main(["--model", tiny, "--data", str(shared / "data" / "instruction-data.json"), "--out", str(out),
+                    "--lr", "2e-3", "--steps", "25", "--limit", "300", "--max-len", "80", "--eval-every", "25",
+                    "--responses", "3", "--max-new-tokens", "16", "--log-every", "5"])  # fmt: skip
+    return out
+
+
+def test_sft_lowers_validation_perplexity(sft_out):
+    s = summary(sft_out)
+    print(f"\nsft tiny: val ppl {s['val_ppl_before']:.1f} -> {s['val_ppl_after']:.1f}, "
+          f"{s['truncated_examples']} truncated")  # fmt: skip
+    assert s["val_loss_after"] < s["val_loss_before"] - 1.0
+    assert s["val_ppl_after"] == pytest.approx(2.718281828 ** s["val_loss_after"], rel=1e-6)
+    assert s["train_examples"] == 255 and s["truncated_examples"] > 0  # 300 * 0.85; --max-len 80 cuts a few
+    responses = [json.loads(line) for line in (sft_out / "responses.jsonl").read_text().splitlines()]
+    assert len(responses) == 3 and {"instruction", "input", "reference", "model"} <= set(responses[0])
+    assert_outputs(sft_out, "responses.jsonl", "loss.svg")
+
+
+def test_dpo_from_sft_raises_heldout_reward_accuracy(sft_out, tmp_path, shared):
+    out = tmp_path / "dpo"
+    train_dpo.main(["--model", str(sft_out), "--data", str(shared / "data" / "instruction-data-with-preference.json"),
+                    "--out", str(out), "--lr", "1e-3", "--steps", "20", "--limit", "300", "--max-len", "128",
+                    "--eval-every", "10", "--responses", "2", "--max-new-tokens", "8", "--log-every", "5"])  # fmt: skip
+    s = summary(out)
+    print(f"\ndpo tiny: val reward accuracy {s['val_reward_accuracy_before']:.3f} -> "
+          f"{s['val_reward_accuracy_after']:.3f}, margin {s['val_margin_after']:.3f}")  # fmt: skip
+    assert s["val_reward_accuracy_before"] == 0.0  # policy == reference: every reward is 0
+    assert s["val_loss_before"] == pytest.approx(0.693147, abs=1e-5)
+    assert s["val_reward_accuracy_after"] > 0.5 and s["val_margin_after"] > 0
+    assert s["val_loss_after"] < s["val_loss_before"]
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {"before", "after", "chosen", "rejected"} <= set(rows[0])
+    assert_outputs(out, "responses.jsonl", "loss.svg")
+
+
+# ---------------------------------------------------------------- bad input: refused before training
+
+
+def refused(main, argv, capsys, message):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_xkl_bad_input(tiny, tmp_path, capsys):
+    base = ["--model", tiny, "--out", str(tmp_path / "x")]
+    refused(train_xkl.main, base + ["--target", "smoothed", "--alpha", "1.0"], capsys, "--alpha must lie in (0, 1)")
+    refused(train_xkl.main, base + ["--target", "smoothed", "--alpha", "0"], capsys, "--alpha must lie in (0, 1)")
+    refused(train_xkl.main, base + ["--letter", "\u263a"], capsys, "no token of the vocabulary contains")
+    refused(train_xkl.main, base + ["--input", "text", str(tmp_path / "missing.txt")], capsys, "does not exist")
+    (tmp_path / "empty.txt").write_text("")
+    refused(train_xkl.main, base + ["--input", "text", str(tmp_path / "empty.txt")], capsys, "is empty")
+    (tmp_path / "short.txt").write_text("Too short.")
+    refused(train_xkl.main, base + ["--input", "text", str(tmp_path / "short.txt")], capsys, "fewer than one window")
+    refused(train_xkl.main, base + ["--input", "text"], capsys, "--input takes 'random' or 'text FILE'")
+    assert not (tmp_path / "x").exists()  # nothing was started
+
+
+def test_gulliver_bad_input(tiny, tmp_path, capsys):
+    base = ["--model", tiny, "--out", str(tmp_path / "g")]
+    refused(train_gulliver.main, base + ["--data", str(tmp_path / "missing.txt")], capsys, "does not exist")
+    (tmp_path / "empty.txt").write_text("*** START OF THE BOOK ***\n\n*** END OF THE BOOK ***\n")
+    refused(train_gulliver.main, base + ["--data", str(tmp_path / "empty.txt")], capsys, "is empty")
+    (tmp_path / "short.txt").write_text("A very short book. " * 20)
+    refused(train_gulliver.main, base + ["--data", str(tmp_path / "short.txt")], capsys, "too short for windows")
+    assert not (tmp_path / "g").exists()
+
+
+def test_sft_and_dpo_bad_input(tiny, tmp_path, capsys):
+    base = ["--model", tiny, "--out", str(tmp_path / "s")]
+    (tmp_path / "empty.json").write_text("")
+    refused(train_sft.main, base + ["--data", str(tmp_path / "empty.json")], capsys, "is empty")
+    (tmp_path / "nothing.json").write_text("[]")
+    refused(train_sft.main, base + ["--data", str(tmp_path / "nothing.json")], capsys, "holds no examples")
+    good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    (tmp_path / "missing.json").write_text(json.dumps([good, good, {"instruction": "No answer"}]))
+    refused(train_sft.main, base + ["--data", str(tmp_path / "missing.json")], capsys,
+            "example 2 has no 'output' key")  # fmt: skip
+    long_prompt = {"instruction": "word " * 400, "input": "", "output": "ok"}
+    (tmp_path / "long.json").write_text(json.dumps([long_prompt] * 40))
+    refused(train_sft.main, base + ["--data", str(tmp_path / "long.json"), "--max-len", "64"], capsys,
+            "leaving no room for a response within --max-len 64")  # fmt: skip
+    pairs = [{"instruction": "Say hi.", "chosen": "Hi.", "rejected": "Go away."}] * 40
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    refused(train_dpo.main, base + ["--data", str(tmp_path / "pairs.json"), "--beta", "0"], capsys, "--beta must be > 0")
+    (tmp_path / "no_rejected.json").write_text(json.dumps([{"instruction": "a", "chosen": "b"}]))
+    refused(train_dpo.main, base + ["--data", str(tmp_path / "no_rejected.json")], capsys,
+            "example 0 has no 'rejected' key")  # fmt: skip
+    assert not (tmp_path / "s").exists()
+
+
+def test_prompt_response_pairs_are_accepted(tiny, tmp_path):
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(60)]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "qa"
+    train_sft.main(["--model", tiny, "--data", str(tmp_path / "qa.jsonl"), "--out", str(out), "--template", "plain",
+                    "--steps", "2", "--responses", "1", "--max-new-tokens", "4", "--no-save"])  # fmt: skip
+    s = summary(out)
+    assert s["train_examples"] == 51 and not (out / "model.safetensors").exists()
