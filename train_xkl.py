@@ -66,8 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--input", nargs="+", default=["random"], metavar="random | text FILE",
                    help="'random': fresh random token sequences each step; 'text FILE': windows of a text file")  # fmt: skip
     p.add_argument("--seq-len", type=int, default=64, help="tokens per training sequence (default 64)")
-    p.add_argument("--positions", default="last", choices=["last", "all"],
-                   help="loss on the last position only, or on every position")  # fmt: skip
+    p.add_argument("--positions", default="all", choices=["last", "all"],
+                   help="loss on every position (default: samples condition on contexts of every length) "
+                        "or on the last position only")  # fmt: skip
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--gen-tokens", type=int, default=200, help="sampled tokens for the x_share metric")
     p.add_argument("--prompt", default="The", help="the fixed context the samples start from")
@@ -108,7 +109,7 @@ def main(argv=None):
     if args.seq_len > model.config.n_positions:
         die(f"--seq-len {args.seq_len} exceeds the model's context of {model.config.n_positions}")
     out = make_out_dir(args.out, "xkl") if rank == 0 else None
-    log = RunLog(out, enabled=rank == 0) if rank == 0 else None
+    log = RunLog(out) if rank == 0 else None
     if rank == 0:
         print(f"model {model_name}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype}); "
               f"{int(is_letter.sum())} of {enc.n_vocab} tokens contain {args.letter!r}; "

@@ -75,6 +75,20 @@ def batch(tokens: np.ndarray, batch_size: int, T: int, rng: np.random.Generator)
     return x[:, :-1], x[:, 1:]  # inputs, targets (shifted by one)
 
 
+@torch.no_grad()
+def fixed_slice_loss(model, folder: Path, windows: int = 32, context: int = 256, val_fraction: float = 0.02) -> float:
+    """Mean next-token NLL on the first `windows` non-overlapping windows of the held-out split: the number the
+    model card records and tests/test_nano.py checks, so a broken file or loader shows up."""
+    enc = load_tokenizer()
+    _, val, _ = load_corpus(Path(folder), val_fraction, enc)
+    x = torch.from_numpy(val[: windows * (context + 1)].reshape(windows, context + 1))
+    model.eval()
+    device = model.wte.weight.device
+    losses = [F.cross_entropy(model(chunk[:, :-1].to(device)).flatten(0, 1), chunk[:, 1:].flatten().to(device)).item()
+              for chunk in x.split(8)]  # fmt: skip
+    return float(np.mean(losses))
+
+
 def unigram_baseline(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
     """Cross-entropy of val under train's token frequencies (add-one smoothed): what a model must beat."""
     counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0

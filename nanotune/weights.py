@@ -93,19 +93,19 @@ def find_or_download_preset(name: str, download: bool = True) -> tuple[Path, Pat
         return Path(files[0]), Path(files[1])
     except Exception:
         pass
-    error = "download disabled"
-    if download:
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    error = "offline mode, HF_HUB_OFFLINE=1" if HF_HUB_OFFLINE else "download disabled"
+    if download and not HF_HUB_OFFLINE:
         try:
             print(f"nanotune: downloading {repo} (model.safetensors, config.json) into {local}", flush=True)
             files = [hf_hub_download(repo, f, local_dir=local) for f in ("config.json", "model.safetensors")]
             return Path(files[1]), Path(files[0])
         except Exception as e:  # offline, HF_HUB_OFFLINE=1, proxy, missing repo...
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    from huggingface_hub.constants import HF_HUB_CACHE
-
     raise WeightsNotFoundError(
         f"no weights for {name!r}: model.safetensors was not found in {local} nor in the Hugging Face cache "
-        f"({HF_HUB_CACHE}), and downloading it from https://huggingface.co/{repo} failed ({error}).\n"
+        f"({HF_HUB_CACHE}), and it could not be downloaded from https://huggingface.co/{repo} ({error}).\n"
         f"To get it, on a machine with internet run:\n"
         f"  hf download {repo} model.safetensors config.json --local-dir {local}\n"
         f"(or copy those two files into {local}). A local path also works: --model path/to/dir_or_file.safetensors"

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("NANOTUNE_SHARED", ROOT.parent / "shared")).resolve()
@@ -20,3 +21,14 @@ if not (SHARED / "data" / "gulliver.txt").is_file():
 @pytest.fixture(scope="session")
 def shared():
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A random-init GPT-2 with the official vocabulary, 2 layers, width 64, saved in the official layout."""
+    from nanotune import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny")
+    GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, n_positions=256)).save_pretrained(path)
+    return str(path)

@@ -2,6 +2,7 @@
 their refusals of bad input. Each run is called in-process through the script's main(argv)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,14 +12,6 @@ import train_gulliver
 import train_sft
 import train_xkl
 from nanotune import GPT, GPTConfig
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny")
-    GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, n_positions=256)).save_pretrained(path)
-    return str(path)
 
 
 def summary(out):
@@ -168,3 +161,18 @@ def test_prompt_response_pairs_are_accepted(tiny, tmp_path):
                     "--steps", "2", "--responses", "1", "--max-new-tokens", "4", "--no-save"])  # fmt: skip
     s = summary(out)
     assert s["train_examples"] == 51 and not (out / "model.safetensors").exists()
+
+
+def test_grad_accum_gives_the_same_update(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    weights = {}
+    for accum in (1, 2):
+        out = tmp_path / f"accum{accum}"
+        train_xkl.main(["--model", tiny, "--out", str(out), "--lr", "1e-3", "--steps", "2", "--seq-len", "8",
+                        "--grad-accum", str(accum), "--gen-tokens", "2"])  # fmt: skip
+        weights[accum] = load_file(str(out / "model.safetensors"))
+    start = load_file(os.path.join(tiny, "model.safetensors"))
+    assert (weights[1]["h.0.attn.c_attn.weight"] - start["h.0.attn.c_attn.weight"]).abs().max() > 1e-4  # it moved
+    worst = max((weights[1][k] - weights[2][k]).abs().max().item() for k in weights[1])
+    assert worst < 1e-5

@@ -1,0 +1,231 @@
+"""Side-by-side benchmark: nanotune's GPT-2 against transformers.GPT2LMHeadModel (sdpa attention), built from
+the same weights, in one run on one machine.
+
+    python -m nanotune.bench                                   # gpt2 shape, batch 4 x 256, fp32, CPU
+    python -m nanotune.bench --preset gpt2-medium --device cuda --dtype bfloat16 --compile
+
+Rows: training step (forward + backward + AdamW step) tokens/s and peak memory; KV-cache generation new
+tokens/s at batch 1 and 8 (200 greedy tokens); on CUDA, model FLOPs utilisation against the bf16 peak.
+Each row runs in a fresh child process (so peak RSS belongs to one model), warms up, repeats and reports
+the median. Before timing anything it checks that both models give the same logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nanotune.model import PRESETS, GPT
+
+# dense bf16 peak (TFLOP/s) by device name, for MFU
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2", choices=list(PRESETS))
+    p.add_argument("--n-layer", type=int, default=None, help="override the preset's depth (quick runs)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast precision")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gen-tokens", type=int, default=200)
+    p.add_argument("--gen-batches", default="1,8", help="comma-separated batch sizes for generation")
+    p.add_argument("--compile", action="store_true", help="also time nanotune with torch.compile")
+    p.add_argument("--skip", default="", help="comma-separated rows to skip: train, generate")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    return p.parse_args(argv)
+
+
+def build_weights(args, directory: Path):
+    """A random transformers GPT-2 of the preset's shape, saved; both sides load these same tensors."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    shape = dict(PRESETS[args.preset])
+    if args.n_layer:
+        shape["n_layer"] = args.n_layer
+    torch.manual_seed(0)
+    config = GPT2Config(**shape, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    return shape
+
+
+def load(side: str, directory: Path, device):
+    if side == "transformers":
+        from transformers import GPT2LMHeadModel
+
+        return GPT2LMHeadModel.from_pretrained(directory, attn_implementation="sdpa").to(device)
+    return GPT.from_pretrained(directory, device=device)
+
+
+def logits_of(side, model, idx):
+    return model(idx).logits if side == "transformers" else model(idx)
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def train_row(side, directory, args, compiled, queue):
+    """Child process: time forward + backward + AdamW step; report tokens/s and peak memory."""
+    device = torch.device(args.device)
+    model = load(side, directory, device).train()
+    step_model = torch.compile(model) if compiled else model
+    # the same optimizer for both sides (fused where PyTorch has it), so the model code is what differs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 50257, (args.batch_size, args.seq_len), generator=g).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with autocast(device, args.dtype):
+            if side == "transformers":
+                loss = step_model(idx, labels=idx).loss  # its own shifted cross-entropy
+            else:
+                logits = step_model(idx)  # (B, T, V)
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = median_time(step, device, args.warmup + (2 if compiled else 0), args.repeats)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    n_params = sum(p.numel() for p in model.parameters())
+    queue.put({"tokens_per_s": args.batch_size * args.seq_len / seconds, "peak_mib": peak, "params": n_params,
+               "step_s": seconds})  # fmt: skip
+
+
+def generate_row(side, directory, args, batch, queue):
+    """Child process: time greedy KV-cache generation of --gen-tokens new tokens."""
+    from nanotune import generate
+
+    device = torch.device(args.device)
+    model = load(side, directory, device).eval()
+    prompt = torch.randint(0, 50257, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
+
+    @torch.no_grad()
+    def run():
+        with autocast(device, args.dtype):
+            if side == "transformers":
+                return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.gen_tokens,
+                                      min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+            return generate(model, prompt, args.gen_tokens, temperature=0)
+
+    seconds = median_time(run, device, 1, max(1, args.repeats // 2))
+    queue.put({"tokens_per_s": batch * args.gen_tokens / seconds})
+
+
+def in_child(target, *args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def check_parity(directory, args):
+    device = torch.device(args.device)
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        ours = load("nanotune", directory, device)(idx).float()
+        theirs = load("transformers", directory, device)(idx).logits.float()
+    diff = (ours - theirs).abs().max().item()
+    if diff > 1e-3:
+        raise SystemExit(f"parity check failed: max |logit difference| {diff:.2e}; not benchmarking a wrong model")
+    return diff
+
+
+def mfu(tokens_per_s, shape, seq_len, device):
+    """6N + 12 L T C FLOPs per trained token (PaLM appendix B), against the device's bf16 peak."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    if peak is None:
+        return None
+    C, L = shape["n_embd"], shape["n_layer"]
+    n = 12 * L * C * C + 50257 * C  # matmul parameters (tied head counted once, as it is used once)
+    return tokens_per_s * (6 * n + 12 * L * seq_len * C) / (peak * 1e12)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    skip = set(filter(None, args.skip.split(",")))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        shape = build_weights(args, directory)
+        diff = check_parity(directory, args)
+        print(f"{args.preset} ({shape['n_layer']} layers, width {shape['n_embd']}) on {args.device}, {args.dtype}; "
+              f"parity: max |logit difference| {diff:.2e}", flush=True)  # fmt: skip
+        if "train" not in skip:
+            label = f"train step, batch {args.batch_size} x {args.seq_len}"
+            theirs = in_child(train_row, "transformers", directory, args, False)
+            ours = in_child(train_row, "nanotune", directory, args, False)
+            rows.append((label, "tokens/s", ours["tokens_per_s"], theirs["tokens_per_s"]))
+            rows.append((label, "peak MiB", ours["peak_mib"], theirs["peak_mib"]))
+            if args.compile:
+                compiled = in_child(train_row, "nanotune", directory, args, True)
+                rows.append((label + ", nanotune compiled", "tokens/s", compiled["tokens_per_s"], theirs["tokens_per_s"]))
+                rows.append((label + ", nanotune compiled", "peak MiB", compiled["peak_mib"], theirs["peak_mib"]))
+            for name, result in (("eager", ours), ("compiled", compiled if args.compile else None)):
+                value = result and mfu(result["tokens_per_s"], shape, args.seq_len, device)
+                if value is not None:
+                    theirs_mfu = mfu(theirs["tokens_per_s"], shape, args.seq_len, device)
+                    rows.append((f"MFU, nanotune {name}", "fraction", value, theirs_mfu))
+        if "generate" not in skip:
+            for batch in map(int, args.gen_batches.split(",")):
+                theirs = in_child(generate_row, "transformers", directory, args, batch)
+                ours = in_child(generate_row, "nanotune", directory, args, batch)
+                label = f"generate {args.gen_tokens} tokens, batch {batch}"
+                rows.append((label, "new tokens/s", ours["tokens_per_s"], theirs["tokens_per_s"]))
+
+    print(f"\n| {'measurement':<48} | {'unit':<12} | {'nanotune':>10} | {'transformers':>12} | ratio |")
+    print(f"|{'-' * 50}|{'-' * 14}|{'-' * 12}|{'-' * 14}|-------|")
+    for label, unit, a, b in rows:
+        print(f"| {label:<48} | {unit:<12} | {a:>10.4g} | {b:>12.4g} | {a / b:5.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "parity_max_diff": diff, "rows": [
+            {"measurement": r[0], "unit": r[1], "nanotune": r[2], "transformers": r[3], "ratio": r[2] / r[3]}
+            for r in rows]}, indent=2))  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()
