@@ -62,7 +62,7 @@ def generate(
             f"of {model.config.n_positions} tokens"
         )
     banned = torch.tensor(sorted(set(int(t) for t in banned_tokens)), dtype=torch.long, device=device)
-    cache = KVCache(model.config, B, total, device, model.wte.weight.dtype)
+    cache = KVCache(model, B, total)
     out = torch.empty(B, total, dtype=torch.long, device=device)
     out[:, :T] = idx
     done = torch.zeros(B, dtype=torch.bool, device=device)

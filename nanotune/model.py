@@ -1,7 +1,7 @@
 """GPT-2, written out: embeddings, pre-LayerNorm blocks, causal self-attention, GELU MLP, tied head.
 
 Module names mirror the keys of the official checkpoints (wte, wpe, h.{i}.attn.c_attn, ...), so the
-mapping in weights.py is a rename-free transpose of the Conv1D weights and nothing more.
+mapping in weights.py is the identity: no renames, no transposes.
 """
 
 from __future__ import annotations
@@ -86,21 +86,39 @@ PRESETS = {
 class KVCache:
     """Preallocated keys and values for every layer: generation writes in place instead of concatenating."""
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+    def __init__(self, model: "GPT", batch_size: int, max_len: int):
+        config, device, dtype = model.config, model.wte.weight.device, model.wte.weight.dtype
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled so far
         self.max_len = max_len
+        # the tied head as a (C, V) copy: a matrix-vector product streams this layout faster than wte's (V, C)
+        self.head = model.wte.weight.detach().t().contiguous()
+
+
+class Conv1D(nn.Module):
+    """A linear layer y = x @ weight + bias with weight stored (in, out), the layout of GPT-2's checkpoints
+    (OpenAI called it Conv1D). Keeping it means no transposes on load and save, and on CPU the matrix-vector
+    products of generation stream this layout faster than nn.Linear's (out, in)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)  # (B*T, n_out)
+        return out.view(*x.shape[:-1], -1)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
 
     def forward(self, x, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
@@ -124,8 +142,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Conv1D(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Conv1D(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
         # GPT-2 uses the tanh approximation of GELU ("gelu_new")
@@ -180,7 +198,8 @@ class GPT(nn.Module):
 
         attention_mask (B, past + T), 1 for real tokens and 0 for padding, makes padded batches exact:
         padding is never attended to and positions count real tokens only (so left padding works).
-        cache: a KVCache; the new tokens follow the cache.length tokens already in it.
+        cache: a KVCache; the new tokens follow the cache.length tokens already in it, and only the last
+        position's logits are returned, (B, 1, vocab_size).
         """
         if idx.dim() != 2:
             raise ValueError(f"GPT.forward: idx must have shape (B, T), got {tuple(idx.shape)}")
@@ -225,7 +244,9 @@ class GPT(nn.Module):
             x = block(x, attn_mask, cache, i)
         x = self.ln_f(x)
         if cache is not None:
+            # generation needs only the next token's logits: (B, 1, vocab_size)
             cache.length += T
+            return x[:, -1:] @ cache.head
         return F.linear(x, self.wte.weight)  # tied head: (B, T, vocab_size)
 
     # ---- weights in the official Hugging Face layout (see weights.py) ----

@@ -2,7 +2,7 @@
 
 The official files (openai-community/gpt2 and friends) store:
   - keys without a "transformer." prefix: wte.weight, wpe.weight, h.{i}.ln_1.weight, ..., ln_f.bias
-  - linear weights as (in, out): GPT-2 used a "Conv1D" module, the transpose of nn.Linear
+  - linear weights as (in, out): GPT-2's "Conv1D", the layout nanotune's model keeps too
   - a constant causal-mask buffer h.{i}.attn.bias of shape (1, 1, 1024, 1024)
   - no lm_head.weight: the head is tied to wte.weight
 Fine-tunes saved by transformers add the "transformer." prefix, may carry h.{i}.attn.masked_bias and an
@@ -24,7 +24,6 @@ from safetensors.torch import save_file
 from .model import PRESETS, GPTConfig
 
 HF_REPO = "openai-community/{name}"
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HEADS_BY_WIDTH = {p["n_embd"]: p["n_head"] for p in PRESETS.values()}
 
 
@@ -159,12 +158,7 @@ def load_checkpoint(path: Path, config_path: Path | None) -> tuple[GPTConfig, di
                 "so an untied head cannot be loaded"
             )
 
-    state_dict = {}
-    for key, t in tensors.items():
-        if key.endswith(CONV1D_WEIGHTS):
-            t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
-        state_dict[key] = t.contiguous()
-    return config, state_dict
+    return config, {key: t.contiguous() for key, t in tensors.items()}
 
 
 def _config_from(tensors: dict, config_path: Path | None, path: Path) -> GPTConfig:
@@ -206,8 +200,6 @@ def save_checkpoint(model, directory: Path, dtype: torch.dtype | None = None) ->
     tensors = {}
     for key, t in model.state_dict().items():
         t = t.detach()
-        if key.endswith(CONV1D_WEIGHTS):
-            t = t.t()  # nn.Linear (out, in) -> Conv1D (in, out)
         if dtype is not None:
             t = t.to(dtype)
         tensors[key] = t.contiguous().cpu()
