@@ -209,10 +209,7 @@ def main(argv=None):
             "steps": args.steps, "lr": args.lr, "model": model_name, "world_size": world, "args": vars(args),
         }  # fmt: skip
         save_json(out / "summary.json", summary)
-        plot_curves(out / "loss.svg", {
-            "train": [(m["step"], m["loss"]) for m in log.history if "loss" in m],
-            "validation": [(m["step"], m["val_loss"]) for m in log.history if "val_loss" in m],
-        }, title="DPO loss")  # fmt: skip
+        plot_curves(out / "loss.svg", {"train": log.curve("loss"), "validation": log.curve("val_loss")}, "DPO loss")
         if not args.no_save:
             policy.save_pretrained(out)
         log.close()

@@ -155,10 +155,8 @@ def main(argv=None):
             "lr": args.lr, "model": model_name, "world_size": world, "args": vars(args),
         }  # fmt: skip
         save_json(out / "summary.json", summary)
-        plot_curves(out / "loss.svg", {
-            "train": [(m["step"], m["loss"]) for m in log.history if "loss" in m],
-            "held-out": [(m["step"], m["val_loss"]) for m in log.history if "val_loss" in m],
-        }, title="Gulliver fine-tuning: next-token NLL (nats)")  # fmt: skip
+        plot_curves(out / "loss.svg", {"train": log.curve("loss"), "held-out": log.curve("val_loss")},
+                    title="Gulliver fine-tuning: next-token NLL (nats)")  # fmt: skip
         if not args.no_save:
             model.save_pretrained(out)
         log.close()

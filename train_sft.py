@@ -221,19 +221,19 @@ def main(argv=None):
     if rank == 0:
         # greedy answers to held-out test prompts, stopping at <|endoftext|>
         model.eval()
-        with open(out / "responses.jsonl", "w") as f:
-            chosen = test[: args.responses]
-            for i in range(0, len(chosen), 8):
-                group = chosen[i : i + 8]
-                prompts = [enc.encode_ordinary(format_prompt(ex, args.template)) for ex in group]
-                budget = min(args.max_new_tokens, model.config.n_positions - max(map(len, prompts)))
-                outputs = generate(model, prompts, budget, temperature=0, eos_token=enc.eot_token)
-                for ex, prompt, seq in zip(group, prompts, outputs):
-                    answer = enc.decode([t for t in seq[len(prompt) :] if t != enc.eot_token]).strip()
-                    f.write(json.dumps({"instruction": ex["instruction"], "input": ex["input"],
-                                        "reference": ex["output"], "model": answer}) + "\n")  # fmt: skip
-        if chosen:
-            first = json.loads((out / "responses.jsonl").read_text().splitlines()[0])
+        responses = []
+        for i in range(0, min(args.responses, len(test)), 8):
+            group = test[i : min(i + 8, args.responses)]
+            prompts = [enc.encode_ordinary(format_prompt(ex, args.template)) for ex in group]
+            budget = min(args.max_new_tokens, model.config.n_positions - max(map(len, prompts)))
+            outputs = generate(model, prompts, budget, temperature=0, eos_token=enc.eot_token)
+            for ex, prompt, seq in zip(group, prompts, outputs):
+                answer = enc.decode([t for t in seq[len(prompt) :] if t != enc.eot_token]).strip()
+                responses.append({"instruction": ex["instruction"], "input": ex["input"],
+                                  "reference": ex["output"], "model": answer})  # fmt: skip
+        (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in responses))
+        if responses:
+            first = responses[0]
             print(f"--- test prompt ---\n{first['instruction']}\n--- model ---\n{first['model']}\n---", flush=True)
         summary = {
             "val_loss_before": val_history[0], "val_loss_after": val_history[-1],
@@ -242,10 +242,8 @@ def main(argv=None):
             "steps": args.steps, "lr": args.lr, "model": model_name, "world_size": world, "args": vars(args),
         }  # fmt: skip
         save_json(out / "summary.json", summary)
-        plot_curves(out / "loss.svg", {
-            "train": [(m["step"], m["loss"]) for m in log.history if "loss" in m],
-            "validation": [(m["step"], m["val_loss"]) for m in log.history if "val_loss" in m],
-        }, title="SFT: response-token NLL (nats)")  # fmt: skip
+        plot_curves(out / "loss.svg", {"train": log.curve("loss"), "validation": log.curve("val_loss")},
+                    title="SFT: response-token NLL (nats)")  # fmt: skip
         if not args.no_save:
             model.save_pretrained(out)
         log.close()

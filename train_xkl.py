@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nanotune import generate, load_tokenizer
 from nanotune.data import read_book
@@ -39,11 +38,9 @@ def xkl_loss(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
 
 def letter_tokens(enc, letter: str, case_sensitive: bool) -> torch.Tensor:
     """Boolean mask (V,) of the tokens whose decoded text contains the letter (special tokens excluded)."""
-    if case_sensitive:
-        has = [letter in enc.decode_single_token_bytes(i).decode("utf-8", "replace") for i in range(enc.eot_token)]
-    else:
-        low = letter.lower()
-        has = [low in enc.decode_single_token_bytes(i).decode("utf-8", "replace").lower() for i in range(enc.eot_token)]
+    fold = (lambda s: s) if case_sensitive else str.lower  # noqa: E731
+    texts = (enc.decode_single_token_bytes(i).decode("utf-8", "replace") for i in range(enc.eot_token))
+    has = [fold(letter) in fold(text) for text in texts]
     return torch.tensor(has + [False] * (enc.n_vocab - enc.eot_token))
 
 
@@ -170,7 +167,7 @@ def main(argv=None):
             "world_size": world, "args": vars(args),
         }  # fmt: skip
         save_json(out / "summary.json", summary)
-        plot_curves(out / "loss.svg", {"KL(P||Q)": [(m["step"], m["loss"]) for m in log.history]}, "X-KL loss")
+        plot_curves(out / "loss.svg", {"KL(P||Q)": log.curve("loss")}, "X-KL loss")
         if not args.no_save:
             model.save_pretrained(out)
         log.close()

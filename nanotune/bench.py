@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nanotune.model import PRESETS, GPT
+from nanotune.utils import autocast
 
 # dense bf16 peak (TFLOP/s) by device name, for MFU
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
@@ -71,10 +72,6 @@ def load(side: str, directory: Path, device):
 
 def logits_of(side, model, idx):
     return model(idx).logits if side == "transformers" else model(idx)
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def sync(device):

@@ -187,10 +187,7 @@ def main(argv=None):
         "unigram_baseline": baseline, "args": vars(args),
     }  # fmt: skip
     save_json(out / "summary.json", summary)
-    plot_curves(out / "loss.svg", {
-        "train": [(m["step"], m["loss"]) for m in log.history if "loss" in m],
-        "val": [(m["step"], m["val_loss"]) for m in log.history if "val_loss" in m],
-    }, title="pretraining loss (nats)")  # fmt: skip
+    plot_curves(out / "loss.svg", {"train": log.curve("loss"), "val": log.curve("val_loss")}, "pretraining loss (nats)")
     log.close()
     print(f"done: val loss {final_val:.3f} (ppl {math.exp(final_val):.1f}) vs unigram {baseline:.3f}; "
           f"{summary['tokens_seen']:,} tokens in {summary['minutes']} min\nsample: {sample_text}", flush=True)  # fmt: skip

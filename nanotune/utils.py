@@ -108,17 +108,14 @@ def check_finite(loss: torch.Tensor, step: int, what: str = "loss"):
 class RunLog:
     """metrics.jsonl (one JSON object per logged step) plus a progress line on stdout."""
 
-    def __init__(self, out_dir: Path, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, out_dir: Path):
         self.start = time.time()
-        self.file = open(out_dir / "metrics.jsonl", "w") if enabled else None
+        self.file = open(out_dir / "metrics.jsonl", "w")
         self.history: list[dict] = []
 
     def log(self, **metrics):
         metrics["elapsed_s"] = round(time.time() - self.start, 2)
         self.history.append(metrics)
-        if not self.enabled:
-            return
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
         parts = []
@@ -128,14 +125,12 @@ class RunLog:
             parts.append(f"{k} {v}")
         print(" | ".join(parts), flush=True)
 
+    def curve(self, key: str) -> list[tuple[float, float]]:
+        """[(step, value)] of every logged entry that has key, for plot_curves."""
+        return [(m["step"], m[key]) for m in self.history if key in m]
+
     def close(self):
-        if self.file:
-            self.file.close()
-
-
-def print_rank0(*args, rank: int = 0):
-    if rank == 0:
-        print(*args, flush=True)
+        self.file.close()
 
 
 def save_json(path: Path, data: dict):
@@ -188,16 +183,15 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: f
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
-    # decay matrices, not biases and LayerNorm gains (the usual GPT-2 recipe)
+    fused = device is not None and device.type in ("cuda", "cpu")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, fused=fused)
+    # AdamW decays matrices, not biases and LayerNorm gains (the usual GPT-2 recipe)
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = device is not None and device.type in ("cuda", "cpu")
-    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    if cls is torch.optim.Adam:
-        groups = [{"params": params}]
-    return cls(groups, lr=lr, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
 # ---------------------------------------------------------------- models
@@ -241,18 +235,19 @@ def load_model(name: str, device: torch.device, quiet: bool = False):
     from .model import GPT
     from .weights import WeightsNotFoundError, find_or_download_preset
 
+    source = name
     if name == "auto":
         try:
-            find_or_download_preset("gpt2")
+            source = str(find_or_download_preset("gpt2")[0])  # load the file found, without a second search
             name = "gpt2"
         except WeightsNotFoundError:
-            name = str(ROOT / "weights" / "nano")
+            name = source = str(ROOT / "weights" / "nano")
             if not quiet:
                 print("nanotune: official gpt2 weights unavailable (offline?); using the bundled weights/nano model. "
                       "Get the real one with: hf download openai-community/gpt2 model.safetensors config.json "
                       "--local-dir weights/gpt2", flush=True)  # fmt: skip
     try:
-        model = GPT.from_pretrained(name, device=device)
+        model = GPT.from_pretrained(source, device=device)
     except (FileNotFoundError, KeyError, ValueError) as e:
         die(f"could not load --model {name}: {e}")
     return model, name

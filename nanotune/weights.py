@@ -78,7 +78,7 @@ def resolve_checkpoint(name_or_path) -> tuple[Path, Path | None]:
     )
 
 
-def find_or_download_preset(name: str, download: bool = True) -> tuple[Path, Path]:
+def find_or_download_preset(name: str) -> tuple[Path, Path]:
     """weights/<name>/ first, then the Hugging Face cache, then a download into weights/<name>/."""
     local = weights_dir() / name
     if (local / "model.safetensors").is_file() and (local / "config.json").is_file():
@@ -94,8 +94,8 @@ def find_or_download_preset(name: str, download: bool = True) -> tuple[Path, Pat
         pass
     from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
 
-    error = "offline mode, HF_HUB_OFFLINE=1" if HF_HUB_OFFLINE else "download disabled"
-    if download and not HF_HUB_OFFLINE:
+    error = "offline mode, HF_HUB_OFFLINE=1"
+    if not HF_HUB_OFFLINE:
         try:
             print(f"nanotune: downloading {repo} (model.safetensors, config.json) into {local}", flush=True)
             files = [hf_hub_download(repo, f, local_dir=local) for f in ("config.json", "model.safetensors")]

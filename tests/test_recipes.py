@@ -5,13 +5,12 @@ import json
 import os
 
 import pytest
-import torch
 
 import train_dpo
 import train_gulliver
 import train_sft
 import train_xkl
-from nanotune import GPT, GPTConfig
+from nanotune import GPT
 
 
 def summary(out):
