@@ -25,8 +25,8 @@ from nanotune import generate, load_tokenizer
 from nanotune.data import PREFERENCES_URL, default_file, read_records
 from nanotune.utils import (
     RunLog, add_common_args, all_reduce_mean, autocast, check_common_args, check_finite, cleanup_distributed,
-    default_dtype, die, load_model, make_optimizer, make_out_dir, pick_device, plot_curves, save_json,
-    seed_everything, setup_distributed, wrap_model,
+    default_dtype, die, load_model, make_optimizer, make_out_dir, no_sync_unless_last, pick_device, plot_curves,
+    save_json, seed_everything, setup_distributed, wrap_model,
 )  # fmt: skip
 from train_sft import collate, encode_pair, format_prompt, normalize_examples, split_examples, token_logprobs
 
@@ -174,13 +174,15 @@ def main(argv=None):
         metrics_sum = {}
         for k in range(args.grad_accum):
             micro = ids[k :: args.grad_accum]
-            policy_chosen_logps, policy_rejected_logps = batch_logps(train_model, [pairs["train"][i] for i in micro])
+            micro_pairs = [pairs["train"][i] for i in micro]
             ref_chosen_logps, ref_rejected_logps = (ref_logps["train"][0][micro], ref_logps["train"][1][micro])
-            loss, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                args.beta, args.label_smoothing,
-            )  # fmt: skip
-            (loss / args.grad_accum).backward()
+            with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
+                policy_chosen_logps, policy_rejected_logps = batch_logps(train_model, micro_pairs)
+                loss, chosen_rewards, rejected_rewards = dpo_loss(
+                    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    args.beta, args.label_smoothing,
+                )  # fmt: skip
+                (loss / args.grad_accum).backward()
             for key, value in preference_metrics(loss, chosen_rewards, rejected_rewards, "").items():
                 metrics_sum[key] = metrics_sum.get(key, 0.0) + value / args.grad_accum
         check_finite(loss, step)

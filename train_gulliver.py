@@ -23,8 +23,8 @@ from nanotune import generate, load_tokenizer
 from nanotune.data import GULLIVER_URL, default_file, read_book
 from nanotune.utils import (
     RunLog, add_common_args, all_reduce_mean, autocast, check_common_args, check_finite, cleanup_distributed,
-    default_dtype, die, load_model, make_optimizer, make_out_dir, pick_device, plot_curves, save_json,
-    seed_everything, setup_distributed, wrap_model,
+    default_dtype, die, load_model, make_optimizer, make_out_dir, no_sync_unless_last, pick_device, plot_curves,
+    save_json, seed_everything, setup_distributed, wrap_model,
 )  # fmt: skip
 
 
@@ -128,11 +128,12 @@ def main(argv=None):
     for step in range(1, args.steps + 1):
         starts = np.random.randint(0, len(train_tokens) - T, size=args.batch_size)
         batch = torch.from_numpy(np.stack([train_tokens[s : s + T] for s in starts])).to(device)  # (B, T)
-        for micro in batch.chunk(args.grad_accum):
-            with ctx:
-                logits = train_model(micro)  # (b, T, V)
-            loss = next_token_nll(logits, micro) / args.grad_accum
-            loss.backward()
+        for k, micro in enumerate(batch.chunk(args.grad_accum)):
+            with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
+                with ctx:
+                    logits = train_model(micro)  # (b, T, V)
+                loss = next_token_nll(logits, micro) / args.grad_accum
+                loss.backward()
         check_finite(loss, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

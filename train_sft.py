@@ -24,8 +24,8 @@ from nanotune import generate, load_tokenizer
 from nanotune.data import INSTRUCTIONS_URL, default_file, read_records
 from nanotune.utils import (
     RunLog, add_common_args, all_reduce_mean, autocast, check_common_args, check_finite, cleanup_distributed,
-    default_dtype, die, load_model, make_optimizer, make_out_dir, pick_device, plot_curves, save_json,
-    seed_everything, setup_distributed, wrap_model,
+    default_dtype, die, load_model, make_optimizer, make_out_dir, no_sync_unless_last, pick_device, plot_curves,
+    save_json, seed_everything, setup_distributed, wrap_model,
 )  # fmt: skip
 
 IGNORE = -100  # label value of positions the loss skips
@@ -200,11 +200,12 @@ def main(argv=None):
         for k in range(args.grad_accum):
             micro = batch[k :: args.grad_accum]
             input_ids, labels = collate(micro, enc.eot_token, device)
-            with ctx:
-                logits = train_model(input_ids)  # (b, T, V)
-            # weight each micro-batch by its share of response tokens: the sum is the batch's token mean
-            loss = masked_nll(logits, labels) * sum(len(r) for _, r in micro) / n_targets
-            loss.backward()
+            with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
+                with ctx:
+                    logits = train_model(input_ids)  # (b, T, V)
+                # weight each micro-batch by its share of response tokens: the sum is the batch's token mean
+                loss = masked_nll(logits, labels) * sum(len(r) for _, r in micro) / n_targets
+                loss.backward()
             step_loss += loss.item()
             n_tokens += input_ids.numel()
         check_finite(torch.tensor(step_loss), step)

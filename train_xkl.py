@@ -22,8 +22,8 @@ from nanotune import generate, load_tokenizer
 from nanotune.data import read_book
 from nanotune.utils import (
     RunLog, add_common_args, all_reduce_mean, autocast, check_common_args, check_finite, cleanup_distributed,
-    default_dtype, die, load_model, make_optimizer, make_out_dir, pick_device, plot_curves, save_json,
-    seed_everything, setup_distributed, wrap_model,
+    default_dtype, die, load_model, make_optimizer, make_out_dir, no_sync_unless_last, pick_device, plot_curves,
+    save_json, seed_everything, setup_distributed, wrap_model,
 )  # fmt: skip
 
 
@@ -142,12 +142,13 @@ def main(argv=None):
     losses, t_log = [], time.time()
     for step in range(1, args.steps + 1):
         idx = get_batch()
-        for micro in idx.chunk(args.grad_accum):
-            with ctx:
-                logits = train_model(micro)  # (b, T, V)
-            logits = logits[:, -1, :] if args.positions == "last" else logits.flatten(0, 1)  # (N, V)
-            loss = xkl_loss(logits, target_probs) / args.grad_accum
-            loss.backward()
+        for k, micro in enumerate(idx.chunk(args.grad_accum)):
+            with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
+                with ctx:
+                    logits = train_model(micro)  # (b, T, V)
+                logits = logits[:, -1, :] if args.positions == "last" else logits.flatten(0, 1)  # (N, V)
+                loss = xkl_loss(logits, target_probs) / args.grad_accum
+                loss.backward()
         check_finite(loss, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -6,8 +6,11 @@ the same weights, in one run on one machine.
 
 Rows: training step (forward + backward + AdamW step) tokens/s and peak memory; KV-cache generation new
 tokens/s at batch 1 and 8 (200 greedy tokens); on CUDA, model FLOPs utilisation against the bf16 peak.
-Each row runs in a fresh child process (so peak RSS belongs to one model), warms up, repeats and reports
-the median. Before timing anything it checks that both models give the same logits.
+Each measurement runs in a fresh child process (so peak RSS belongs to one model) that warms up and then
+times --repeats runs. The two sides alternate for --rounds rounds (transformers, nanotune, transformers, ...),
+so a slow spell of a shared machine hits both, and the table reports the median of all timed runs.
+Both sides use the same loss code and the same optimizer, so the model code is what differs. Before timing
+anything it checks that both models give the same logits.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast precision")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median reported)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per child process")
+    p.add_argument("--rounds", type=int, default=2, help="alternating child processes per side (default 2)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gen-tokens", type=int, default=200)
     p.add_argument("--gen-batches", default="1,8", help="comma-separated batch sizes for generation")
@@ -79,7 +83,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, device, warmup, repeats):
+def run_times(fn, device, warmup, repeats):
     for _ in range(warmup):
         fn()
     sync(device)
@@ -89,7 +93,7 @@ def median_time(fn, device, warmup, repeats):
         fn()
         sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
 
 
 def train_row(side, directory, args, compiled, queue):
@@ -97,32 +101,30 @@ def train_row(side, directory, args, compiled, queue):
     device = torch.device(args.device)
     model = load(side, directory, device).train()
     step_model = torch.compile(model) if compiled else model
-    # the same optimizer for both sides (fused where PyTorch has it), so the model code is what differs
+    # the same loss and optimizer (fused where PyTorch has it) for both sides: the model code is what differs
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 50257, (args.batch_size, args.seq_len), generator=g).to(device)
+    # next-token targets, the last position ignored (as transformers' own labels= loss does it)
+    labels = F.pad(idx[:, 1:], (0, 1), value=-100)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     def step():
         with autocast(device, args.dtype):
-            if side == "transformers":
-                loss = step_model(idx, labels=idx).loss  # its own shifted cross-entropy
-            else:
-                logits = step_model(idx)  # (B, T, V)
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+            logits = logits_of(side, step_model, idx)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = median_time(step, device, args.warmup + (2 if compiled else 0), args.repeats)
+    times = run_times(step, device, args.warmup + (2 if compiled else 0), args.repeats)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     n_params = sum(p.numel() for p in model.parameters())
-    queue.put({"tokens_per_s": args.batch_size * args.seq_len / seconds, "peak_mib": peak, "params": n_params,
-               "step_s": seconds})  # fmt: skip
+    queue.put({"times": times, "peak_mib": peak, "params": n_params})
 
 
 def generate_row(side, directory, args, batch, queue):
@@ -141,8 +143,7 @@ def generate_row(side, directory, args, batch, queue):
                                       min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
             return generate(model, prompt, args.gen_tokens, temperature=0)
 
-    seconds = median_time(run, device, 1, max(1, args.repeats // 2))
-    queue.put({"tokens_per_s": batch * args.gen_tokens / seconds})
+    queue.put({"times": run_times(run, device, 1, max(1, args.repeats // 2))})
 
 
 def in_child(target, *args):
@@ -153,6 +154,22 @@ def in_child(target, *args):
     result = queue.get()
     proc.join()
     return result
+
+
+def alternate(target, sides, directory, args):
+    """Run each side's child process --rounds times, alternating sides; pool the timed runs per side."""
+    pooled = {side: {"times": [], "peak_mib": 0.0} for side in sides}
+    for r in range(args.rounds):
+        for side in sides:
+            result = in_child(target, side[0], directory, args, side[1])
+            pooled[side]["times"] += result["times"]
+            pooled[side]["peak_mib"] = max(pooled[side]["peak_mib"], result.get("peak_mib", 0.0))
+            name = side[0] + (" compiled" if side[1] is True else "")
+            print(f"  round {r + 1}/{args.rounds} {target.__name__} {name}: median "
+                  f"{statistics.median(result['times']):.3f} s", flush=True)  # fmt: skip
+    for result in pooled.values():
+        result["median_s"] = statistics.median(result["times"])
+    return pooled
 
 
 def check_parity(directory, args):
@@ -191,27 +208,32 @@ def main(argv=None):
         diff = check_parity(directory, args)
         print(f"{args.preset} ({shape['n_layer']} layers, width {shape['n_embd']}) on {args.device}, {args.dtype}; "
               f"parity: max |logit difference| {diff:.2e}", flush=True)  # fmt: skip
+        tokens = args.batch_size * args.seq_len
         if "train" not in skip:
             label = f"train step, batch {args.batch_size} x {args.seq_len}"
-            theirs = in_child(train_row, "transformers", directory, args, False)
-            ours = in_child(train_row, "nanotune", directory, args, False)
-            rows.append((label, "tokens/s", ours["tokens_per_s"], theirs["tokens_per_s"]))
+            sides = [("transformers", False), ("nanotune", False)] + ([("nanotune", True)] if args.compile else [])
+            train = alternate(train_row, sides, directory, args)
+            theirs, ours = train[sides[0]], train[sides[1]]
+            rows.append((label, "tokens/s", tokens / ours["median_s"], tokens / theirs["median_s"]))
             rows.append((label, "peak MiB", ours["peak_mib"], theirs["peak_mib"]))
             if args.compile:
-                compiled = in_child(train_row, "nanotune", directory, args, True)
-                rows.append((label + ", nanotune compiled", "tokens/s", compiled["tokens_per_s"], theirs["tokens_per_s"]))
+                compiled = train[sides[2]]
+                rows.append((label + ", nanotune compiled", "tokens/s", tokens / compiled["median_s"],
+                             tokens / theirs["median_s"]))  # fmt: skip
                 rows.append((label + ", nanotune compiled", "peak MiB", compiled["peak_mib"], theirs["peak_mib"]))
             for name, result in (("eager", ours), ("compiled", compiled if args.compile else None)):
-                value = result and mfu(result["tokens_per_s"], shape, args.seq_len, device)
+                value = result and mfu(tokens / result["median_s"], shape, args.seq_len, device)
                 if value is not None:
-                    theirs_mfu = mfu(theirs["tokens_per_s"], shape, args.seq_len, device)
+                    theirs_mfu = mfu(tokens / theirs["median_s"], shape, args.seq_len, device)
                     rows.append((f"MFU, nanotune {name}", "fraction", value, theirs_mfu))
         if "generate" not in skip:
             for batch in map(int, args.gen_batches.split(",")):
-                theirs = in_child(generate_row, "transformers", directory, args, batch)
-                ours = in_child(generate_row, "nanotune", directory, args, batch)
+                sides = [("transformers", batch), ("nanotune", batch)]
+                gen = alternate(generate_row, sides, directory, args)
+                new_tokens = batch * args.gen_tokens
                 label = f"generate {args.gen_tokens} tokens, batch {batch}"
-                rows.append((label, "new tokens/s", ours["tokens_per_s"], theirs["tokens_per_s"]))
+                rows.append((label, "new tokens/s", new_tokens / gen[sides[1]]["median_s"],
+                             new_tokens / gen[sides[0]]["median_s"]))  # fmt: skip
 
     print(f"\n| {'measurement':<48} | {'unit':<12} | {'nanotune':>10} | {'transformers':>12} | ratio |")
     print(f"|{'-' * 50}|{'-' * 14}|{'-' * 12}|{'-' * 14}|-------|")

@@ -62,7 +62,7 @@ def generate(
             f"of {model.config.n_positions} tokens"
         )
     banned = torch.tensor(sorted(set(int(t) for t in banned_tokens)), dtype=torch.long, device=device)
-    cache = KVCache(model, B, total)
+    cache = KVCache(model, B, total, copy_head=max_new_tokens >= 32)  # the copy pays off over ~25 tokens
     out = torch.empty(B, total, dtype=torch.long, device=device)
     out[:, :T] = idx
     done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -253,6 +253,16 @@ def load_model(name: str, device: torch.device, quiet: bool = False):
     return model, name
 
 
+def no_sync_unless_last(train_model: torch.nn.Module, last: bool):
+    """Gradient accumulation under DDP: the all-reduce runs once per optimizer step, in the backward of the
+    last micro-batch (which then averages the accumulated sums), instead of once per micro-batch. The context
+    must hold the forward and the backward. Without DDP it does nothing."""
+    ddp = getattr(train_model, "_orig_mod", train_model)  # under torch.compile, DDP is the wrapped module
+    if last or not hasattr(ddp, "no_sync"):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
+
+
 def wrap_model(model: torch.nn.Module, device: torch.device, world: int, compile: bool = False):
     """The module the training step calls: DistributedDataParallel under torchrun, then torch.compile if
     asked. Evaluation, sampling and saving keep using the plain model."""

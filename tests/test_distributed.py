@@ -1,5 +1,6 @@
 """DistributedDataParallel on CPU with 2 Gloo processes: the same maths as one process, outputs written once."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -8,42 +9,62 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanotune import GPT
-from nanotune.utils import make_optimizer
+from nanotune.utils import make_optimizer, no_sync_unless_last
 from train_gulliver import next_token_nll
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def one_step(model, batch):
+def sgd_steps(model, batch, accums, sync=lambda last: contextlib.nullcontext()):
     # SGD: the update is linear in the gradient, so fp32 summation order cannot be amplified (Adam divides
     # near-zero gradients by their own size, turning 1e-12 differences into visible ones)
     optimizer = make_optimizer(model, "sgd", 0.5)
-    loss = next_token_nll(model(batch), batch)
-    loss.backward()
-    optimizer.step()
+    for accum in accums:  # one optimizer step per entry, over `accum` micro-batches
+        for k, micro in enumerate(batch.chunk(accum)):
+            with sync(k == accum - 1):
+                (next_token_nll(model(micro), micro) / accum).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def ddp_worker(rank, world, init_file, model_dir, batch, out_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model = GPT.from_pretrained(model_dir)
+    ddp = DDP(GPT.from_pretrained(model_dir))
+    all_reduces = []
+
+    def counting_hook(state, bucket):
+        all_reduces.append(1)
+        return allreduce_hook(None, bucket)
+
+    ddp.register_comm_hook(None, counting_hook)
     shard = batch.chunk(world)[rank]  # each rank sees its own half of the global batch
-    one_step(DDP(model), shard)
+    sgd_steps(ddp, shard, [1], lambda last: no_sync_unless_last(ddp, last))
+    counts = [len(all_reduces)]
+    for accum in (4, 1):  # gradient accumulation: the all-reduce should run once, as for a plain step
+        sgd_steps(ddp, shard, [accum], lambda last: no_sync_unless_last(ddp, last))
+        counts.append(len(all_reduces) - sum(counts))
     if rank == 0:
-        torch.save(model.state_dict(), out_file)
+        torch.save({"weights": ddp.module.state_dict(), "all_reduces": counts}, out_file)
     dist.destroy_process_group()
 
 
-def test_ddp_step_equals_single_process_step(tiny, tmp_path):
-    batch = torch.randint(0, 50257, (4, 32), generator=torch.Generator().manual_seed(0))
+def test_ddp_steps_equal_single_process_steps(tiny, tmp_path):
+    # 3 steps on 2 Gloo ranks (the middle one accumulated over 4 micro-batches per rank) == 3 steps in one
+    # process on the whole global batch
+    batch = torch.randint(0, 50257, (8, 32), generator=torch.Generator().manual_seed(0))
     torch_mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), tiny, batch, str(tmp_path / "ddp.pt")), nprocs=2)
-    ddp_weights = torch.load(tmp_path / "ddp.pt")
+    result = torch.load(tmp_path / "ddp.pt")
+    ddp_weights = result["weights"]
+    plain, accumulated, plain_again = result["all_reduces"]
+    assert plain >= 1 and accumulated == plain_again  # no all-reduce on the 3 micro-batches before the last
 
     single = GPT.from_pretrained(tiny)
-    one_step(single, batch)  # the whole global batch in one process
+    sgd_steps(single, batch, [1, 1, 1])
     start = GPT.from_pretrained(tiny).state_dict()
     worst = 0.0
     for key, value in single.state_dict().items():

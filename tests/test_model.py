@@ -107,6 +107,27 @@ def test_padded_batch_with_attention_mask_matches_unpadded_rows(tmp_path):
 # ---------------------------------------------------------------- generation
 
 
+def test_gradients_match_transformers(tmp_path):
+    # the same loss on both models -> the same gradient for every tensor, the tied wte's being the sum of
+    # its embedding part and its head part
+    hf = hf_model(n_layer=2, n_embd=64, n_head=4, seed=5)
+    ours = GPT.from_pretrained(write_official(hf, tmp_path)).train()
+    hf.train()
+    idx = torch.randint(0, 50257, (3, 24), generator=torch.Generator().manual_seed(2))
+    labels = torch.nn.functional.pad(idx[:, 1:], (0, 1), value=-100)
+    for logits in (ours(idx), hf(idx).logits):
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+    theirs = dict(hf.transformer.named_parameters())
+    checked = 0
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and p.grad.layout == torch.strided, name
+        ref = theirs[name].grad
+        assert (p.grad - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item()), name
+        checked += 1
+    assert checked == 4 + 12 * 2  # wte, wpe, ln_f weight and bias, 12 tensors per block
+    assert ours.wte.weight.grad.abs().sum() > 0
+
+
 def test_greedy_generation_matches_transformers(tmp_path):
     hf = hf_model(n_layer=2, n_embd=128, n_head=4, seed=3)
     ours = GPT.from_pretrained(write_official(hf, tmp_path))
