@@ -201,7 +201,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     skip = set(filter(None, args.skip.split(",")))
-    rows = []
+    rows, timings = [], {}  # timings: every timed run in seconds, per measurement and side (for --json)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         shape = build_weights(args, directory)
@@ -214,6 +214,8 @@ def main(argv=None):
             sides = [("transformers", False), ("nanotune", False)] + ([("nanotune", True)] if args.compile else [])
             train = alternate(train_row, sides, directory, args)
             theirs, ours = train[sides[0]], train[sides[1]]
+            timings[label] = {name + (" compiled" if compiled else ""): result["times"]
+                              for (name, compiled), result in train.items()}  # fmt: skip
             rows.append((label, "tokens/s", tokens / ours["median_s"], tokens / theirs["median_s"]))
             rows.append((label, "peak MiB", ours["peak_mib"], theirs["peak_mib"]))
             if args.compile:
@@ -230,6 +232,7 @@ def main(argv=None):
             for batch in map(int, args.gen_batches.split(",")):
                 sides = [("transformers", batch), ("nanotune", batch)]
                 gen = alternate(generate_row, sides, directory, args)
+                timings[f"generate batch {batch}"] = {side[0]: result["times"] for side, result in gen.items()}
                 new_tokens = batch * args.gen_tokens
                 label = f"generate {args.gen_tokens} tokens, batch {batch}"
                 rows.append((label, "new tokens/s", new_tokens / gen[sides[1]]["median_s"],
@@ -242,7 +245,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "parity_max_diff": diff, "rows": [
             {"measurement": r[0], "unit": r[1], "nanotune": r[2], "transformers": r[3], "ratio": r[2] / r[3]}
-            for r in rows]}, indent=2))  # fmt: skip
+            for r in rows], "timings_s": timings}, indent=2))  # fmt: skip
     return rows
 
 
