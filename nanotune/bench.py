@@ -123,8 +123,7 @@ def train_row(side, directory, args, compiled, queue):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
-    n_params = sum(p.numel() for p in model.parameters())
-    queue.put({"times": times, "peak_mib": peak, "params": n_params})
+    queue.put({"times": times, "peak_mib": peak})
 
 
 def generate_row(side, directory, args, batch, queue):
@@ -157,15 +156,16 @@ def in_child(target, *args):
 
 
 def alternate(target, sides, directory, args):
-    """Run each side's child process --rounds times, alternating sides; pool the timed runs per side."""
-    pooled = {side: {"times": [], "peak_mib": 0.0} for side in sides}
+    """Run each side's child process --rounds times, alternating sides; pool the timed runs per side.
+    A side is (model, extra argument of target): (name, compiled) for training, (name, batch) for generation."""
+    pooled = {side: {"name": side[0] + (" compiled" if side[1] is True else ""), "times": [], "peak_mib": 0.0}
+              for side in sides}  # fmt: skip
     for r in range(args.rounds):
         for side in sides:
             result = in_child(target, side[0], directory, args, side[1])
             pooled[side]["times"] += result["times"]
             pooled[side]["peak_mib"] = max(pooled[side]["peak_mib"], result.get("peak_mib", 0.0))
-            name = side[0] + (" compiled" if side[1] is True else "")
-            print(f"  round {r + 1}/{args.rounds} {target.__name__} {name}: median "
+            print(f"  round {r + 1}/{args.rounds} {target.__name__} {pooled[side]['name']}: median "
                   f"{statistics.median(result['times']):.3f} s", flush=True)  # fmt: skip
     for result in pooled.values():
         result["median_s"] = statistics.median(result["times"])
@@ -214,8 +214,7 @@ def main(argv=None):
             sides = [("transformers", False), ("nanotune", False)] + ([("nanotune", True)] if args.compile else [])
             train = alternate(train_row, sides, directory, args)
             theirs, ours = train[sides[0]], train[sides[1]]
-            timings[label] = {name + (" compiled" if compiled else ""): result["times"]
-                              for (name, compiled), result in train.items()}  # fmt: skip
+            timings[label] = {result["name"]: result["times"] for result in train.values()}
             rows.append((label, "tokens/s", tokens / ours["median_s"], tokens / theirs["median_s"]))
             rows.append((label, "peak MiB", ours["peak_mib"], theirs["peak_mib"]))
             if args.compile:
@@ -232,7 +231,7 @@ def main(argv=None):
             for batch in map(int, args.gen_batches.split(",")):
                 sides = [("transformers", batch), ("nanotune", batch)]
                 gen = alternate(generate_row, sides, directory, args)
-                timings[f"generate batch {batch}"] = {side[0]: result["times"] for side, result in gen.items()}
+                timings[f"generate batch {batch}"] = {result["name"]: result["times"] for result in gen.values()}
                 new_tokens = batch * args.gen_tokens
                 label = f"generate {args.gen_tokens} tokens, batch {batch}"
                 rows.append((label, "new tokens/s", new_tokens / gen[sides[1]]["median_s"],
