@@ -15,31 +15,27 @@ loss.svg and the fine-tuned weights.
 
 import argparse
 import json
-import random
-import time
 
 import torch
 import torch.nn.functional as F
 
 from nanotune import generate, load_tokenizer
 from nanotune.data import PREFERENCES_URL, default_file, read_records
+from nanotune.peft import apply_peft, describe_trainable
+from nanotune.instruct import check_answerable, collate, encode_pair, format_prompt, normalize_examples, split_examples
+from nanotune.instruct import sequence_logprobs
+from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
 from nanotune.utils import (
-    RunLog, add_common_args, all_reduce_mean, autocast, check_common_args, check_finite, cleanup_distributed,
-    default_dtype, die, load_model, make_optimizer, make_out_dir, no_sync_unless_last, pick_device, plot_curves,
-    save_json, seed_everything, setup_distributed, wrap_model,
+    NanotuneError, all_reduce_mean, clip_gradients, die, load_model, lr_at, make_optimizer, no_sync_unless_last,
+    plot_curves, wrap_model,
 )  # fmt: skip
-from train_sft import collate, encode_pair, format_prompt, normalize_examples, split_examples, token_logprobs
-
-
-# Sum of log p over the response tokens of each row (prompt and padding are IGNORE in labels).
-# logits (B, T, V), labels (B, T) -> (B,)
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return token_logprobs(logits, labels).sum(dim=-1)
 
 
 # z = beta * ((pi_c - ref_c) - (pi_r - ref_r))
 # loss = mean( -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z) )     (eps = label_smoothing)
 # rewards = beta * (pi - ref), for chosen and rejected. All log-probs are (B,) sequence sums.
+# eps > 0 is conservative DPO (cDPO, Mitchell 2023): each label is assumed flipped with probability eps, so the
+# loss is the expected DPO loss under that noise and stops pushing once sigmoid(z) reaches 1 - eps.
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              beta: float = 0.1, label_smoothing: float = 0.0):  # fmt: skip
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
@@ -58,61 +54,73 @@ def parse_args(argv=None):
                    "download the preference set of the book 'LLMs from scratch' into data/)")  # fmt: skip
     p.add_argument("--ref-model", default=None, help="reference model (default: a frozen copy of --model)")
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference (> 0)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="assumed share of flipped labels, in [0, 0.5)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="conservative DPO (cDPO): the assumed probability that a preference label is flipped, in "
+                        "[0, 0.5); the loss then stops pushing once the policy prefers chosen with probability 1 - eps")  # fmt: skip
     p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
     p.add_argument("--max-len", type=int, default=256, help="longest sequence; longer responses are truncated")
     p.add_argument("--limit", type=int, default=None, help="use only the first N examples (quick runs)")
     p.add_argument("--eval-every", type=int, default=25, help="held-out metrics every N steps")
     p.add_argument("--responses", type=int, default=5, help="held-out prompts answered before and after")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    return p.parse_args(argv)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="length limit of those answers")
+    return parse_run_args(p, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_common_args(args)
-    if args.beta <= 0:
+    if not (args.beta > 0):
         die(f"--beta must be > 0, got {args.beta}")
     if not 0 <= args.label_smoothing < 0.5:
         die(f"--label-smoothing must lie in [0, 0.5), got {args.label_smoothing}")
-    rank, world, device = setup_distributed(pick_device(args.device))
-    seed_everything(args.seed + rank)
-    dtype = args.dtype or default_dtype(device)
-    ctx = autocast(device, dtype)
+    if args.max_len < 2 or args.responses < 0 or args.max_new_tokens < 1:
+        die("--max-len must be >= 2, --responses >= 0 and --max-new-tokens >= 1")
+    with Run(args, "dpo") as run:  # device, processes, --out, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+        train(args, run)
+
+
+def train(args, run):
+    device = run.device
     enc = load_tokenizer()
 
     # ---- data: the same split as SFT, so the held-out prompts were never trained on there either
     path = args.data or default_file("instruction-data-with-preference.json", PREFERENCES_URL)
-    examples = normalize_examples(read_records(path)[: args.limit], path, response_keys=("chosen", "rejected"))
+    examples = normalize_examples(read_records(path, args.limit), path, response_keys=("chosen", "rejected"))
     train, val, test = split_examples(examples, args.seed)
     if not train or not val:
-        die(f"{path}: {len(examples)} examples give {len(train)} training and {len(val)} validation pairs; "
-            "need at least one of each")  # fmt: skip
+        raise NanotuneError(f"{path}: {len(examples)} examples give {len(train)} training and {len(val)} "
+                            "validation pairs; need at least one of each")  # fmt: skip
     pairs, truncated = {}, 0
     for name, split in (("train", train), ("val", val)):
         pairs[name] = []
-        for i, ex in enumerate(split):
+        for ex in split:
             prompt = format_prompt(ex, args.template)
-            where = f"{path}: {name} example {i}"
+            where = f"{path}: record {ex['record']}"
             p, chosen, cut_c = encode_pair(enc, prompt, ex["chosen"], args.max_len, where)
             _, rejected, cut_r = encode_pair(enc, prompt, ex["rejected"], args.max_len, where)
             pairs[name].append(((p, chosen), (p, rejected)))
             truncated += cut_c + cut_r
 
-    policy, model_name = load_model(args.model, device, quiet=rank != 0)
-    if args.max_len > policy.config.n_positions:
-        die(f"--max-len {args.max_len} exceeds the model's context of {policy.config.n_positions}")
+    policy, model_name = load_model(args.model, device, quiet=not run.master)
+    if args.max_len + (args.prompt_tokens if args.peft == "prompt" else 0) > policy.config.n_positions:
+        raise NanotuneError(f"--max-len {args.max_len}" + (f" + --prompt-tokens {args.prompt_tokens}" if
+                            args.peft == "prompt" else "") + f" exceeds the model's context of "
+                            f"{policy.config.n_positions}")  # fmt: skip
+    context = policy.config.n_positions - (args.prompt_tokens if args.peft == "prompt" else 0)
+    answered = test[: args.responses]
+    answer_prompts = check_answerable(enc, answered, args.template, context, path)
 
     def batch_logps(model, batch):
         """One forward over chosen and rejected rows together -> (chosen logps (B,), rejected logps (B,))."""
         input_ids, labels = collate([c for c, _ in batch] + [r for _, r in batch], enc.eot_token, device)
-        with ctx:
+        with run.ctx:
             logits = model(input_ids)  # (2B, T, V)
         logps = sequence_logprobs(logits, labels)  # (2B,)
         return logps[: len(batch)], logps[len(batch) :]
 
     # ---- the reference never changes, so its log-probs are computed once, up front, without gradients
-    reference = load_model(args.ref_model, device, quiet=True)[0] if args.ref_model else policy
+    # (on --resume too: the policy is reloaded from --model for this, then the checkpoint replaces its weights)
+    reference = load_model(args.ref_model, device, "--ref-model", quiet=True)[0] if args.ref_model else policy
     ref_logps = {}
     with torch.no_grad():
         reference.eval()
@@ -121,14 +129,14 @@ def main(argv=None):
                       for i in range(0, len(pairs[name]), args.batch_size)]  # fmt: skip
             ref_logps[name] = (torch.cat([c for c, _ in chunks]), torch.cat([r for _, r in chunks]))
     del reference
+    apply_peft(policy, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
 
-    out = make_out_dir(args.out, "dpo") if rank == 0 else None
-    log = RunLog(out) if rank == 0 else None
-    if rank == 0:
+    run.summary.update(model=model_name, ref_model=args.ref_model, beta=args.beta, world_size=run.world)
+    if run.master:
         print(f"policy {model_name}, reference {args.ref_model or 'frozen copy of the policy'}: "
-              f"{policy.num_params() / 1e6:.1f}M parameters on {device} ({dtype}); {len(train)} train / "
+              f"{args.peft}: {describe_trainable(policy)} on {device} ({run.dtype}); {len(train)} train / "
               f"{len(val)} val pairs; {truncated} responses truncated; beta {args.beta}; "
-              f"effective batch {args.batch_size * world}", flush=True)  # fmt: skip
+              f"effective batch {args.batch_size * run.world}", flush=True)  # fmt: skip
 
     def preference_metrics(loss, chosen_rewards, rejected_rewards, prefix):
         return {
@@ -150,75 +158,80 @@ def main(argv=None):
                                   prefix="val_")  # fmt: skip
 
     def answers():
-        policy.eval()
-        prompts = [enc.encode_ordinary(format_prompt(ex, args.template)) for ex in test[: args.responses]]
-        if not prompts:
+        """Greedy answers to the first --responses test prompts (each was checked to fit the context)."""
+        if not answer_prompts:
             return []
-        budget = min(args.max_new_tokens, policy.config.n_positions - max(map(len, prompts)))
-        outputs = generate(policy, prompts, budget, temperature=0, eos_token=enc.eot_token)
+        policy.eval()
+        budget = min(args.max_new_tokens, context - max(map(len, answer_prompts)))
+        outputs = generate(policy, answer_prompts, budget, temperature=0, eos_token=enc.eot_token)
         policy.train()
-        return [enc.decode([t for t in seq[len(p) :] if t != enc.eot_token]).strip() for p, seq in zip(prompts, outputs)]
+        return [enc.decode([t for t in seq[len(p) :] if t != enc.eot_token]).strip()
+                for p, seq in zip(answer_prompts, outputs)]  # fmt: skip
 
-    before = evaluate() if rank == 0 else {}
-    answers_before = answers() if rank == 0 else []
-    if rank == 0:
-        log.log(step=0, **before)
+    if run.master and not run.resumed:
+        before = evaluate()
+        run.summary.update(val_reward_accuracy_before=before["val_reward_accuracy"],
+                           val_margin_before=before["val_margin"], val_loss_before=before["val_loss"])  # fmt: skip
+        run.log(step=0, **before)
+        # the answers before training go to disk now, so that a resumed run can put its own beside them
+        rows = [{"record": ex["record"], "instruction": ex["instruction"], "input": ex["input"],
+                 "chosen": ex["chosen"], "rejected": ex["rejected"], "before": a} for ex, a in zip(answered, answers())]  # fmt: skip
+        run.write_text("responses.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
-    train_model = wrap_model(policy, device, world, args.compile)
     optimizer = make_optimizer(policy, "adamw", args.lr, 0.0, device)
+    data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own pairs
+    first_step = run.track(policy, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
+    train_model = wrap_model(policy, device, run.world, args.compile)
     policy.train()
-    rng = random.Random(args.seed + rank)  # each rank draws its own pairs
-    after, t_log = before, time.time()
-    for step in range(1, args.steps + 1):
-        ids = [rng.randrange(len(pairs["train"])) for _ in range(args.batch_size)]
-        metrics_sum = {}
+    for step in range(first_step, args.steps + 1):
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ids = torch.randint(len(pairs["train"]), (args.batch_size,), generator=data_rng)
+        metrics_sum, n_tokens = {}, 0
         for k in range(args.grad_accum):
             micro = ids[k :: args.grad_accum]
-            micro_pairs = [pairs["train"][i] for i in micro]
-            ref_chosen_logps, ref_rejected_logps = (ref_logps["train"][0][micro], ref_logps["train"][1][micro])
+            micro_pairs = [pairs["train"][i] for i in micro.tolist()]
+            ref_chosen_logps, ref_rejected_logps = ref_logps["train"][0][micro], ref_logps["train"][1][micro]
+            # under DDP the gradients are all-reduced once, in the last micro-batch's backward
             with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
                 policy_chosen_logps, policy_rejected_logps = batch_logps(train_model, micro_pairs)
                 loss, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     args.beta, args.label_smoothing,
                 )  # fmt: skip
+                # the loss is a mean over pairs and micro-batches hold equal numbers of pairs: 1/grad_accum each
                 (loss / args.grad_accum).backward()
             for key, value in preference_metrics(loss, chosen_rewards, rejected_rewards, "").items():
                 metrics_sum[key] = metrics_sum.get(key, 0.0) + value / args.grad_accum
-        check_finite(loss, step)
+            n_tokens += sum(len(p) + len(r) for pair in micro_pairs for p, r in pair)
+        train_metrics = {k: all_reduce_mean(v, device) for k, v in metrics_sum.items()}
+        grad_norm = clip_gradients(policy, args.grad_clip)  # the norm before clipping
+        run.check(step, train_metrics["loss"], grad_norm)  # NaN/inf or an exploding loss stops here, before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_metrics = {k: all_reduce_mean(v, device) for k, v in metrics_sum.items()}
-        if rank == 0 and (step % args.log_every == 0 or step == args.steps):
-            log.log(step=step, **train_metrics, lr=args.lr, pairs_per_s=args.log_every * args.batch_size * world
-                    / (time.time() - t_log))  # fmt: skip
-            t_log = time.time()
-        if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
-            after = evaluate()
-            log.log(step=step, **after)
+        if run.master and (step % args.eval_every == 0 or step == args.steps):
+            run.log(step=step, **evaluate())
+        run.end_step(step, n_tokens * run.world, **train_metrics, lr=lr, grad_norm=grad_norm)
 
-    if rank == 0:
-        answers_after = answers()
-        with open(out / "responses.jsonl", "w") as f:
-            for ex, a, b in zip(test, answers_before, answers_after):
-                f.write(json.dumps({"instruction": ex["instruction"], "input": ex["input"], "chosen": ex["chosen"],
-                                    "rejected": ex["rejected"], "before": a, "after": b}) + "\n")  # fmt: skip
-        summary = {
-            "val_reward_accuracy_before": before["val_reward_accuracy"],
-            "val_reward_accuracy_after": after["val_reward_accuracy"],
-            "val_margin_before": before["val_margin"], "val_margin_after": after["val_margin"],
-            "val_loss_before": before["val_loss"], "val_loss_after": after["val_loss"], "beta": args.beta,
-            "steps": args.steps, "lr": args.lr, "model": model_name, "world_size": world, "args": vars(args),
-        }  # fmt: skip
-        save_json(out / "summary.json", summary)
-        plot_curves(out / "loss.svg", {"train": log.curve("loss"), "validation": log.curve("val_loss")}, "DPO loss")
-        if not args.no_save:
-            policy.save_pretrained(out)
-        log.close()
-        print(f"held-out reward accuracy {before['val_reward_accuracy']:.3f} -> {after['val_reward_accuracy']:.3f}, "
-              f"margin {after['val_margin']:.3f}, loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}; "
-              f"outputs in {out}", flush=True)  # fmt: skip
-    cleanup_distributed()
+    # ---- training is over: the weights and the summary so far are saved before anything that might fail
+    if not run.master:
+        return
+    after = [m for m in run.history if "val_loss" in m][-1]
+    run.summary.update(val_reward_accuracy_after=after["val_reward_accuracy"], val_margin_after=after["val_margin"],
+                       val_loss_after=after["val_loss"], steps=args.steps, lr=args.lr)  # fmt: skip
+    run.save_model(policy)
+    with run.optional("answering the test prompts"):
+        rows = [json.loads(line) for line in (run.out / "responses.jsonl").read_text().splitlines()]
+        for row, answer in zip(rows, answers()):
+            row["after"] = answer
+        run.write_text("responses.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with run.optional("the loss plot"):
+        plot_curves(run.out / "loss.svg", {"train": run.curve("loss"), "validation": run.curve("val_loss")}, "DPO loss")
+    s = run.summary
+    print(f"held-out reward accuracy {s['val_reward_accuracy_before']:.3f} -> {s['val_reward_accuracy_after']:.3f}, "
+          f"margin {s['val_margin_after']:.3f}, loss {s['val_loss_before']:.4f} -> {s['val_loss_after']:.4f}; "
+          f"outputs in {run.out}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,19 +12,17 @@ Outputs in --out: metrics.jsonl, summary.json, samples_before.txt, samples_after
 """
 
 import argparse
-import math
-import time
 from collections import Counter
 
-import numpy as np
 import torch
 
 from nanotune import generate, load_tokenizer
 from nanotune.data import GULLIVER_URL, default_file, read_book
+from nanotune.peft import apply_peft, describe_trainable
+from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
 from nanotune.utils import (
-    RunLog, add_common_args, all_reduce_mean, autocast, check_common_args, check_finite, cleanup_distributed,
-    default_dtype, die, load_model, make_optimizer, make_out_dir, no_sync_unless_last, pick_device, plot_curves,
-    save_json, seed_everything, setup_distributed, wrap_model,
+    NanotuneError, all_reduce_mean, clip_gradients, die, load_model, lr_at, make_optimizer, no_sync_unless_last,
+    perplexity, plot_curves, wrap_model,
 )  # fmt: skip
 
 
@@ -48,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=10, help="samples for the top100_share metric")
     p.add_argument("--sample-tokens", type=int, default=100, help="tokens per sample")
     p.add_argument("--prompt", default="", help="samples continue this text (default: start of a document)")
-    return p.parse_args(argv)
+    return parse_run_args(p, argv)
 
 
 def main(argv=None):
@@ -56,50 +54,56 @@ def main(argv=None):
     check_common_args(args)
     if not 0 < args.val_fraction < 1:
         die(f"--val-fraction must lie in (0, 1), got {args.val_fraction}")
-    if args.eval_every < 1 or args.eval_batches < 1 or args.samples < 1 or args.sample_tokens < 1:
-        die("--eval-every, --eval-batches, --samples and --sample-tokens must be >= 1")
+    if args.seq_len < 2:
+        die(f"--seq-len must be >= 2 (a window predicts its next tokens), got {args.seq_len}")
+    if args.eval_batches < 1 or args.samples < 1 or args.sample_tokens < 1:
+        die("--eval-batches, --samples and --sample-tokens must be >= 1")
+    with Run(args, "gulliver") as run:  # device, processes, --out, metrics, checkpoints, Ctrl-C: nanotune/run.py
+        train(args, run)
 
-    rank, world, device = setup_distributed(pick_device(args.device))
-    seed_everything(args.seed + rank)  # each rank draws different windows
-    dtype = args.dtype or default_dtype(device)
-    ctx = autocast(device, dtype)
+
+def train(args, run):
+    device = run.device
     enc = load_tokenizer()
 
     # ---- data: the book without its Gutenberg header and footer, last 10% held out
     path = args.data or default_file("gulliver.txt", GULLIVER_URL)
-    tokens = np.array(enc.encode_ordinary(read_book(path)), dtype=np.int64)
+    tokens = torch.tensor(enc.encode_ordinary(read_book(path)))
     cut = int(len(tokens) * (1 - args.val_fraction))
     train_tokens, val_tokens = tokens[:cut], tokens[cut:]
     T = args.seq_len
     if len(train_tokens) <= T or len(val_tokens) <= T:
-        die(f"{path}: {len(tokens)} tokens is too short for windows of --seq-len {T} in both the training "
-            f"and the held-out split ({len(train_tokens)} / {len(val_tokens)} tokens)")  # fmt: skip
+        raise NanotuneError(f"{path}: {len(tokens)} tokens is too short for windows of --seq-len {T} in both the "
+                            f"training and the held-out split ({len(train_tokens)} / {len(val_tokens)} tokens)")  # fmt: skip
     top100 = torch.tensor([t for t, _ in Counter(train_tokens.tolist()).most_common(100)], device=device)
 
-    model, model_name = load_model(args.model, device, quiet=rank != 0)
-    if T > model.config.n_positions:
-        die(f"--seq-len {T} exceeds the model's context of {model.config.n_positions}")
-    out = make_out_dir(args.out, "gulliver") if rank == 0 else None
-    log = RunLog(out) if rank == 0 else None
-    if rank == 0:
-        print(f"model {model_name}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype}); book "
+    model, model_name = load_model(args.model, device, quiet=not run.master)
+    apply_peft(model, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
+    context = model.config.n_positions - model.n_virtual  # prompt-tuning embeddings take context too
+    if T > context:
+        raise NanotuneError(f"--seq-len {T} exceeds the model's context of {context}")
+    prompt = enc.encode_ordinary(args.prompt) or [enc.eot_token]
+    if len(prompt) + args.sample_tokens > context:
+        raise NanotuneError(f"--prompt ({len(prompt)} tokens) + --sample-tokens {args.sample_tokens} exceed the "
+                            f"model's context of {context}")  # fmt: skip
+    run.summary.update(model=model_name, world_size=run.world)
+    if run.master:
+        print(f"model {model_name} ({args.peft}: {describe_trainable(model)}) on {device} ({run.dtype}); book "
               f"{len(train_tokens):,} train / {len(val_tokens):,} held-out tokens; effective batch "
-              f"{args.batch_size * world} x {T} tokens", flush=True)  # fmt: skip
+              f"{args.batch_size * run.world} x {T} tokens", flush=True)  # fmt: skip
 
     @torch.no_grad()
     def val_loss():
         """Mean NLL over the same held-out windows every time (non-overlapping, from the start of the split)."""
         model.eval()
         n_windows = min(args.eval_batches * args.batch_size, len(val_tokens) // T)
-        windows = torch.from_numpy(val_tokens[: n_windows * T].reshape(n_windows, T)).to(device)
-        losses = []
+        windows = val_tokens[: n_windows * T].view(n_windows, T).to(device)
+        total = 0.0
         for chunk in windows.split(args.batch_size):
-            with ctx:
-                losses.append(next_token_nll(model(chunk), chunk).item() * len(chunk))
+            with run.ctx:
+                total += next_token_nll(model(chunk), chunk).item() * len(chunk)
         model.train()
-        return sum(losses) / n_windows
-
-    prompt = enc.encode_ordinary(args.prompt) or [enc.eot_token]
+        return total / n_windows
 
     def top100_share(tag):
         """Share of sampled tokens that are among the book's 100 most frequent (same seed before and after)."""
@@ -107,63 +111,68 @@ def main(argv=None):
         prompts = torch.tensor([prompt] * args.samples, device=device)
         samples = generate(model, prompts, args.sample_tokens, banned_tokens=[enc.eot_token],
                            generator=torch.Generator(device).manual_seed(args.seed))  # fmt: skip
+        model.train()
         new = samples[:, len(prompt) :]  # (samples, sample_tokens): every sample has full length
         share = torch.isin(new, top100).float().mean().item()
         texts = [enc.decode(s.tolist()) for s in new]
-        (out / f"samples_{tag}.txt").write_text("\n\n=====\n\n".join(texts) + "\n")
+        run.write_text(f"samples_{tag}.txt", "\n\n=====\n\n".join(texts) + "\n")
         print(f"--- a sample {tag} training (top100_share {share:.3f}) ---\n{texts[0]}\n---", flush=True)
-        model.train()
         return share
 
-    top100_before = top100_share("before") if rank == 0 else None
-    val_history = []
-    if rank == 0:
-        val_history.append(val_loss())
-        log.log(step=0, val_loss=val_history[-1])
+    if run.master and not run.resumed:
+        run.summary["top100_share_before"] = top100_share("before")
+        run.log(step=0, val_loss=val_loss())
 
-    train_model = wrap_model(model, device, world, args.compile)
     optimizer = make_optimizer(model, "adamw", args.lr, args.weight_decay, device)
+    data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws different windows
+    first_step = run.track(model, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
+    train_model = wrap_model(model, device, run.world, args.compile)
     model.train()
-    train_loss, t_log = float("nan"), time.time()
-    for step in range(1, args.steps + 1):
-        starts = np.random.randint(0, len(train_tokens) - T, size=args.batch_size)
-        batch = torch.from_numpy(np.stack([train_tokens[s : s + T] for s in starts])).to(device)  # (B, T)
+    for step in range(first_step, args.steps + 1):
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        starts = torch.randint(0, len(train_tokens) - T, (args.batch_size,), generator=data_rng).tolist()
+        batch = torch.stack([train_tokens[s : s + T] for s in starts]).to(device)  # (B, T)
+        step_loss = 0.0
         for k, micro in enumerate(batch.chunk(args.grad_accum)):
+            # under DDP the gradients are all-reduced once, in the last micro-batch's backward
             with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
-                with ctx:
+                with run.ctx:
                     logits = train_model(micro)  # (b, T, V)
+                # equal-sized micro-batches: the mean of their means is the batch mean, so each adds 1/grad_accum
                 loss = next_token_nll(logits, micro) / args.grad_accum
                 loss.backward()
-        check_finite(loss, step)
+            step_loss += loss.item()
+        step_loss = all_reduce_mean(step_loss, device)
+        grad_norm = clip_gradients(model, args.grad_clip)  # the norm before clipping
+        run.check(step, step_loss, grad_norm)  # NaN/inf or an exploding loss stops here, before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = all_reduce_mean(loss.item() * args.grad_accum, device)
-        if rank == 0 and (step % args.log_every == 0 or step == args.steps):
-            n_steps = step % args.log_every or args.log_every
-            tok_s = n_steps * args.batch_size * world * T / (time.time() - t_log)
-            log.log(step=step, loss=train_loss, lr=args.lr, tokens_per_s=tok_s)
-            t_log = time.time()
-        if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
-            val_history.append(val_loss())
-            log.log(step=step, val_loss=val_history[-1])
+        if run.master and (step % args.eval_every == 0 or step == args.steps):
+            run.log(step=step, val_loss=val_loss())
+        run.end_step(step, batch.numel() * run.world, loss=step_loss, lr=lr, grad_norm=grad_norm)
 
-    if rank == 0:
-        top100_after = top100_share("after")
-        summary = {
-            "top100_share_before": top100_before, "top100_share_after": top100_after,
-            "train_loss_last": train_loss, "val_loss_first": val_history[0], "val_loss_best": min(val_history),
-            "val_loss_last": val_history[-1], "val_ppl_last": math.exp(val_history[-1]), "steps": args.steps,
-            "lr": args.lr, "model": model_name, "world_size": world, "args": vars(args),
-        }  # fmt: skip
-        save_json(out / "summary.json", summary)
-        plot_curves(out / "loss.svg", {"train": log.curve("loss"), "held-out": log.curve("val_loss")},
+    # ---- training is over: the weights and the summary so far are saved before anything that might fail
+    if not run.master:
+        return
+    val_losses = [v for _, v in run.curve("val_loss")]
+    train_losses = run.curve("loss")
+    run.summary.update(
+        train_loss_last=train_losses[-1][1] if train_losses else None, val_loss_first=val_losses[0],
+        val_loss_best=min(val_losses), val_loss_last=val_losses[-1], val_ppl_last=perplexity(val_losses[-1]),
+        steps=args.steps, lr=args.lr,
+    )  # fmt: skip
+    run.save_model(model)
+    with run.optional("sampling after training"):
+        run.summary["top100_share_after"] = top100_share("after")
+    with run.optional("the loss plot"):
+        plot_curves(run.out / "loss.svg", {"train": train_losses, "held-out": run.curve("val_loss")},
                     title="Gulliver fine-tuning: next-token NLL (nats)")  # fmt: skip
-        if not args.no_save:
-            model.save_pretrained(out)
-        log.close()
-        print(f"top100_share {top100_before:.3f} -> {top100_after:.3f}; held-out loss {val_history[0]:.3f} -> "
-              f"best {min(val_history):.3f} -> last {val_history[-1]:.3f}; outputs in {out}", flush=True)  # fmt: skip
-    cleanup_distributed()
+    s = run.summary
+    print(f"top100_share {s.get('top100_share_before', float('nan')):.3f} -> {s.get('top100_share_after', float('nan')):.3f}; "
+          f"held-out loss {s['val_loss_first']:.3f} -> best {s['val_loss_best']:.3f} -> last {s['val_loss_last']:.3f}; "
+          f"outputs in {run.out}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,17 +13,16 @@ fine-tuned weights (model.safetensors + config.json, loadable by transformers).
 """
 
 import argparse
-import time
 
-import numpy as np
 import torch
 
 from nanotune import generate, load_tokenizer
 from nanotune.data import read_book
+from nanotune.peft import apply_peft, describe_trainable
+from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
 from nanotune.utils import (
-    RunLog, add_common_args, all_reduce_mean, autocast, check_common_args, check_finite, cleanup_distributed,
-    default_dtype, die, load_model, make_optimizer, make_out_dir, no_sync_unless_last, pick_device, plot_curves,
-    save_json, seed_everything, setup_distributed, wrap_model,
+    NanotuneError, all_reduce_mean, clip_gradients, die, load_model, lr_at, make_optimizer, no_sync_unless_last,
+    plot_curves, wrap_model,
 )  # fmt: skip
 
 
@@ -69,12 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--gen-tokens", type=int, default=200, help="sampled tokens for the x_share metric")
     p.add_argument("--prompt", default="The", help="the fixed context the samples start from")
-    return p.parse_args(argv)
+    return parse_run_args(p, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # ---- check everything before any work
+    # ---- check every flag before any work
     check_common_args(args)
     if len(args.letter) != 1:
         die(f"--letter must be a single character, got {args.letter!r}")
@@ -84,96 +83,104 @@ def main(argv=None):
         die(f"--input takes 'random' or 'text FILE', got {' '.join(args.input)!r}")
     if args.gen_tokens < 1 or args.seq_len < 1:
         die("--gen-tokens and --seq-len must be >= 1")
+    with Run(args, "xkl") as run:  # device, processes, --out, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+        train(args, run)
 
-    rank, world, device = setup_distributed(pick_device(args.device))
-    seed_everything(args.seed + rank)  # each rank draws different data
-    dtype = args.dtype or default_dtype(device)
-    ctx = autocast(device, dtype)
+
+def train(args, run):
+    device = run.device
     enc = load_tokenizer()
-
     is_letter = letter_tokens(enc, args.letter, args.case_sensitive)
     if not is_letter.any():
-        die(f"no token of the vocabulary contains {args.letter!r}; pick another --letter")
+        raise NanotuneError(f"no token of the vocabulary contains {args.letter!r}; pick another --letter")
     target_probs = target_distribution(is_letter, args.target, args.alpha).to(device)  # (V,)
 
     text_tokens = None
     if args.input[0] == "text":
-        text_tokens = np.array(enc.encode_ordinary(read_book(args.input[1])), dtype=np.int64)
+        text_tokens = torch.tensor(enc.encode_ordinary(read_book(args.input[1])))
         if len(text_tokens) <= args.seq_len:
-            die(f"{args.input[1]} has {len(text_tokens)} tokens, fewer than one window of --seq-len {args.seq_len}")
+            raise NanotuneError(f"{args.input[1]} has {len(text_tokens)} tokens, fewer than one window of "
+                                f"--seq-len {args.seq_len}")  # fmt: skip
 
-    model, model_name = load_model(args.model, device, quiet=rank != 0)
-    if args.seq_len > model.config.n_positions:
-        die(f"--seq-len {args.seq_len} exceeds the model's context of {model.config.n_positions}")
-    out = make_out_dir(args.out, "xkl") if rank == 0 else None
-    log = RunLog(out) if rank == 0 else None
-    if rank == 0:
-        print(f"model {model_name}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype}); "
-              f"{int(is_letter.sum())} of {enc.n_vocab} tokens contain {args.letter!r}; "
-              f"effective batch {args.batch_size * world} sequences", flush=True)  # fmt: skip
-
+    model, model_name = load_model(args.model, device, quiet=not run.master)
+    apply_peft(model, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
+    context = model.config.n_positions - model.n_virtual  # prompt-tuning embeddings take context too
+    if args.seq_len > context:
+        raise NanotuneError(f"--seq-len {args.seq_len} exceeds the model's context of {context}")
     prompt = torch.tensor(enc.encode_ordinary(args.prompt) or [enc.eot_token], device=device)
+    if len(prompt) + args.gen_tokens > context:
+        raise NanotuneError(f"--prompt ({len(prompt)} tokens) + --gen-tokens {args.gen_tokens} exceed the model's "
+                            f"context of {context}")  # fmt: skip
+    run.summary.update(model=model_name, letter_tokens=int(is_letter.sum()), world_size=run.world)
+    if run.master:
+        print(f"model {model_name} ({args.peft}: {describe_trainable(model)}) on {device} ({run.dtype}); "
+              f"{int(is_letter.sum())} of {enc.n_vocab} tokens contain {args.letter!r}; "
+              f"effective batch {args.batch_size * run.world} sequences", flush=True)  # fmt: skip
 
     def x_share(tag):
         """Share of --gen-tokens sampled tokens that contain the letter (the same seed before and after)."""
         model.eval()
         sample = generate(model, prompt, args.gen_tokens, banned_tokens=[enc.eot_token],
                           generator=torch.Generator(device).manual_seed(args.seed))  # fmt: skip
-        new = sample[len(prompt) :]
-        share = is_letter.to(device)[new].float().mean().item()
-        text = enc.decode(sample.tolist())
-        (out / f"samples_{tag}.txt").write_text(text + "\n")
-        print(f"--- sample {tag} training (x_share {share:.3f}) ---\n{text}\n---", flush=True)
         model.train()
+        share = is_letter.to(device)[sample[len(prompt) :]].float().mean().item()
+        text = enc.decode(sample.tolist())
+        run.write_text(f"samples_{tag}.txt", text + "\n")
+        print(f"--- sample {tag} training (x_share {share:.3f}) ---\n{text}\n---", flush=True)
         return share
 
-    x_share_before = x_share("before") if rank == 0 else None
+    data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws different data
 
     def get_batch():  # (B, T) token ids
         B, T = args.batch_size, args.seq_len
         if text_tokens is None:
-            return torch.randint(0, enc.eot_token, (B, T)).to(device)  # fresh random tokens each step
-        starts = np.random.randint(0, len(text_tokens) - T, size=B)
-        return torch.from_numpy(np.stack([text_tokens[s : s + T] for s in starts])).to(device)
+            return torch.randint(0, enc.eot_token, (B, T), generator=data_rng).to(device)  # fresh random tokens
+        starts = torch.randint(0, len(text_tokens) - T, (B,), generator=data_rng).tolist()
+        return torch.stack([text_tokens[s : s + T] for s in starts]).to(device)
 
-    train_model = wrap_model(model, device, world, args.compile)
+    if run.master and not run.resumed:
+        run.summary["x_share_before"] = x_share("before")
     optimizer = make_optimizer(model, args.optimizer, args.lr, device=device)
+    first_step = run.track(model, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
+    train_model = wrap_model(model, device, run.world, args.compile)
     model.train()
-    losses, t_log = [], time.time()
-    for step in range(1, args.steps + 1):
+    for step in range(first_step, args.steps + 1):
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         idx = get_batch()
+        step_loss = 0.0
         for k, micro in enumerate(idx.chunk(args.grad_accum)):
+            # under DDP the gradients are all-reduced once, in the last micro-batch's backward
             with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
-                with ctx:
+                with run.ctx:
                     logits = train_model(micro)  # (b, T, V)
                 logits = logits[:, -1, :] if args.positions == "last" else logits.flatten(0, 1)  # (N, V)
+                # equal-sized micro-batches: the mean of their means is the batch mean, so each adds 1/grad_accum
                 loss = xkl_loss(logits, target_probs) / args.grad_accum
                 loss.backward()
-        check_finite(loss, step)
+            step_loss += loss.item()
+        step_loss = all_reduce_mean(step_loss, device)
+        grad_norm = clip_gradients(model, args.grad_clip)  # the norm before clipping
+        run.check(step, step_loss, grad_norm)  # NaN/inf or an exploding loss stops here, before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(all_reduce_mean(loss.item() * args.grad_accum, device))
-        if rank == 0 and (step % args.log_every == 0 or step in (1, args.steps)):
-            n_steps = step % args.log_every or args.log_every
-            tok_s = n_steps * args.batch_size * world * args.seq_len / (time.time() - t_log)
-            log.log(step=step, loss=losses[-1], lr=args.lr, tokens_per_s=tok_s)
-            t_log = time.time()
+        run.end_step(step, idx.numel() * run.world, loss=step_loss, lr=lr, grad_norm=grad_norm)
 
-    if rank == 0:
-        x_share_after = x_share("after")
-        summary = {
-            "x_share_before": x_share_before, "x_share_after": x_share_after,
-            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-            "steps": args.steps, "lr": args.lr, "model": model_name, "letter_tokens": int(is_letter.sum()),
-            "world_size": world, "args": vars(args),
-        }  # fmt: skip
-        save_json(out / "summary.json", summary)
-        plot_curves(out / "loss.svg", {"KL(P||Q)": log.curve("loss")}, "X-KL loss")
-        if not args.no_save:
-            model.save_pretrained(out)
-        log.close()
-        print(f"x_share {x_share_before:.3f} -> {x_share_after:.3f}; outputs in {out}", flush=True)
-    cleanup_distributed()
+    # ---- training is over: the weights and the summary so far are saved before anything that might fail
+    if not run.master:
+        return
+    losses = run.curve("loss")
+    run.summary.update(steps=args.steps, lr=args.lr, loss_first=run.summary.get("loss_first"),
+                       loss_last=losses[-1][1] if losses else None)  # fmt: skip
+    run.save_model(model)
+    with run.optional("sampling after training"):
+        run.summary["x_share_after"] = x_share("after")
+    with run.optional("the loss plot"):
+        plot_curves(run.out / "loss.svg", {"KL(P||Q)": losses}, "X-KL loss")
+    before, after = run.summary.get("x_share_before"), run.summary.get("x_share_after")
+    print(f"x_share {before if before is None else f'{before:.3f}'} -> {after if after is None else f'{after:.3f}'}; "
+          f"outputs in {run.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the same weights, in one run on one machine.
 
     python -m nanotune.bench                                   # gpt2 shape, batch 4 x 256, fp32, CPU
     python -m nanotune.bench --preset gpt2-medium --device cuda --dtype bfloat16 --compile
+    python -m nanotune.bench --preset gpt2-medium --peft --skip generate  # full fine-tuning vs LoRA vs adapters
 
 Rows: training step (forward + backward + AdamW step) tokens/s and peak memory; KV-cache generation new
 tokens/s at batch 1 and 8 (200 greedy tokens); on CUDA, model FLOPs utilisation against the bf16 peak.
@@ -10,7 +11,8 @@ Each measurement runs in a fresh child process (so peak RSS belongs to one model
 times --repeats runs. The two sides alternate for --rounds rounds (transformers, nanotune, transformers, ...),
 so a slow spell of a shared machine hits both, and the table reports the median of all timed runs.
 Both sides use the same loss code and the same optimizer, so the model code is what differs. Before timing
-anything it checks that both models give the same logits.
+anything it checks that both models give the same logits. --peft adds a second table: nanotune's training step
+with full fine-tuning, LoRA (r 8 on c_attn) and bottleneck adapters (size 64), same weights, same batch.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from nanotune.model import PRESETS, GPT
+from nanotune.peft import apply_peft
 from nanotune.utils import autocast
 
 # dense bf16 peak (TFLOP/s) by device name, for MFU
@@ -48,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--gen-tokens", type=int, default=200)
     p.add_argument("--gen-batches", default="1,8", help="comma-separated batch sizes for generation")
     p.add_argument("--compile", action="store_true", help="also time nanotune with torch.compile")
+    p.add_argument("--peft", action="store_true", help="also time full fine-tuning vs LoRA vs adapters (nanotune)")
     p.add_argument("--skip", default="", help="comma-separated rows to skip: train, generate")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args(argv)
@@ -96,13 +100,23 @@ def run_times(fn, device, warmup, repeats):
     return times
 
 
-def train_row(side, directory, args, compiled, queue):
-    """Child process: time forward + backward + AdamW step; report tokens/s and peak memory."""
+PEFT_SETTINGS = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="c_attn", adapter_size=64,
+                     prompt_tokens=20, seed=0)  # the recipes' defaults
+
+
+def train_row(side, directory, args, variant, queue):
+    """Child process: time forward + backward + AdamW step; report tokens/s and peak memory.
+    variant: False (eager), True (torch.compile), or a PEFT method for nanotune ("none", "lora", "adapter")."""
     device = torch.device(args.device)
     model = load(side, directory, device).train()
+    if isinstance(variant, str):
+        apply_peft(model, argparse.Namespace(peft=variant, **PEFT_SETTINGS), "bench")
+    compiled = variant is True
     step_model = torch.compile(model) if compiled else model
-    # the same loss and optimizer (fused where PyTorch has it) for both sides: the model code is what differs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+    # the same loss and optimizer (fused where PyTorch has it) for both sides: the model code is what differs;
+    # with PEFT the optimizer holds only the trainable tensors, as in the recipes
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type in ("cuda", "cpu"))
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 50257, (args.batch_size, args.seq_len), generator=g).to(device)
     # next-token targets, the last position ignored (as transformers' own labels= loss does it)
@@ -158,8 +172,10 @@ def in_child(target, *args):
 def alternate(target, sides, directory, args):
     """Run each side's child process --rounds times, alternating sides; pool the timed runs per side.
     A side is (model, extra argument of target): (name, compiled) for training, (name, batch) for generation."""
-    pooled = {side: {"name": side[0] + (" compiled" if side[1] is True else ""), "times": [], "peak_mib": 0.0}
-              for side in sides}  # fmt: skip
+    def name(side):
+        return side[0] + (" compiled" if side[1] is True else f" {side[1]}" if isinstance(side[1], str) else "")
+
+    pooled = {side: {"name": name(side), "times": [], "peak_mib": 0.0} for side in sides}
     for r in range(args.rounds):
         for side in sides:
             result = in_child(target, side[0], directory, args, side[1])
@@ -237,15 +253,35 @@ def main(argv=None):
                 rows.append((label, "new tokens/s", new_tokens / gen[sides[1]]["median_s"],
                              new_tokens / gen[sides[0]]["median_s"]))  # fmt: skip
 
-    print(f"\n| {'measurement':<48} | {'unit':<12} | {'nanotune':>10} | {'transformers':>12} | ratio |")
-    print(f"|{'-' * 50}|{'-' * 14}|{'-' * 12}|{'-' * 14}|-------|")
+        peft_rows = []
+        if args.peft:
+            sides = [("nanotune", "none"), ("nanotune", "lora"), ("nanotune", "adapter")]
+            runs = alternate(train_row, sides, directory, args)
+            full = runs[sides[0]]
+            timings["peft train step"] = {result["name"]: result["times"] for result in runs.values()}
+            for side, title in zip(sides, ("full fine-tuning", "LoRA r 8, c_attn", "adapters, size 64")):
+                run = runs[side]
+                peft_rows.append((title, tokens / run["median_s"], run["peak_mib"],
+                                  full["median_s"] / run["median_s"], run["peak_mib"] / full["peak_mib"]))  # fmt: skip
+
+    if rows:
+        print(f"\n| {'measurement':<48} | {'unit':<12} | {'nanotune':>10} | {'transformers':>12} | ratio |")
+        print(f"|{'-' * 50}|{'-' * 14}|{'-' * 12}|{'-' * 14}|-------|")
     for label, unit, a, b in rows:
         print(f"| {label:<48} | {unit:<12} | {a:>10.4g} | {b:>12.4g} | {a / b:5.2f} |")
+    if peft_rows:
+        print(f"\nnanotune training step, batch {args.batch_size} x {args.seq_len}, {args.preset} shape, {args.dtype}:")
+        print(f"| {'method':<18} | tokens/s | peak MiB | throughput vs full | peak memory vs full |")
+        print(f"|{'-' * 20}|----------|----------|--------------------|---------------------|")
+        for title, tok_s, peak, speed, memory in peft_rows:
+            print(f"| {title:<18} | {tok_s:>8.1f} | {peak:>8.0f} | {speed:>17.2f}x | {memory:>18.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "parity_max_diff": diff, "rows": [
             {"measurement": r[0], "unit": r[1], "nanotune": r[2], "transformers": r[3], "ratio": r[2] / r[3]}
-            for r in rows], "timings_s": timings}, indent=2))  # fmt: skip
-    return rows
+            for r in rows], "peft": [dict(zip(("method", "tokens_per_s", "peak_mib", "speed_vs_full",
+                                                "memory_vs_full"), r)) for r in peft_rows],
+            "timings_s": timings}, indent=2))  # fmt: skip
+    return rows + peft_rows
 
 
 if __name__ == "__main__":

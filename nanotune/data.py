@@ -1,4 +1,7 @@
-"""Reading the text and JSON data the recipes train on, with clear errors and public defaults."""
+"""Reading the text and JSON data the recipes train on, with clear errors and public defaults.
+
+Library code: every problem is a NanotuneError naming the file (and the line or record); the scripts turn it
+into one `error:` line."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import json
 import urllib.request
 from pathlib import Path
 
-from .utils import ROOT, die
+from .utils import ROOT, NanotuneError, atomic_write
 
 DATA_DIR = ROOT / "data"
 GULLIVER_URL = "https://www.gutenberg.org/cache/epub/829/pg829.txt"
@@ -20,19 +23,34 @@ PREFERENCES_URL = (
 
 
 def default_file(name: str, url: str) -> Path:
-    """data/<name>, downloaded once from url when missing."""
+    """data/<name>, downloaded once from url when missing (written atomically: never half a file)."""
     path = DATA_DIR / name
     if path.is_file() and path.stat().st_size > 0:
         return path
     print(f"downloading {url} -> {path}", flush=True)
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
             data = r.read()
     except OSError as e:
-        die(f"could not download the default data file ({e}); pass --data PATH to a local copy")
-    path.write_bytes(data)
+        raise NanotuneError(f"could not download the default data file {url} ({e}); pass --data PATH to a local copy")
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
     return path
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file with its line endings made "\\n" (as open() reads text), or a NanotuneError that says where
+    the first byte that is not UTF-8 is."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanotuneError(f"data file {path} does not exist")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise NanotuneError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
+                            "convert it, e.g. iconv -f latin1 -t utf-8") from None  # fmt: skip
 
 
 def strip_gutenberg(text: str) -> str:
@@ -48,30 +66,37 @@ def strip_gutenberg(text: str) -> str:
 
 
 def read_book(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        die(f"data file {path} does not exist")
-    text = strip_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
+    text = strip_gutenberg(read_text(path))
     if not text.strip():
-        die(f"data file {path} is empty (after removing the Project Gutenberg header and footer)")
+        raise NanotuneError(f"data file {path} is empty (after removing the Project Gutenberg header and footer)")
     return text
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """A JSON list of objects, or JSON lines."""
-    path = Path(path)
-    if not path.is_file():
-        die(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8").strip()
+def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
+    """A JSON list of objects, or JSON lines (errors give the file's own line number); the first `limit`."""
+    text = read_text(path).strip()
     if not text:
-        die(f"data file {path} is empty")
-    try:
-        records = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        die(f"{path} is neither a JSON list nor JSON lines: {e}")
+        raise NanotuneError(f"data file {path} is empty")
+    if text.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise NanotuneError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise NanotuneError(f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}); "
+                                        "expected a JSON list or one JSON object per line") from None  # fmt: skip
+    if not isinstance(records, list):
+        raise NanotuneError(f"{path}: expected a JSON list of objects, got a {type(records).__name__}")
+    records = records[:limit]
     if not records:
-        die(f"data file {path} holds no examples")
+        raise NanotuneError(f"data file {path} holds no examples")
     for i, r in enumerate(records):
         if not isinstance(r, dict):
-            die(f"{path}: example {i} is a {type(r).__name__}, expected an object")
+            raise NanotuneError(f"{path}: record {i} is a {type(r).__name__}, expected an object")
     return records

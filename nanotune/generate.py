@@ -56,13 +56,14 @@ def generate(
 
     B, T = idx.shape
     total = T + max_new_tokens
-    if total > model.config.n_positions:
+    if total + model.n_virtual > model.config.n_positions:
+        virtual = f" + {model.n_virtual} prompt-tuning embeddings" if model.n_virtual else ""
         raise ValueError(
-            f"generate: prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the context "
-            f"of {model.config.n_positions} tokens"
+            f"generate: prompt ({T}) + max_new_tokens ({max_new_tokens}){virtual} = {total + model.n_virtual} "
+            f"exceeds the context of {model.config.n_positions} tokens"
         )
     banned = torch.tensor(sorted(set(int(t) for t in banned_tokens)), dtype=torch.long, device=device)
-    cache = KVCache(model, B, total, copy_head=max_new_tokens >= 32)  # the copy pays off over ~25 tokens
+    cache = KVCache(model, B, total + model.n_virtual, copy_head=max_new_tokens >= 32)  # the copy pays off over ~25 tokens
     out = torch.empty(B, total, dtype=torch.long, device=device)
     out[:, :T] = idx
     done = torch.zeros(B, dtype=torch.bool, device=device)

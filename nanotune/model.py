@@ -7,80 +7,14 @@ mapping in weights.py is the identity: no renames, no transposes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class GPTConfig:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    n_positions: int = 1024  # context length
-    vocab_size: int = 50257
-    layer_norm_epsilon: float = 1e-5
-
-    def __post_init__(self):
-        for name in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-
-    @classmethod
-    def from_preset(cls, name: str) -> "GPTConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
-
-    def to_hf_dict(self) -> dict:
-        """config.json as transformers writes it for GPT2LMHeadModel."""
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "activation_function": "gelu_new",
-            "n_layer": self.n_layer,
-            "n_head": self.n_head,
-            "n_embd": self.n_embd,
-            "n_positions": self.n_positions,
-            "n_ctx": self.n_positions,
-            "vocab_size": self.vocab_size,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "bos_token_id": 50256,
-            "eos_token_id": 50256,
-            "tie_word_embeddings": True,
-            "initializer_range": 0.02,
-            "attn_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "resid_pdrop": 0.0,
-            "scale_attn_weights": True,
-        }
-
-    @classmethod
-    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "GPTConfig":
-        if d.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{source}: model_type is {d.get('model_type')!r}, expected 'gpt2'")
-        act = d.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU")
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-            if d.get(flag):
-                raise ValueError(f"{source}: {flag}=true is not supported by nanotune")
-        kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        return cls(**kwargs)
-
-
-PRESETS = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
-}
+from .config import PRESETS, GPTConfig  # noqa: F401  (re-exported)
+from .weights import load_checkpoint, resolve_checkpoint, save_checkpoint
 
 
 class KVCache:
@@ -160,10 +94,14 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
+        # bottleneck adapters (nanotune/peft.py) go here, between each sublayer and its residual add; plain GPT-2
+        # has none, and nn.Identity holds no weights, so the checkpoint layout is unchanged
+        self.adapter_attn = nn.Identity()
+        self.adapter_mlp = nn.Identity()
 
     def forward(self, x, attn_mask=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
-        x = x + self.mlp(self.ln_2(x))
+        x = x + self.adapter_attn(self.attn(self.ln_1(x), attn_mask, cache, layer))
+        x = x + self.adapter_mlp(self.mlp(self.ln_2(x)))
         return x
 
 
@@ -176,6 +114,8 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         # No separate lm_head: the output projection is wte.weight (tied), see forward().
+        # Prompt tuning (nanotune/peft.py) sets this to learnable embeddings (n_virtual, C) read before every input
+        self.register_parameter("prompt", None)
         self._init_weights()
 
     @torch.no_grad()
@@ -196,6 +136,11 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def n_virtual(self) -> int:
+        """Learned prompt-tuning embeddings that precede every input (0 for plain GPT-2)."""
+        return 0 if self.prompt is None else self.prompt.shape[0]
+
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx (B, T) token ids -> logits (B, T, vocab_size).
 
@@ -203,22 +148,39 @@ class GPT(nn.Module):
         padding is never attended to and positions count real tokens only (so left padding works).
         cache: a KVCache; the new tokens follow the cache.length tokens already in it, and only the last
         position's logits are returned, (B, 1, vocab_size).
+        With prompt tuning the n_virtual learned embeddings enter before the first chunk: they take positions
+        and context, the caller's idx and attention_mask cover real tokens only, and no logits are returned
+        for the virtual positions.
         """
         if idx.dim() != 2:
             raise ValueError(f"GPT.forward: idx must have shape (B, T), got {tuple(idx.shape)}")
         B, T = idx.shape
         past = cache.length if cache is not None else 0
-        if past + T > self.config.n_positions:
+        prefix = self.n_virtual if past == 0 else 0  # virtual tokens this call adds in front
+        if past + prefix + T > self.config.n_positions:
+            virtual = f" ({self.n_virtual} of them prompt-tuning embeddings)" if self.n_virtual else ""
             raise ValueError(
-                f"GPT.forward: sequence of {past + T} tokens is longer than the context of "
+                f"GPT.forward: sequence of {past + prefix + T} tokens{virtual} is longer than the context of "
                 f"{self.config.n_positions} (n_positions); truncate or split the input"
             )
-        if cache is not None and past + T > cache.max_len:
-            raise ValueError(f"GPT.forward: KV cache holds {cache.max_len} positions, {past + T} needed")
+        if cache is not None and past + prefix + T > cache.max_len:
+            raise ValueError(f"GPT.forward: KV cache holds {cache.max_len} positions, {past + prefix + T} needed")
         # (skipped inside torch.compile: reading the values back would break the graph)
         if not torch.compiler.is_compiling() and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
             bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
             raise ValueError(f"GPT.forward: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+        x = self.wte(idx)  # (B, T, C)
+        if self.n_virtual:
+            if prefix:
+                x = torch.cat([self.prompt.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, n_virtual + T, C)
+            if attention_mask is not None:  # the caller's mask covers real tokens; the virtual ones are always seen
+                if attention_mask.shape != (B, past - (past and self.n_virtual) + T):
+                    raise ValueError(f"GPT.forward: attention_mask must have shape "
+                                     f"{(B, past - (past and self.n_virtual) + T)} (real tokens), got "
+                                     f"{tuple(attention_mask.shape)}")  # fmt: skip
+                attention_mask = torch.cat([attention_mask.new_ones(B, self.n_virtual), attention_mask], dim=1)
+        T = T + prefix
 
         attn_mask = None
         if attention_mask is not None:
@@ -242,7 +204,7 @@ class GPT(nn.Module):
                 q_idx = torch.arange(past, past + T, device=idx.device)
                 attn_mask = (torch.arange(past + T, device=idx.device)[None, :] <= q_idx[:, None])[None, None]
 
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        x = x + self.wpe(pos)  # (B, T, C)
         for i, block in enumerate(self.h):
             x = block(x, attn_mask, cache, i)
         x = self.ln_f(x)
@@ -250,7 +212,7 @@ class GPT(nn.Module):
             # generation needs only the next token's logits: (B, 1, vocab_size)
             cache.length += T
             return x[:, -1:] @ cache.head
-        return F.linear(x, self.wte.weight)  # tied head: (B, T, vocab_size)
+        return F.linear(x[:, prefix:], self.wte.weight)  # tied head, real tokens only: (B, T, vocab_size)
 
     # ---- weights in the official Hugging Face layout (see weights.py) ----
 
@@ -258,8 +220,10 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> "GPT":
         """A preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a directory holding model.safetensors
         (+ config.json), or a .safetensors file."""
-        from .weights import load_checkpoint, resolve_checkpoint
+        from .peft import is_adapter_folder, load_adapter_folder
 
+        if is_adapter_folder(name_or_path):  # adapters or prompt tuning saved without a full model: base + them
+            return load_adapter_folder(Path(name_or_path), dtype=dtype, device=device)
         path, config_path = resolve_checkpoint(name_or_path)
         config, state_dict = load_checkpoint(path, config_path)
         with torch.device("meta"):
@@ -270,6 +234,4 @@ class GPT(nn.Module):
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write model.safetensors + config.json that transformers.GPT2LMHeadModel.from_pretrained loads."""
-        from .weights import save_checkpoint
-
         return save_checkpoint(self, Path(directory), dtype=dtype)

@@ -9,6 +9,7 @@ scripts: flags, progress lines, metrics.jsonl, summary.json; warmup + cosine lea
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from nanotune import GPT, GPTConfig, generate, load_tokenizer
 from nanotune.data import read_book
 from nanotune.utils import (
-    RunLog, autocast, check_finite, die, lr_at, make_optimizer, pick_device, plot_curves, save_json, seed_everything,
+    NanotuneError, autocast, die, lr_at, make_optimizer, pick_device, plot_curves, save_json, seed_everything,
 )  # fmt: skip
 
 
@@ -58,7 +59,7 @@ def load_corpus(folder: Path, val_fraction: float, enc):
     """-> (train tokens, val tokens): each book split at (1 - val_fraction), books joined by <|endoftext|>."""
     files = sorted(folder.glob("*.txt"))
     if not files:
-        die(f"no .txt files in {folder}")
+        raise NanotuneError(f"no .txt files in {folder}")
     train, val = [], []
     for f in files:
         ids = enc.encode_ordinary(read_book(f)) + [enc.eot_token]
@@ -112,6 +113,13 @@ def evaluate(model, tokens, args, device, ctx, n_batches):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return pretrain(args)
+    except NanotuneError as e:
+        die(str(e))
+
+
+def pretrain(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -139,20 +147,30 @@ def main(argv=None):
 
     if args.compile:
         compute_loss = torch.compile(compute_loss)
-    log = RunLog(out)
+    history, log_file, start = [], open(out / "metrics.jsonl", "w"), time.time()
+
+    def log(**metrics):
+        metrics["elapsed_s"] = round(time.time() - start, 2)
+        history.append(metrics)
+        log_file.write(json.dumps(metrics) + "\n")
+        log_file.flush()
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
+
+    curve = lambda key: [(m["step"], m[key]) for m in history if key in m]  # noqa: E731
     rng = np.random.default_rng(args.seed)
     tokens_per_step = args.batch_size * args.context
 
     max_steps, step, t0, tok_t0 = args.steps, 0, time.time(), time.time()
     val_loss = evaluate(model, val, args, device, ctx, args.eval_batches)
-    log.log(step=0, val_loss=val_loss)
+    log(step=0, val_loss=val_loss)
     while step < max_steps:
-        lr = lr_at(step, max_steps, args.lr, args.warmup)
+        lr = lr_at(step + 1, max_steps, args.lr, args.warmup, "cosine")
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = batch(train, args.batch_size, args.context, rng)
         loss = compute_loss(x.to(device), y.to(device))
-        check_finite(loss, step)
+        if not torch.isfinite(loss):
+            raise NanotuneError(f"the loss is {loss.item()} at step {step}: training diverged (try a lower --lr)")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
@@ -168,10 +186,10 @@ def main(argv=None):
         if step % args.log_every == 0:
             tok_s = tokens_per_step * args.log_every / (time.time() - tok_t0)
             tok_t0 = time.time()
-            log.log(step=step, loss=loss.item(), lr=lr, tokens_per_s=tok_s)
+            log(step=step, loss=loss.item(), lr=lr, tokens_per_s=tok_s)
         if step % args.eval_every == 0 or step == max_steps:
             val_loss = evaluate(model, val, args, device, ctx, args.eval_batches)
-            log.log(step=step, val_loss=val_loss)
+            log(step=step, val_loss=val_loss)
 
     final_val = evaluate(model, val, args, device, ctx, 4 * args.eval_batches)
     model.save_pretrained(out, dtype=getattr(torch, args.save_dtype))
@@ -187,8 +205,8 @@ def main(argv=None):
         "unigram_baseline": baseline, "args": vars(args),
     }  # fmt: skip
     save_json(out / "summary.json", summary)
-    plot_curves(out / "loss.svg", {"train": log.curve("loss"), "val": log.curve("val_loss")}, "pretraining loss (nats)")
-    log.close()
+    plot_curves(out / "loss.svg", {"train": curve("loss"), "val": curve("val_loss")}, "pretraining loss (nats)")
+    log_file.close()
     print(f"done: val loss {final_val:.3f} (ppl {math.exp(final_val):.1f}) vs unigram {baseline:.3f}; "
           f"{summary['tokens_seen']:,} tokens in {summary['minutes']} min\nsample: {sample_text}", flush=True)  # fmt: skip
     return summary

@@ -1,5 +1,6 @@
-"""Small helpers every script shares: device and precision, seeding, run folders, metric logs, plots,
-model resolution, and (optionally) torch.distributed. Nothing here hides the training loop."""
+"""Small helpers every script shares: errors, device and precision, seeding, atomic files, plots, the
+learning-rate schedule, gradient clipping, model resolution, and (optionally) torch.distributed. Nothing here
+hides the training loop; the run's lifecycle (folder, log, checkpoints) is in run.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import math
 import os
 import random
 import sys
-import time
-from datetime import datetime
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class NanotuneError(Exception):
+    """Bad input or a run that cannot go on, with a message that says what and where. Library code raises it;
+    the scripts turn it into one `error:` line and exit code 2 (see run.Run and die)."""
+
+
 def die(message: str):
-    """Stop before any training with a message that says what is wrong."""
-    print(f"error: {message}", file=sys.stderr)
+    """Scripts only: print `error: message` and exit with code 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 
@@ -29,16 +34,23 @@ def die(message: str):
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {name} asked for, but no CUDA device is available")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise NanotuneError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NanotuneError(f"--device {name} asked for, but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise NanotuneError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps" and not mps:
+        raise NanotuneError("--device mps asked for, but MPS is not available")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise NanotuneError(f"--device {name}: nanotune runs on cpu, cuda or mps")
+    return device
 
 
 def autocast(device: torch.device, dtype: str):
@@ -89,52 +101,52 @@ def all_reduce_mean(value: float, device) -> float:
     return t.item() / torch.distributed.get_world_size()
 
 
-# ---------------------------------------------------------------- run folder and logs
+# ---------------------------------------------------------------- files: written whole or not at all
 
 
-def make_out_dir(out: str | None, script: str) -> Path:
-    path = Path(out) if out else ROOT / "out" / f"{script}-{datetime.now():%Y%m%d-%H%M%S}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def temp_path(path: Path) -> Path:
+    """A unique temporary name in the same folder (so that os.replace onto path is an atomic rename)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def check_finite(loss: torch.Tensor, step: int, what: str = "loss"):
-    if not torch.isfinite(loss).all():
-        raise FloatingPointError(
-            f"{what} is {loss.item()} at step {step}: training diverged (try a lower --lr, or --dtype float32)"
-        )
+def fsync_file(path: Path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
-class RunLog:
-    """metrics.jsonl (one JSON object per logged step) plus a progress line on stdout."""
+def atomic_write(path: Path, data: str | bytes):
+    """Write to a temporary file beside path, flush it to disk, rename it over path: a reader (or a crash)
+    sees the old file or the new one, never half of one, and no temporary is left behind."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
-    def __init__(self, out_dir: Path):
-        self.start = time.time()
-        self.file = open(out_dir / "metrics.jsonl", "w")
-        self.history: list[dict] = []
 
-    def log(self, **metrics):
-        metrics["elapsed_s"] = round(time.time() - self.start, 2)
-        self.history.append(metrics)
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
-        parts = []
-        for k, v in metrics.items():
-            if isinstance(v, float):
-                v = f"{v:.3e}" if k == "lr" else (f"{v:.0f}" if k == "tokens_per_s" else f"{v:.4f}")
-            parts.append(f"{k} {v}")
-        print(" | ".join(parts), flush=True)
+def _json_safe(value):
+    """JSON has no NaN or infinity: write them as null rather than as invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
-    def curve(self, key: str) -> list[tuple[float, float]]:
-        """[(step, value)] of every logged entry that has key, for plot_curves."""
-        return [(m["step"], m[key]) for m in self.history if key in m]
 
-    def close(self):
-        self.file.close()
+def perplexity(loss: float) -> float:
+    """exp(loss), infinite instead of an OverflowError for a diverged loss."""
+    return math.exp(loss) if loss < 700 else float("inf")
 
 
 def save_json(path: Path, data: dict):
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    atomic_write(path, json.dumps(_json_safe(data), indent=2, default=str) + "\n")
 
 
 def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], title: str = "loss"):
@@ -167,15 +179,26 @@ def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], title:
         svg.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
         svg.append(f'<text x="{W - pad - 5}" y="{pad + 15 * (i + 1)}" fill="{color}" text-anchor="end">{name}</text>')
     svg.append("</svg>")
-    path.write_text("\n".join(svg) + "\n")
+    atomic_write(path, "\n".join(svg) + "\n")
 
 
-def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
+def lr_at(step: int, max_steps: int, lr: float, warmup: int = 0, schedule: str = "constant",
+          min_lr_ratio: float = 0.1) -> float:  # fmt: skip
+    """The learning rate of optimizer step `step` (1-based): linear warmup over `warmup` steps, then constant or
+    a cosine decay to min_lr_ratio * lr at max_steps (as nanoGPT and llm.c do)."""
+    if step <= warmup:
+        return lr * step / warmup
+    if schedule == "constant":
+        return lr
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Scale the gradients down so that their global L2 norm is at most max_norm (0: leave them) and return
+    the norm before clipping, the number worth watching: spikes come before divergence."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")).item()
 
 
 def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float = 0.0, device=None):
@@ -197,48 +220,16 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: f
 # ---------------------------------------------------------------- models
 
 
-def add_common_args(parser, lr: float, steps: int, batch_size: int):
-    """The flags every train_*.py shares (see the README's conventions)."""
-    parser.add_argument("--model", default="auto",
-                        help="auto (gpt2 if available, else the bundled weights/nano), a preset "
-                             "(gpt2, gpt2-medium, gpt2-large, gpt2-xl), a directory or a .safetensors file")  # fmt: skip
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="compute precision; default float32 on CPU, bf16 autocast on CUDA")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=1337, help="random seed for data order, init and sampling")
-    parser.add_argument("--out", default=None, help="output folder (default out/<script>-<timestamp>)")
-    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
-    parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
-                        help=f"sequences per optimizer step per process (default {batch_size})")  # fmt: skip
-    parser.add_argument("--grad-accum", type=int, default=1,
-                        help="split each batch into this many micro-batches (same maths, less memory)")  # fmt: skip
-    parser.add_argument("--log-every", type=int, default=10, help="print and record metrics every N steps")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU)")
-    parser.add_argument("--no-save", action="store_true", help="do not write the fine-tuned weights")
-
-
-def check_common_args(args):
-    if args.lr <= 0:
-        die(f"--lr must be > 0, got {args.lr}")
-    if args.steps < 0:
-        die(f"--steps must be >= 0, got {args.steps}")
-    if args.batch_size < 1 or args.grad_accum < 1 or args.batch_size % args.grad_accum:
-        die(f"--batch-size ({args.batch_size}) must be a positive multiple of --grad-accum ({args.grad_accum})")
-    if args.log_every < 1:
-        die(f"--log-every must be >= 1, got {args.log_every}")
-
-
-def load_model(name: str, device: torch.device, quiet: bool = False):
+def load_model(name: str, device: torch.device, flag: str = "--model", quiet: bool = False):
     """GPT.from_pretrained with the 'auto' rule: official gpt2 if it is here or can be downloaded, else the
-    bundled nano model, with one line saying so. An explicit name never falls back."""
+    bundled nano model, with one line saying so. An explicit name never falls back. -> (model, name)."""
     from .model import GPT
     from .weights import WeightsNotFoundError, find_or_download_preset
 
     source = name
     if name == "auto":
         try:
-            source = str(find_or_download_preset("gpt2")[0])  # load the file found, without a second search
+            source = str(find_or_download_preset("gpt2", quick=True)[0])  # load the file found, no second search
             name = "gpt2"
         except WeightsNotFoundError:
             name = source = str(ROOT / "weights" / "nano")
@@ -248,8 +239,8 @@ def load_model(name: str, device: torch.device, quiet: bool = False):
                       "--local-dir weights/gpt2", flush=True)  # fmt: skip
     try:
         model = GPT.from_pretrained(source, device=device)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        die(f"could not load --model {name}: {e}")
+    except (OSError, KeyError, ValueError) as e:
+        raise NanotuneError(f"could not load {flag} {name}: {e}") from None
     return model, name
 
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .model import PRESETS, GPTConfig
+from .config import PRESETS, GPTConfig
+from .utils import atomic_write, fsync_file, temp_path
 
 HF_REPO = "openai-community/{name}"
 HEADS_BY_WIDTH = {p["n_embd"]: p["n_head"] for p in PRESETS.values()}
@@ -56,11 +59,11 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 # ---------------------------------------------------------------- finding the files
 
 
-def resolve_checkpoint(name_or_path) -> tuple[Path, Path | None]:
-    """-> (model.safetensors path, config.json path or None)."""
+def resolve_checkpoint(name_or_path, quick: bool = False) -> tuple[Path, Path | None]:
+    """-> (model.safetensors path, config.json path or None). quick: see find_or_download_preset."""
     name = str(name_or_path)
     if name in PRESETS:
-        return find_or_download_preset(name)
+        return find_or_download_preset(name, quick=quick)
     path = Path(name).expanduser()
     if path.is_dir():
         file = path / "model.safetensors"
@@ -78,8 +81,22 @@ def resolve_checkpoint(name_or_path) -> tuple[Path, Path | None]:
     )
 
 
-def find_or_download_preset(name: str) -> tuple[Path, Path]:
-    """weights/<name>/ first, then the Hugging Face cache, then a download into weights/<name>/."""
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the Hugging Face endpoint: a quick answer to "are we offline?" (the hub client
+    itself retries for ~25 s before giving up)."""
+    from huggingface_hub.constants import ENDPOINT
+
+    url = urlparse(ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def find_or_download_preset(name: str, quick: bool = False) -> tuple[Path, Path]:
+    """weights/<name>/ first, then the Hugging Face cache, then a download into weights/<name>/.
+    quick: give up at once when the hub cannot be reached (for --model auto, which has a fallback)."""
     local = weights_dir() / name
     if (local / "model.safetensors").is_file() and (local / "config.json").is_file():
         return local / "model.safetensors", local / "config.json"
@@ -95,7 +112,9 @@ def find_or_download_preset(name: str) -> tuple[Path, Path]:
     from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
 
     error = "offline mode, HF_HUB_OFFLINE=1"
-    if not HF_HUB_OFFLINE:
+    if not HF_HUB_OFFLINE and quick and not hub_reachable():
+        error = "the hub could not be reached"
+    elif not HF_HUB_OFFLINE:
         try:
             print(f"nanotune: downloading {repo} (model.safetensors, config.json) into {local}", flush=True)
             files = [hf_hub_download(repo, f, local_dir=local) for f in ("config.json", "model.safetensors")]
@@ -151,6 +170,11 @@ def load_checkpoint(path: Path, config_path: Path | None) -> tuple[GPTConfig, di
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+    for key, t in tensors.items():
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{path}: tensor {key} holds {bad} NaN/inf values: the file is corrupt, or it was "
+                             "saved from a run that diverged")
     if head is not None:
         if head.shape != tensors["wte.weight"].shape or not torch.equal(head, tensors["wte.weight"]):
             raise ValueError(
@@ -170,11 +194,11 @@ def _config_from(tensors: dict, config_path: Path | None, path: Path) -> GPTConf
     layers = 1 + max((int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))), default=-1)
     inferred = dict(n_layer=layers, n_embd=width, n_positions=positions, vocab_size=vocab)
     if config_path is not None:
-        with open(config_path) as f:
-            try:
-                config = GPTConfig.from_hf_dict(json.load(f), source=str(config_path))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path}: not valid JSON: {e}") from None
+        try:
+            config_dict = json.loads(Path(config_path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_path}: not valid JSON: {e}") from None
+        config = GPTConfig.from_hf_dict(config_dict, source=str(config_path))
         disagree = {k: (getattr(config, k), v) for k, v in inferred.items() if getattr(config, k) != v}
         if disagree:
             detail = ", ".join(f"{k}={a} in config.json but {b} in the tensors" for k, (a, b) in disagree.items())
@@ -195,7 +219,16 @@ def _natural(key: str):
 # ---------------------------------------------------------------- writing
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(model, directory: Path, dtype: torch.dtype | None = None) -> Path:
+    """model.safetensors + config.json, landing as a pair: both are written under temporary names, then
+    config.json is renamed into place and model.safetensors last. A folder holds model.safetensors only once
+    its config.json is there, so an interruption at any point leaves either no model or a loadable one."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for key, t in model.state_dict().items():
@@ -203,8 +236,16 @@ def save_checkpoint(model, directory: Path, dtype: torch.dtype | None = None) ->
         if dtype is not None:
             t = t.to(dtype)
         tensors[key] = t.contiguous().cpu()
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(dtype or model.wte.weight.dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    final = directory / "model.safetensors"
+    tmp = temp_path(final)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # the permissions a plain open() would give
+        fsync_file(tmp)
+        atomic_write(directory / "config.json", json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
     return directory

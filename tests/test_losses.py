@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from train_dpo import dpo_loss, sequence_logprobs
+from nanotune.instruct import IGNORE, collate, sequence_logprobs, token_logprobs
+from train_dpo import dpo_loss
 from train_gulliver import next_token_nll
-from train_sft import IGNORE, collate, masked_nll, token_logprobs
+from train_sft import masked_nll
 from train_xkl import target_distribution, xkl_loss
 
 finite = st.floats(-30, 30, allow_nan=False, width=32)

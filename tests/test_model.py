@@ -188,3 +188,66 @@ def test_generation_stops_each_row_at_eos():
     assert stopped == [[3, 4, first]]
     tensor_out = generate(m, torch.tensor([[3, 4]]), max_new_tokens=10, temperature=0, eos_token=first)
     assert tensor_out.tolist() == [[3, 4] + [first] * 10]
+
+
+# ---------------------------------------------------------------- sampling: top-k, nucleus, temperature
+
+# one row of fixed logits, drawn N times in a single call; probabilities 0.30, 0.22, 0.16, ... by construction
+FIXED_LOGITS = torch.log(torch.tensor([0.30, 0.22, 0.16, 0.12, 0.08, 0.05, 0.04, 0.02, 0.01]))
+N_DRAWS = 40_000
+
+
+def draw(**kwargs):
+    from nanotune.generate import _pick
+
+    logits = FIXED_LOGITS.expand(N_DRAWS, -1)
+    kwargs = dict(temperature=1.0, top_k=None, top_p=None, banned=torch.tensor([], dtype=torch.long)) | kwargs
+    tokens = _pick(logits, generator=torch.Generator().manual_seed(0), **kwargs)
+    return torch.bincount(tokens, minlength=len(FIXED_LOGITS)).double() / N_DRAWS
+
+
+def assert_follows(freqs, expected):
+    # each frequency within 5 standard errors of its probability, sqrt(p (1 - p) / N) <= 0.0025 here: a correct
+    # sampler misses by that with probability ~1e-6 per token (and the seed is fixed, so the test is repeatable);
+    # a sampler that ignores top-k or top-p puts >= 5% of its draws on tokens whose expected share is 0
+    expected = expected.double()
+    bound = 5 * torch.sqrt(expected * (1 - expected) / N_DRAWS) + 1e-12
+    assert torch.all((freqs - expected).abs() <= bound), (freqs, expected)
+
+
+def test_top_k_samples_only_the_k_best_in_renormalised_proportions():
+    p = FIXED_LOGITS.exp()
+    expected = torch.zeros_like(p)
+    expected[:3] = p[:3] / p[:3].sum()  # 0.441, 0.324, 0.235
+    freqs = draw(top_k=3)
+    assert freqs[3:].sum() == 0
+    assert_follows(freqs, expected)
+
+
+def test_top_p_samples_the_smallest_set_reaching_p():
+    p = FIXED_LOGITS.exp()
+    # cumulative 0.30, 0.52, 0.68, 0.80, 0.88: the nucleus for top_p 0.75 is the first four tokens
+    expected = torch.zeros_like(p)
+    expected[:4] = p[:4] / p[:4].sum()
+    freqs = draw(top_p=0.75)
+    assert freqs[4:].sum() == 0
+    assert_follows(freqs, expected)
+
+
+def test_temperature_with_top_k_sharpens_then_truncates():
+    scaled = torch.softmax(FIXED_LOGITS / 0.5, -1)
+    expected = torch.zeros_like(scaled)
+    expected[:5] = scaled[:5] / scaled[:5].sum()
+    assert_follows(draw(temperature=0.5, top_k=5), expected)
+    assert_follows(draw(), FIXED_LOGITS.exp())  # and with no truncation: the distribution itself
+
+
+def test_generate_passes_top_k_and_top_p_to_the_sampler():
+    # top-1 and a nucleus smaller than any token's probability both leave only the argmax: greedy text
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32)).eval()
+    prompt = torch.randint(0, 50257, (4, 3), generator=torch.Generator().manual_seed(1))
+    greedy = generate(m, prompt, 20, temperature=0)
+    for kwargs in ({"top_k": 1}, {"top_p": 1e-9}):
+        assert torch.equal(generate(m, prompt, 20, generator=torch.Generator().manual_seed(2), **kwargs), greedy)
+    assert not torch.equal(generate(m, prompt, 20, generator=torch.Generator().manual_seed(2)), greedy)

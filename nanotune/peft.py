@@ -1,0 +1,322 @@
+"""Parameter-efficient fine-tuning, written out: LoRA, bottleneck adapters and prompt tuning for nanotune's GPT-2.
+
+Each method freezes every weight of the base model and adds a few new ones; only those train, so there are no
+gradients or optimizer state for the base (the memory that full fine-tuning spends on them), and the result is
+a small file.
+
+- LoRA (Hu et al. 2021): a chosen Conv1D layer y = x W + b gains a low-rank update,
+      y = x W + b + (alpha / r) * dropout(x) A B,     A (in, r) Kaiming-uniform, B (r, out) zeros,
+  so at step 0 the model is exactly the base model. merge() folds (alpha / r) A B into W: a plain GPT-2 again.
+- Bottleneck adapters (Houlsby et al. 2019): after the attention output projection and after the MLP of every
+  block, before the residual add, h -> h + up(gelu(down(h))), down (C -> size), up (size -> C) zero-initialised:
+  again exactly the base model at step 0. (The hooks, Block.adapter_attn and Block.adapter_mlp, are in model.py.)
+- Prompt tuning (Lester et al. 2021): N learnable embeddings, initialised from the embeddings of real vocabulary
+  tokens, read before every input (GPT.prompt; model.py's forward puts them in front and returns logits only
+  for the real tokens, so losses and metrics never see the virtual positions).
+
+Files: LoRA saves adapter_model.safetensors + adapter_config.json in the Hugging Face peft library's format for
+GPT-2 into lora/ (peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), "out/lora") loads them),
+and the merged model (model.safetensors + config.json) beside lora/. They are kept apart because transformers
+reads an adapter_config.json next to a model.safetensors as "apply this adapter on top", which would add the
+update twice. Adapters and prompt tuning, which transformers has no equivalent for, save adapter_model.safetensors with
+nanotune's own key names and an adapter_config.json naming the base model ({"peft_type": "NANOTUNE", ...}), and
+GPT.from_pretrained(folder) rebuilds base + additions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .model import GPT, Conv1D
+from .utils import NanotuneError, atomic_write, fsync_file, temp_path
+
+METHODS = ("none", "lora", "adapter", "lora+adapter", "prompt")
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2's Conv1D layers; c_proj is both attention's and the MLP's
+PEFT_PREFIX = "base_model.model.transformer."  # where peft puts GPT2LMHeadModel's body in its key names
+
+
+class LoRAConv1D(Conv1D):
+    """A Conv1D (the frozen base W, b) plus LoRA's low-rank update. lora_A (r, in) and lora_B (out, r) are stored
+    as peft stores them for GPT-2 (nn.Linear weights), so A = lora_A^T and B = lora_B^T in the formula above."""
+
+    def __init__(self, base: Conv1D, r: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)
+        self.weight, self.bias = base.weight, base.bias  # the same (frozen) tensors, not copies
+        n_in, n_out = base.weight.shape
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, n_in, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, r, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft (and nn.Linear) initialise it
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        low_rank = (self.dropout(x) @ self.lora_A.t()) @ self.lora_B.t()  # (..., r) then (..., out)
+        return super().forward(x) + self.scaling * low_rank
+
+    def merged(self) -> Conv1D:
+        """A plain Conv1D with W + (alpha / r) A B."""
+        plain = Conv1D(*self.weight.shape).to(self.weight.device)
+        with torch.no_grad():
+            plain.weight.copy_(self.weight + self.scaling * (self.lora_A.t() @ self.lora_B.t()))
+            plain.bias.copy_(self.bias)
+        return plain
+
+
+class Adapter(nn.Module):
+    """Houlsby bottleneck: h -> h + up(gelu(down(h))); up is zero-initialised so the adapter starts as the identity."""
+
+    def __init__(self, n_embd: int, size: int, device=None):
+        super().__init__()
+        self.down = nn.Linear(n_embd, size, device=device)
+        self.up = nn.Linear(size, n_embd, device=device)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h):
+        return h + self.up(F.gelu(self.down(h), approximate="tanh"))
+
+
+# ---------------------------------------------------------------- adding them to a model
+
+
+def add_peft_args(parser):
+    """The PEFT flags every train_*.py shares."""
+    parser.add_argument("--peft", default="none", choices=METHODS,
+                        help="none: train every weight; lora: train low-rank updates of --lora-targets; adapter: "
+                             "train bottleneck adapters after attention and MLP; lora+adapter: both; prompt: train "
+                             "--prompt-tokens embeddings read before every input")  # fmt: skip
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    parser.add_argument("--lora-alpha", type=float, default=16, help="LoRA scale numerator: update x alpha / r (16)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input (default 0)")
+    parser.add_argument("--lora-targets", default="c_attn",
+                        help="comma-separated Conv1D layers to adapt: c_attn (default, as the LoRA paper did "
+                             "for GPT-2), c_proj, c_fc, or all")  # fmt: skip
+    parser.add_argument("--adapter-size", type=int, default=64, help="adapter bottleneck width (default 64)")
+    parser.add_argument("--prompt-tokens", type=int, default=20, help="prompt-tuning embeddings (default 20)")
+
+
+def lora_targets(spec: str) -> list[str]:
+    names = list(LORA_TARGETS) if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown or not names:
+        raise NanotuneError(f"--lora-targets: unknown layer {', '.join(unknown) or '(none)'}; choose from "
+                            f"{', '.join(LORA_TARGETS)} or all")  # fmt: skip
+    return names
+
+
+def check_peft_args(args):
+    if args.peft in ("lora", "lora+adapter"):
+        lora_targets(args.lora_targets)
+        if args.lora_r < 1:
+            raise NanotuneError(f"--lora-r must be >= 1, got {args.lora_r}")
+        if not 0 <= args.lora_dropout < 1:
+            raise NanotuneError(f"--lora-dropout must lie in [0, 1), got {args.lora_dropout}")
+    if args.peft in ("adapter", "lora+adapter") and args.adapter_size < 1:
+        raise NanotuneError(f"--adapter-size must be >= 1, got {args.adapter_size}")
+    if args.peft == "prompt" and args.prompt_tokens < 1:
+        raise NanotuneError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
+
+
+def add_lora(model: GPT, r: int, alpha: float, dropout: float = 0.0, targets=("c_attn",)):
+    for block in model.h:
+        for parent in (block.attn, block.mlp):
+            for name in targets:
+                if isinstance(getattr(parent, name, None), Conv1D):
+                    setattr(parent, name, LoRAConv1D(getattr(parent, name), r, alpha, dropout))
+
+
+def add_adapters(model: GPT, size: int):
+    device = model.wte.weight.device
+    for block in model.h:
+        block.adapter_attn = Adapter(model.config.n_embd, size, device)
+        block.adapter_mlp = Adapter(model.config.n_embd, size, device)
+
+
+def add_prompt(model: GPT, n_tokens: int, seed: int = 0):
+    """n_tokens learnable embeddings, copied from the embeddings of random vocabulary tokens (Lester et al.
+    found this better than random vectors), so they start in the region the model knows."""
+    ids = torch.randint(0, model.config.vocab_size - 1, (n_tokens,), generator=torch.Generator().manual_seed(seed))
+    model.prompt = nn.Parameter(model.wte.weight.detach()[ids.to(model.wte.weight.device)].clone())
+
+
+def apply_peft(model: GPT, args, base_name: str) -> GPT:
+    """Freeze the base model and add the method --peft names (nothing for none). Remembers how, for saving."""
+    check_peft_args(args)
+    model.peft = {"method": args.peft, "base": base_name}
+    if args.peft == "none":
+        return model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if args.peft in ("lora", "lora+adapter"):
+        targets = lora_targets(args.lora_targets)
+        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, targets)
+        model.peft.update(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, targets=targets)
+    if args.peft in ("adapter", "lora+adapter"):
+        add_adapters(model, args.adapter_size)
+        model.peft.update(adapter_size=args.adapter_size)
+    if args.peft == "prompt":
+        add_prompt(model, args.prompt_tokens, seed=args.seed)
+        model.peft.update(prompt_tokens=args.prompt_tokens)
+    return model
+
+
+def describe_trainable(model: GPT) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M ({trainable / total:.2%})"
+
+
+def merge(model: GPT) -> GPT:
+    """Fold every LoRA update into its weight, in place: the model is a plain GPT-2 again (adapters stay)."""
+    for block in model.h:
+        for parent in (block.attn, block.mlp):
+            for name, module in list(parent.named_children()):
+                if isinstance(module, LoRAConv1D):
+                    setattr(parent, name, module.merged())
+    return model
+
+
+# ---------------------------------------------------------------- saving and loading
+
+
+def trained_state(model: GPT) -> dict[str, torch.Tensor]:
+    """The new (trainable) tensors of a PEFT model, by nanotune's names: h.0.attn.c_attn.lora_A, ..., prompt."""
+    new = ("lora_A", "lora_B", "adapter_attn.", "adapter_mlp.")
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+            if k == "prompt" or any(part in k for part in new)}  # fmt: skip
+
+
+def _save_tensors(tensors: dict, path: Path):
+    tmp = temp_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_trained(model: GPT, directory: Path, final: bool = True):
+    """What a run keeps of its model. Full fine-tuning: model.safetensors + config.json. LoRA: lora/ with its
+    weights in peft's format, and (when final) the merged full model beside it. Adapters, LoRA + adapters and
+    prompt tuning: adapter_model.safetensors + adapter_config.json in nanotune's format. Configs land first."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    info = getattr(model, "peft", {"method": "none"})
+    method = info["method"]
+    if method == "none":
+        model.save_pretrained(directory)
+        return
+    state = trained_state(model)
+    if method == "lora":
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": info["base"],
+            "r": info["r"], "lora_alpha": info["lora_alpha"], "lora_dropout": info["lora_dropout"],
+            "target_modules": info["targets"], "fan_in_fan_out": True, "bias": "none", "inference_mode": True,
+            "init_lora_weights": True, "modules_to_save": None,
+        }  # fmt: skip
+        state = {PEFT_PREFIX + k + ".weight": v for k, v in state.items()}
+    else:
+        config = {"peft_type": "NANOTUNE", "method": method, "base_model_name_or_path": info["base"],
+                  **{k: v for k, v in info.items() if k not in ("method", "base")}}  # fmt: skip
+    folder = directory / "lora" if method == "lora" else directory
+    folder.mkdir(exist_ok=True)
+    atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    _save_tensors(state, folder / "adapter_model.safetensors")
+    if method == "lora" and final:
+        merged = merge(_copy_for_merge(model))
+        merged.save_pretrained(directory)
+
+
+def _copy_for_merge(model: GPT) -> GPT:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def load_trained(model: GPT, directory: Path):
+    """Put the tensors save_trained wrote back into a model of the same kind (resume)."""
+    directory = Path(directory)
+    if getattr(model, "peft", {"method": "none"})["method"] == "none":
+        from .weights import load_checkpoint
+
+        _, weights = load_checkpoint(directory / "model.safetensors", directory / "config.json")
+        model.load_state_dict(weights)
+        return
+    folder = directory / "lora" if model.peft["method"] == "lora" else directory
+    _load_new_tensors(model, folder / "adapter_model.safetensors")
+
+
+def _load_new_tensors(model: GPT, file: Path):
+    tensors = load_file(str(file))
+    tensors = {(k.removeprefix(PEFT_PREFIX).removesuffix(".weight") if k.startswith(PEFT_PREFIX) else k): v
+               for k, v in tensors.items()}  # fmt: skip
+    expected = trained_state(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{file}: does not fit the model" + (f"; missing: {', '.join(missing[:6])}" if missing else "")
+                         + (f"; unexpected: {', '.join(unexpected[:6])}" if unexpected else ""))  # fmt: skip
+    for key, t in tensors.items():
+        if t.shape != expected[key].shape:
+            raise ValueError(f"{file}: {key} has shape {tuple(t.shape)}, expected {tuple(expected[key].shape)}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{file}: tensor {key} holds NaN/inf values")
+    model.load_state_dict(tensors, strict=False)
+
+
+def is_adapter_folder(path) -> bool:
+    """A folder with adapter_config.json and no full model.safetensors (which, when present, is loaded instead)."""
+    p = Path(str(path)).expanduser()
+    return p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "model.safetensors").is_file()
+
+
+def load_adapter_folder(folder: Path, dtype=torch.float32, device="cpu") -> GPT:
+    """Base model (base_model_name_or_path) + the LoRA, adapters or prompt saved in folder, ready to run."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / 'adapter_config.json'}: not valid JSON: {e}") from None
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{folder / 'adapter_config.json'} names no base_model_name_or_path")
+    candidates = [base, str(folder / base)]  # as saved, or relative to the adapter folder
+    source = next((c for c in candidates if Path(c).expanduser().exists()), base)
+    try:
+        model = GPT.from_pretrained(source, dtype=dtype, device=device)
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{folder}: its base model {base!r} (base_model_name_or_path in adapter_config.json) "
+                         f"could not be loaded: {e}") from None  # fmt: skip
+    peft_type = config.get("peft_type")
+    if peft_type == "LORA":
+        targets = config.get("target_modules") or []
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        if config.get("bias", "none") != "none" or config.get("use_dora") or config.get("use_rslora"):
+            raise ValueError(f"{folder}: only plain LoRA (bias none, no DoRA/rsLoRA) loads into nanotune")
+        add_lora(model, config["r"], config["lora_alpha"], 0.0, lora_targets(",".join(targets)))
+        model.peft = {"method": "lora", "base": base, "r": config["r"], "lora_alpha": config["lora_alpha"],
+                      "lora_dropout": 0.0, "targets": targets}  # fmt: skip
+    elif peft_type == "NANOTUNE":
+        method = config["method"]
+        if method in ("lora", "lora+adapter"):
+            add_lora(model, config["r"], config["lora_alpha"], 0.0, config["targets"])
+        if method in ("adapter", "lora+adapter"):
+            add_adapters(model, config["adapter_size"])
+        if method == "prompt":
+            add_prompt(model, config["prompt_tokens"])
+        model.peft = {"method": method, "base": base, **{k: v for k, v in config.items()
+                                                         if k not in ("peft_type", "method", "base_model_name_or_path")}}  # fmt: skip
+    else:
+        raise ValueError(f"{folder}: adapter_config.json has peft_type {peft_type!r}; nanotune reads LORA and NANOTUNE")
+    _load_new_tensors(model, folder / "adapter_model.safetensors")
+    return model.to(dtype=dtype).eval()
