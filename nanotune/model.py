@@ -141,8 +141,10 @@ class GPT(nn.Module):
         """Learned prompt-tuning embeddings that precede every input (0 for plain GPT-2)."""
         return 0 if self.prompt is None else self.prompt.shape[0]
 
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None):
-        """idx (B, T) token ids -> logits (B, T, vocab_size).
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                hidden: bool = False):  # fmt: skip
+        """idx (B, T) token ids -> logits (B, T, vocab_size); with hidden, the final hidden states (B, T, C) instead
+        (what a scalar head, as in nanotune/reward.py, reads).
 
         attention_mask (B, past + T), 1 for real tokens and 0 for padding, makes padded batches exact:
         padding is never attended to and positions count real tokens only (so left padding works).
@@ -208,6 +210,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.h):
             x = block(x, attn_mask, cache, i)
         x = self.ln_f(x)
+        if hidden:
+            return x[:, prefix:]  # (B, T, C), real tokens only
         if cache is not None:
             # generation needs only the next token's logits: (B, 1, vocab_size)
             cache.length += T

@@ -248,6 +248,11 @@ def _copy_for_merge(model: GPT) -> GPT:
 def load_trained(model: GPT, directory: Path):
     """Put the tensors save_trained wrote back into a model of the same kind (resume)."""
     directory = Path(directory)
+    from .reward import RewardModel
+
+    if isinstance(model, RewardModel):
+        model.load_state_dict(RewardModel.from_pretrained(directory).state_dict())
+        return
     if getattr(model, "peft", {"method": "none"})["method"] == "none":
         from .weights import load_checkpoint
 

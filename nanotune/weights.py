@@ -133,11 +133,12 @@ def find_or_download_preset(name: str, quick: bool = False) -> tuple[Path, Path]
 # ---------------------------------------------------------------- reading
 
 
-def load_checkpoint(path: Path, config_path: Path | None) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """Read a safetensors file in either layout -> (config, state dict for nanotune.GPT). Raises on any mismatch."""
+def load_checkpoint(path: Path, config_path: Path | None, skip=()) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """Read a safetensors file in either layout -> (config, state dict for nanotune.GPT). Raises on any mismatch.
+    skip: keys that belong to something else in the same file (a reward model's score.weight)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = {k: f.get_tensor(k) for k in f.keys()}
+            raw = {k: f.get_tensor(k) for k in f.keys() if k not in skip}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or another format?): {e}") from None
     if not raw:
@@ -226,10 +227,7 @@ def _umask() -> int:
 
 
 def save_checkpoint(model, directory: Path, dtype: torch.dtype | None = None) -> Path:
-    """model.safetensors + config.json, landing as a pair: both are written under temporary names, then
-    config.json is renamed into place and model.safetensors last. A folder holds model.safetensors only once
-    its config.json is there, so an interruption at any point leaves either no model or a loadable one."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """model.safetensors + config.json of a GPT in the official layout (see write_weights)."""
     tensors = {}
     for key, t in model.state_dict().items():
         t = t.detach()
@@ -238,6 +236,14 @@ def save_checkpoint(model, directory: Path, dtype: torch.dtype | None = None) ->
         tensors[key] = t.contiguous().cpu()
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(dtype or model.wte.weight.dtype).removeprefix("torch.")
+    return write_weights(Path(directory), tensors, config)
+
+
+def write_weights(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """model.safetensors + config.json, landing as a pair: both are written under temporary names, then
+    config.json is renamed into place and model.safetensors last. A folder holds model.safetensors only once
+    its config.json is there, so an interruption at any point leaves either no model or a loadable one."""
+    directory.mkdir(parents=True, exist_ok=True)
     final = directory / "model.safetensors"
     tmp = temp_path(final)
     try:

@@ -88,3 +88,22 @@ def test_recipe_under_torchrun_writes_outputs_once(tiny, tmp_path):
     assert r.stdout.count("effective batch 8 sequences") == 1  # 4 per rank x 2 ranks, printed once
     assert r.stdout.count("x_share") == 3  # before, after, final line: once each
     assert (out / "model.safetensors").is_file()
+
+
+def test_peft_under_torchrun_with_grad_accum(tiny, tmp_path):
+    # LoRA under 2 Gloo ranks with accumulation: it trains (the adapter moves), rank 0 writes the peft files
+    # and the merged model once, and the merged model is a loadable plain GPT-2
+    out = tmp_path / "lora-ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_xkl.py",
+           "--model", tiny, "--out", str(out), "--steps", "3", "--seq-len", "8", "--gen-tokens", "4", "--device",
+           "cpu", "--peft", "lora", "--grad-accum", "2", "--lr", "1e-2"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("(lora: trainable") == 1
+    from safetensors.torch import load_file
+
+    lora = load_file(str(out / "lora" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in lora.items())  # B left zero: it trained
+    merged, base = GPT.from_pretrained(out), GPT.from_pretrained(tiny)
+    assert not torch.equal(merged.h[0].attn.c_attn.weight, base.h[0].attn.c_attn.weight)

@@ -1,0 +1,218 @@
+"""Train a reward model on human preferences: GPT-2's body plus a scalar head, as in InstructGPT.
+
+Recipe 5 of the research notes. For each prompt, a ranking of answers (best first) gives K(K-1)/2 pairs; the
+model learns to score the better answer of every pair higher. Its scores then judge other models
+(python -m nanotune.evaluate) and reward PPO (train_ppo.py).
+
+    python train_reward.py --model out/sft --out out/rm        # default data: the DPO preference set
+    python train_reward.py --data ranked.jsonl                  # {"instruction", "input"?, "responses": [best, ..., worst]}
+
+Data: the preference format (instruction, input?, chosen, rejected) or ranked records (responses: K >= 2
+answers, best first). The prompt template and the seeded train/validation/test split are the SFT recipe's
+(nanotune/instruct.py), so a prompt held out there is held out here. The pairs of one prompt stay together,
+in one split and in one batch, as InstructGPT did. The reward of (prompt, answer) is the head's output at the
+answer's last token. Outputs in --out: metrics.jsonl, summary.json, loss.svg and the reward model in the
+transformers.GPT2ForSequenceClassification layout (model.safetensors + config.json).
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from nanotune import load_tokenizer
+from nanotune.data import PREFERENCES_URL, default_file, read_records
+from nanotune.instruct import encode_pair, format_prompt, split_examples
+from nanotune.reward import PAD, RewardModel
+from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
+from nanotune.utils import (
+    NanotuneError, all_reduce_mean, clip_gradients, die, load_model, lr_at, make_optimizer, no_sync_unless_last,
+    plot_curves, wrap_model,
+)  # fmt: skip
+
+
+# loss = mean over pairs of -log sigmoid(r_chosen - r_rejected - margin)        (margin 0 unless given)
+#        + center_coef * mean((r_chosen + r_rejected)^2)   keeps rewards near zero (their offset is free)
+# chosen_rewards, rejected_rewards (P,); margin a float or (P,) tensor. logsigmoid is finite at any difference.
+def reward_loss(chosen_rewards, rejected_rewards, margin=None, center_coef: float = 0.0):
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    return loss
+
+
+def ranked_examples(records: list[dict], path) -> list[dict]:
+    """Preference records (chosen, rejected) or ranked records (responses, best first) -> {instruction, input,
+    responses, record}; a record that cannot be ranked stops everything, naming it."""
+    examples = []
+    for i, r in enumerate(records):
+        if "responses" in r:
+            responses = r["responses"]
+            if not isinstance(responses, list) or len(responses) < 2:
+                raise NanotuneError(f"{path}: record {i}: 'responses' must list at least 2 answers (best first), got "
+                                    f"{len(responses) if isinstance(responses, list) else type(responses).__name__}")  # fmt: skip
+        elif "chosen" in r and "rejected" in r:
+            responses = [r["chosen"], r["rejected"]]
+        else:
+            raise NanotuneError(f"{path}: record {i} has neither 'responses' nor both 'chosen' and 'rejected' "
+                                f"(it has {', '.join(sorted(r)) or 'none'})")  # fmt: skip
+        if "instruction" not in r and "prompt" not in r:
+            raise NanotuneError(f"{path}: record {i} has no 'instruction' (or 'prompt') key")
+        instruction, text = r.get("instruction", r.get("prompt")), r.get("input") or ""
+        for name, value in [("instruction", instruction), ("input", text)] + [("responses", v) for v in responses]:
+            if not isinstance(value, str):
+                raise NanotuneError(f"{path}: record {i} key {name!r} holds a {type(value).__name__}, expected text")
+        examples.append({"instruction": instruction, "input": text, "responses": responses, "record": i})
+    return examples
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, lr=1e-5, steps=200, batch_size=8)
+    p.add_argument("--data", default=None, help="JSON/JSONL of preference or ranked records (default: download the "
+                   "preference set of the book 'LLMs from scratch' into data/)")  # fmt: skip
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
+    p.add_argument("--max-len", type=int, default=256, help="longest prompt + answer; longer answers are truncated")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N records (quick runs)")
+    p.add_argument("--margin", type=float, default=None, help="required reward gap in the loss (default none)")
+    p.add_argument("--center-coef", type=float, default=0.0, help="weight of mean((r_c + r_r)^2), keeping rewards "
+                   "near zero (default 0)")  # fmt: skip
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--eval-every", type=int, default=25, help="held-out accuracy every N steps")
+    return parse_run_args(p, argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_common_args(args)
+    if args.max_len < 2 or not args.center_coef >= 0:
+        die("--max-len must be >= 2 and --center-coef >= 0")
+    if args.peft != "none":
+        die("train_reward.py trains every weight of the reward model; --peft is not supported here yet")
+    with Run(args, "reward") as run:  # device, processes, --out, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+        train(args, run)
+
+
+def train(args, run):
+    device = run.device
+    enc = load_tokenizer()
+
+    # ---- data: rankings -> token ids per answer; pairs (better, worse) index into a prompt's answers
+    path = args.data or default_file("instruction-data-with-preference.json", PREFERENCES_URL)
+    examples = ranked_examples(read_records(path, args.limit), path)
+    train, val, _ = split_examples(examples, args.seed)  # the test split stays untouched, for evaluation
+    if not train or not val:
+        raise NanotuneError(f"{path}: {len(examples)} records give {len(train)} training and {len(val)} validation "
+                            "prompts; need at least one of each")  # fmt: skip
+    rankings, truncated = {}, 0
+    for name, split in (("train", train), ("val", val)):
+        rankings[name] = []
+        for ex in split:
+            prompt = format_prompt(ex, args.template)
+            answers = []
+            for response in ex["responses"]:
+                p, r, cut = encode_pair(enc, prompt, response, args.max_len, f"{path}: record {ex['record']}")
+                answers.append(p + [t for t in r if t != enc.eot_token])  # the reward is read at the last token
+                truncated += cut
+            pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]  # i ranked above j
+            rankings[name].append((answers, pairs))
+    n_pairs = {name: sum(len(p) for _, p in rankings[name]) for name in rankings}
+
+    body, model_name = load_model(args.model, device, quiet=not run.master)
+    if args.max_len > body.config.n_positions:
+        raise NanotuneError(f"--max-len {args.max_len} exceeds the model's context of {body.config.n_positions}")
+    torch.manual_seed(args.seed)  # the score head's initial weights
+    model = RewardModel(body)
+    run.summary.update(model=model_name, train_pairs=n_pairs["train"], val_pairs=n_pairs["val"],
+                       truncated_answers=truncated, world_size=run.world)  # fmt: skip
+    if run.master:
+        print(f"reward model on {model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on "
+              f"{device} ({run.dtype}); {len(train)} train / {len(val)} val prompts, {n_pairs['train']} / "
+              f"{n_pairs['val']} pairs; {truncated} answers truncated; {args.batch_size * run.world} prompts a step",
+              flush=True)  # fmt: skip
+
+    def pair_rewards(reward_model, group):
+        """Every answer of every prompt in one forward -> (chosen rewards (P,), rejected rewards (P,))."""
+        seqs = [a for answers, _ in group for a in answers]
+        width = max(map(len, seqs))
+        idx = torch.tensor([s + [PAD] * (width - len(s)) for s in seqs], device=device)  # right padding
+        with run.ctx:
+            rewards = reward_model(idx).float()  # (N,)
+        chosen, rejected, offset = [], [], 0
+        for answers, pairs in group:
+            chosen += [offset + i for i, _ in pairs]
+            rejected += [offset + j for _, j in pairs]
+            offset += len(answers)
+        return rewards[chosen], rewards[rejected]
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        parts = [pair_rewards(model, rankings["val"][i : i + args.batch_size])
+                 for i in range(0, len(rankings["val"]), args.batch_size)]  # fmt: skip
+        model.train()
+        chosen, rejected = torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
+        return {"val_loss": reward_loss(chosen, rejected, args.margin).item(),
+                "val_accuracy": (chosen > rejected).float().mean().item(),
+                "val_margin": (chosen - rejected).mean().item()}  # fmt: skip
+
+    if run.master and not run.resumed:
+        before = evaluate()
+        run.summary.update(val_accuracy_before=before["val_accuracy"], val_margin_before=before["val_margin"])
+        run.log(step=0, **before)
+
+    optimizer = make_optimizer(model, "adamw", args.lr, args.weight_decay, device)
+    data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own prompts
+    first_step = run.track(model, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
+    train_model = wrap_model(model, device, run.world, args.compile)
+    model.train()
+    for step in range(first_step, args.steps + 1):
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ids = torch.randint(len(rankings["train"]), (args.batch_size,), generator=data_rng).tolist()
+        batch = [rankings["train"][i] for i in ids]
+        batch_pairs = sum(len(pairs) for _, pairs in batch)
+        step_loss, step_correct, n_tokens = 0.0, 0.0, 0
+        for k in range(args.grad_accum):
+            micro = batch[k :: args.grad_accum]  # whole prompts: a prompt's pairs stay in one micro-batch
+            micro_pairs = sum(len(pairs) for _, pairs in micro)
+            # under DDP the gradients are all-reduced once, in the last micro-batch's backward
+            with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
+                chosen_rewards, rejected_rewards = pair_rewards(train_model, micro)
+                # prompts rank different numbers of answers: weighting each micro-batch's mean by its share of the
+                # batch's pairs makes the sum exactly the batch's per-pair mean
+                loss = reward_loss(chosen_rewards, rejected_rewards, args.margin, args.center_coef)
+                (loss * micro_pairs / batch_pairs).backward()
+            step_loss += loss.item() * micro_pairs / batch_pairs
+            step_correct += (chosen_rewards > rejected_rewards).float().sum().item() / batch_pairs
+            n_tokens += sum(len(a) for answers, _ in micro for a in answers)
+        step_loss, accuracy = all_reduce_mean(step_loss, device), all_reduce_mean(step_correct, device)
+        grad_norm = clip_gradients(model, args.grad_clip)  # the norm before clipping
+        run.check(step, step_loss, grad_norm)  # NaN/inf or an exploding loss stops here, before the update
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if run.master and (step % args.eval_every == 0 or step == args.steps):
+            run.log(step=step, **evaluate())
+        run.end_step(step, n_tokens * run.world, loss=step_loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm)
+
+    # ---- training is over: the reward model and the summary so far are saved before anything that might fail
+    if not run.master:
+        return
+    after = [m for m in run.history if "val_accuracy" in m][-1]
+    run.summary.update(val_accuracy_after=after["val_accuracy"], val_margin_after=after["val_margin"],
+                       val_loss_after=after["val_loss"], steps=args.steps, lr=args.lr)  # fmt: skip
+    run.save_model(model)
+    with run.optional("the loss plot"):
+        plot_curves(run.out / "loss.svg", {"train": run.curve("loss"), "validation": run.curve("val_loss")},
+                    "reward model: -log sigmoid(r_chosen - r_rejected)")  # fmt: skip
+    s = run.summary
+    print(f"held-out pairwise accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy_after']:.3f}, margin "
+          f"{s['val_margin_before']:.3f} -> {s['val_margin_after']:.3f}; outputs in {run.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
