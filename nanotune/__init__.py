@@ -1,5 +1,11 @@
 """nanotune: a small, readable GPT-2 fine-tuning lab."""
 
+import warnings
+
+# `python -m nanotune.generate` runs a module this package has already imported (for `from nanotune import
+# generate`); runpy warns about that, harmlessly, so the warning is silenced for these modules alone
+warnings.filterwarnings("ignore", message=r"'nanotune\.\w+' found in sys\.modules", category=RuntimeWarning)
+
 from .generate import generate
 from .config import PRESETS, GPTConfig
 from .model import GPT, KVCache

@@ -112,3 +112,59 @@ def _pick(logits, temperature, top_k, top_p, banned, generator):
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def main(argv=None):
+    """python -m nanotune.generate: sample from a model, to look at what it writes.
+
+    python -m nanotune.generate --model out/sft --instruction "Name three rivers." --temperature 0
+    python -m nanotune.generate --model gpt2 --prompt "It was a dark and stormy night" --samples 3
+    """
+    import argparse
+
+    from .instruct import format_prompt
+    from .tokenizer import load_tokenizer
+    from .utils import NanotuneError, die, load_model, pick_device
+
+    p = argparse.ArgumentParser(prog="python -m nanotune.generate", description=main.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--model", default="auto", help="auto, a preset, an output folder or a .safetensors file")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="text to continue as it is")
+    text.add_argument("--instruction", help="an instruction, wrapped in the SFT recipe's template")
+    p.add_argument("--input", default="", help="with --instruction: its input field")
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"])
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set reaching p")
+    p.add_argument("--samples", type=int, default=1, help="how many continuations (default 1)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    try:
+        if args.max_new_tokens < 1 or args.samples < 1 or args.temperature < 0:
+            raise NanotuneError("--max-new-tokens and --samples must be >= 1 and --temperature >= 0")
+        device = pick_device(args.device)
+        model, name = load_model(args.model, device)
+        enc = load_tokenizer()
+        text = args.prompt if args.prompt is not None else format_prompt(
+            {"instruction": args.instruction, "input": args.input}, args.template)  # fmt: skip
+        ids = enc.encode_ordinary(text) or [enc.eot_token]
+        room = model.config.n_positions - model.n_virtual - len(ids)
+        if room < 1:
+            raise NanotuneError(f"the prompt has {len(ids)} tokens: no room left in the context of "
+                                f"{model.config.n_positions}")  # fmt: skip
+        generator = torch.Generator(device).manual_seed(args.seed)
+        outputs = generate(model, [ids] * args.samples, min(args.max_new_tokens, room), temperature=args.temperature,
+                           top_k=args.top_k or None, top_p=args.top_p, eos_token=enc.eot_token, generator=generator)  # fmt: skip
+    except (NanotuneError, ValueError) as e:
+        die(str(e))
+    for i, seq in enumerate(outputs):
+        if args.samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text + enc.decode([t for t in seq[len(ids) :] if t != enc.eot_token]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Head to head: two models answer the same held-out prompts and a reward model judges, as the research notes'
+legal Q&A study compared base vs SFT and SFT vs DPO.
+
+    python -m nanotune.evaluate --models out/sft out/dpo --judge out/rm
+    python -m nanotune.evaluate --models gpt2 out/sft --judge out/rm --n 200 --temperature 0.7 --samples-per-prompt 4
+    python -m nanotune.evaluate --answers answers.jsonl --judge out/rm     # answers produced elsewhere
+
+Prompts: the held-out test split of --data (the same seeded split every recipe uses, so no model trained on
+them), or every record with --all. Answers: greedy by default (batched KV-cache generation, ending at
+<|endoftext|>), or --samples-per-prompt samples at --temperature. For each model the report gives
+
+- mean normalized score and its std: a response's normalized score is sigmoid(r(response) - r(reference)), the
+  judge's probability that it beats the dataset's own answer (output, or chosen for preference data), a
+  number in (0, 1) comparable across runs;
+- win rate of the first model over the second: the share of (prompt, sample) comparisons its reward is higher,
+  a tie (|reward difference| < 1e-6) counting half, with a 95% bootstrap confidence interval over prompts.
+
+Writes comparisons.jsonl (prompt, every answer and reward) and summary.json to --out.
+--answers FILE: JSON lines {"instruction", "input"?, "reference"?, "answers": {"model name": "answer", ...}}
+with exactly two models; the normalized score needs "reference".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from .data import INSTRUCTIONS_URL, default_file, read_records
+from .generate import generate
+from .instruct import check_answerable, format_prompt, normalize_examples, split_examples
+from .reward import PAD, RewardModel
+from .tokenizer import load_tokenizer
+from .utils import ROOT, NanotuneError, atomic_write, die, load_model, pick_device, save_json
+
+TIE = 1e-6
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nanotune.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--models", nargs=2, metavar=("A", "B"), help="two models: presets, output folders or files")
+    p.add_argument("--answers", default=None, help="score answers from this JSONL instead of generating them")
+    p.add_argument("--judge", required=True, help="a reward model folder (train_reward.py output)")
+    p.add_argument("--data", default=None, help="instruction data (default: the SFT recipe's default set)")
+    p.add_argument("--all", action="store_true", help="every record of --data, not only the held-out test split")
+    p.add_argument("--n", type=int, default=None, help="at most this many prompts (default: all of them)")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="answers per prompt and model (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"])
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated and scored together")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the win-rate interval")
+    p.add_argument("--seed", type=int, default=1337, help="the split's seed (as in training), sampling, bootstrap")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="output folder (default out/evaluate-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an evaluation already in --out")
+    return p.parse_args(argv)
+
+
+# normalized score = sigmoid(r(response) - r(reference)): the judge's probability that the response beats the
+# reference answer (Bradley-Terry, the model the reward loss assumes).
+def normalized_score(reward: float, reference_reward: float) -> float:
+    return 1.0 / (1.0 + math.exp(-(reward - reference_reward))) if reward - reference_reward > -700 else 0.0
+
+
+# win = 1 if r_A > r_B + TIE, 0.5 if |r_A - r_B| <= TIE, else 0; win rate = mean over comparisons.
+def win_rate(rewards_a: list[float], rewards_b: list[float]) -> float:
+    wins = [1.0 if a - b > TIE else 0.5 if abs(a - b) <= TIE else 0.0 for a, b in zip(rewards_a, rewards_b)]
+    return sum(wins) / len(wins)
+
+
+def bootstrap_interval(per_prompt: list[list[float]], resamples: int, seed: int) -> tuple[float, float]:
+    """95% interval of the win rate, resampling prompts (each with all its samples) with replacement."""
+    rng = random.Random(seed)
+    n = len(per_prompt)
+    rates = []
+    for _ in range(resamples):
+        picked = [per_prompt[rng.randrange(n)] for _ in range(n)]
+        rates.append(sum(sum(p) for p in picked) / sum(len(p) for p in picked))
+    rates.sort()
+    return rates[int(0.025 * (resamples - 1))], rates[int(math.ceil(0.975 * (resamples - 1)))]
+
+
+def load_prompts(args, enc):
+    """-> [{instruction, input, reference, record}] from --data (test split unless --all)."""
+    path = args.data or default_file("instruction-data.json", INSTRUCTIONS_URL)
+    records = read_records(path)
+    key = "chosen" if all("chosen" in r for r in records) else "output"  # preference data: the chosen answer
+    examples = normalize_examples(records, path, response_keys=(key,))
+    if not args.all:
+        examples = split_examples(examples, args.seed)[2]
+    examples = examples[: args.n]
+    if not examples:
+        raise NanotuneError(f"{path}: the test split is empty ({len(records)} records); use --all or more data")
+    for ex in examples:
+        ex["reference"] = ex.pop(key)
+    return examples, path
+
+
+def generate_answers(model_name, examples, args, device, enc):
+    """Every prompt's answers from one model: --samples-per-prompt each, batched, ending at <|endoftext|>."""
+    model, _ = load_model(model_name, device, quiet=True)
+    context = model.config.n_positions - model.n_virtual
+    prompts = check_answerable(enc, examples, args.template, context, args.data or "the data")
+    generator = torch.Generator(device).manual_seed(args.seed)
+    answers = [[] for _ in examples]
+    for start in range(0, len(prompts), args.batch_size):
+        group = prompts[start : start + args.batch_size]
+        budget = min(args.max_new_tokens, context - max(map(len, group)))
+        for _ in range(args.samples_per_prompt):
+            outputs = generate(model, group, budget, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               eos_token=enc.eot_token, generator=generator)  # fmt: skip
+            for i, (prompt, seq) in enumerate(zip(group, outputs)):
+                answers[start + i].append(enc.decode([t for t in seq[len(prompt) :] if t != enc.eot_token]).strip())
+        print(f"  {model_name}: {min(start + args.batch_size, len(prompts))}/{len(prompts)} prompts answered",
+              flush=True)  # fmt: skip
+    del model
+    return answers
+
+
+@torch.no_grad()
+def score(judge: RewardModel, enc, template: str, items: list[tuple[dict, str]], batch_size: int, device) -> list[float]:
+    """Rewards of (example, answer) pairs; each sequence = prompt + answer, cut to the judge's context."""
+    context = judge.config.n_positions
+    rewards = []
+    for start in range(0, len(items), batch_size):
+        seqs = [(enc.encode_ordinary(format_prompt(ex, template)) + enc.encode_ordinary(answer))[:context]
+                for ex, answer in items[start : start + batch_size]]  # fmt: skip
+        width = max(map(len, seqs))
+        idx = torch.tensor([s + [PAD] * (width - len(s)) for s in seqs], device=device)
+        rewards += judge(idx).float().tolist()
+    return rewards
+
+
+def read_answers(path, enc):
+    """--answers FILE -> (examples, model names, answers per model [[str]])."""
+    records = read_records(path)
+    names = None
+    examples, answers = [], {}
+    for i, r in enumerate(records):
+        if not isinstance(r.get("answers"), dict) or len(r["answers"]) != 2:
+            raise NanotuneError(f"{path}: record {i} needs 'answers': an object with exactly two models' answers")
+        if names is None:
+            names = list(r["answers"])
+        if list(r["answers"]) != names:
+            raise NanotuneError(f"{path}: record {i} answers for {list(r['answers'])}, record 0 for {names}")
+        if not isinstance(r.get("instruction", r.get("prompt")), str):
+            raise NanotuneError(f"{path}: record {i} has no 'instruction' (or 'prompt') text")
+        examples.append({"instruction": r.get("instruction", r.get("prompt")), "input": r.get("input") or "",
+                         "reference": r.get("reference"), "record": i})  # fmt: skip
+        for name in names:
+            answers.setdefault(name, []).append([r["answers"][name]])
+    return examples, names, [answers[n] for n in names]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if (args.models is None) == (args.answers is None):
+        die("give either --models A B (generate answers) or --answers FILE (score given answers)")
+    if args.samples_per_prompt < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.bootstrap < 1:
+        die("--samples-per-prompt, --max-new-tokens, --batch-size and --bootstrap must be >= 1")
+    if args.n is not None and args.n < 1:
+        die(f"--n must be >= 1, got {args.n}")
+    if args.samples_per_prompt > 1 and args.temperature == 0:
+        die("--samples-per-prompt > 1 needs --temperature > 0 (greedy answers would all be the same)")
+    out = Path(args.out) if args.out else ROOT / "out" / f"evaluate-{datetime.now():%Y%m%d-%H%M%S}"
+    if (out / "summary.json").exists() and not args.overwrite:
+        die(f"--out {out} already holds an evaluation; pass --overwrite to replace it")
+    try:
+        device = pick_device(args.device)
+        enc = load_tokenizer()
+        try:
+            judge = RewardModel.from_pretrained(args.judge, device=device)
+        except (OSError, KeyError, ValueError) as e:
+            raise NanotuneError(f"--judge {args.judge}: {e}") from None
+        if args.answers:
+            examples, names, answers = read_answers(args.answers, enc)
+        else:
+            examples, _ = load_prompts(args, enc)
+            names = list(args.models) if args.models[0] != args.models[1] else [f"{args.models[0]} (A)",
+                                                                                 f"{args.models[1]} (B)"]  # fmt: skip
+            print(f"{len(examples)} prompts, {args.samples_per_prompt} answer(s) each, "
+                  f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}", flush=True)
+            answers = [generate_answers(name, examples, args, device, enc) for name in args.models]
+    except NanotuneError as e:
+        die(str(e))
+
+    # ---- judge every answer and every reference
+    flat = [(ex, a) for m in range(2) for ex, per_prompt in zip(examples, answers[m]) for a in per_prompt]
+    rewards = score(judge, enc, args.template, flat, args.batch_size, device)
+    k = len(answers[0][0])
+    per_model = [rewards[: len(rewards) // 2], rewards[len(rewards) // 2 :]]  # model A's, then model B's
+    by_prompt = [[per_model[m][i * k : (i + 1) * k] for i in range(len(examples))] for m in range(2)]
+    has_reference = all(ex.get("reference") is not None for ex in examples)
+    reference_rewards = score(judge, enc, args.template, [(ex, ex["reference"]) for ex in examples], args.batch_size,
+                              device) if has_reference else [None] * len(examples)  # fmt: skip
+
+    per_prompt_wins = [[1.0 if a - b > TIE else 0.5 if abs(a - b) <= TIE else 0.0 for a, b in zip(ra, rb)]
+                       for ra, rb in zip(by_prompt[0], by_prompt[1])]  # fmt: skip
+    rate = win_rate(per_model[0], per_model[1])
+    low, high = bootstrap_interval(per_prompt_wins, args.bootstrap, args.seed)
+    summary = {"n": len(examples), "samples_per_prompt": k, "models": names, "judge": args.judge,
+               "win_rate": rate, "win_rate_ci": [low, high], "per_model": {}}  # fmt: skip
+    for m, name in enumerate(names):
+        scores = [normalized_score(r, ref) for rs, ref in zip(by_prompt[m], reference_rewards) for r in rs] \
+            if has_reference else []  # fmt: skip
+        summary["per_model"][name] = {
+            "mean_reward": statistics.fmean(per_model[m]),
+            "mean_normalized_score": statistics.fmean(scores) if scores else None,
+            "std_normalized_score": statistics.pstdev(scores) if scores else None,
+            "win_rate": rate if m == 0 else 1 - rate,
+        }
+
+    rows = []
+    for i, ex in enumerate(examples):
+        rows.append({"record": ex["record"], "instruction": ex["instruction"], "input": ex["input"],
+                     "reference": ex.get("reference"), "reference_reward": reference_rewards[i],
+                     **{name: {"answers": answers[m][i], "rewards": by_prompt[m][i]} for m, name in enumerate(names)}})  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "comparisons.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    save_json(out / "summary.json", summary | {"args": vars(args)})
+
+    width = max(len(n) for n in names + ["model"])
+    print(f"\n{len(examples)} prompts x {k} answer(s), judged by {args.judge}:")
+    print(f"| {'model':<{width}} | mean normalized score | std   | win rate |")
+    print(f"|{'-' * (width + 2)}|-----------------------|-------|----------|")
+    for name in names:
+        s = summary["per_model"][name]
+        mean = f"{s['mean_normalized_score']:.3f}" if s["mean_normalized_score"] is not None else "n/a"
+        std = f"{s['std_normalized_score']:.3f}" if s["std_normalized_score"] is not None else "n/a"
+        print(f"| {name:<{width}} | {mean:>21} | {std:>5} | {s['win_rate']:>7.1%} |")
+    print(f"win rate of {names[0]} over {names[1]}: {rate:.1%} (95% bootstrap interval {low:.1%} to {high:.1%}); "
+          f"outputs in {out}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
