@@ -174,7 +174,8 @@ def apply_peft(model: GPT, args, base_name: str) -> GPT:
 def describe_trainable(model: GPT) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return f"trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M ({trainable / total:.2%})"
+    count = f"{trainable / 1e6:.2f}M" if trainable >= 10_000 else f"{trainable / 1e3:.1f}K"
+    return f"trainable {count} of {total / 1e6:.1f}M ({trainable / total:.2%})"
 
 
 def merge(model: GPT) -> GPT:
