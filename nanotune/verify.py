@@ -3,6 +3,8 @@
     python -m nanotune.verify --model gpt2-xl
     python -m nanotune.verify --model out/sft --text my_notes.txt --tokens 64
     python -m nanotune.verify --model path/to/model.safetensors --device cuda
+    python -m nanotune.verify --model out/rm          # a reward model: GPT2ForSequenceClassification's scores
+    python -m nanotune.verify --model out/sft/lora    # a LoRA folder: peft.PeftModel on its base model
 
 The same file is loaded twice: by nanotune (GPT.from_pretrained) and by transformers' own loader
 (GPT2LMHeadModel.from_pretrained, eager attention: its plain-maths reference path), both in float32. Real text
@@ -73,6 +75,43 @@ def load_transformers(file: Path, config_path: Path | None, ours: GPT):
     return hf.float().eval()
 
 
+def load_transformers_reward(folder: Path):
+    from transformers import GPT2ForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    return GPT2ForSequenceClassification.from_pretrained(folder, attn_implementation="eager").float().eval()
+
+
+def load_transformers_lora(folder: Path, ours: GPT):
+    """peft.PeftModel.from_pretrained(GPT2LMHeadModel of the base named in adapter_config.json, folder)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise NanotuneError('checking a LoRA folder needs the peft library: pip install peft') from None
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    file, config_path = resolve_checkpoint(base)
+    hf = load_transformers(file, config_path, ours)  # ours has the base's config
+    return PeftModel.from_pretrained(hf, folder).float().eval()
+
+
+def model_kind(name: str) -> str:
+    """lm (a GPT-2 checkpoint), reward (GPT2ForSequenceClassification) or lora (a peft LoRA folder)."""
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "model.safetensors").is_file():
+        config = json.loads((path / "adapter_config.json").read_text())
+        if config.get("peft_type") != "LORA":
+            raise NanotuneError(f"{path} holds nanotune adapters or prompt tuning, which transformers has no "
+                                "equivalent for; verify the base model instead")  # fmt: skip
+        return "lora"
+    if path.is_dir() and (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        if isinstance(config, dict) and "GPT2ForSequenceClassification" in (config.get("architectures") or []):
+            return "reward"
+    return "lm"
+
+
 def text_windows(enc, path: Path, windows: int, length: int) -> torch.Tensor:
     """(windows, length) token ids: the text's tokens, repeated as often as needed to fill the windows."""
     from .data import read_text
@@ -85,11 +124,12 @@ def text_windows(enc, path: Path, windows: int, length: int) -> torch.Tensor:
     return torch.tensor(tokens).view(windows, length)
 
 
-def compare(ours: GPT, hf, idx: torch.Tensor, atol: float) -> dict:
-    """Logits of both sides on the same windows -> differences, top-1 agreement, near ties, times."""
+def compare(ours_fn, theirs_fn, idx: torch.Tensor, atol: float) -> dict:
+    """Outputs of both sides on the same windows (logits (W, T, V), or a reward model's scores (W, T)) ->
+    differences, top-1 agreement (logits), near ties, times."""
     timings, logits = {}, {}
     with torch.no_grad():
-        for name, fn in (("nanotune", lambda x: ours(x)), ("transformers", lambda x: hf(x).logits)):
+        for name, fn in (("nanotune", ours_fn), ("transformers", theirs_fn)):
             t0 = time.perf_counter()
             logits[name] = torch.cat([fn(row[None]) for row in idx]).float()  # (W, T, V)
             if idx.device.type == "cuda":
@@ -97,6 +137,10 @@ def compare(ours: GPT, hf, idx: torch.Tensor, atol: float) -> dict:
             timings[name] = time.perf_counter() - t0
     a, b = logits["nanotune"], logits["transformers"]
     diff = (a - b).abs()
+    if a.dim() == 2:  # a reward model's score at every position: no vocabulary, no argmax
+        return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+                "max_abs_logit": b.abs().max().item(), "positions": int(a.numel()), "top1_agreement": None,
+                "top1_disagreements": [], "seconds": {k: round(v, 3) for k, v in timings.items()}}  # fmt: skip
     top_a, top_b = a.argmax(-1), b.argmax(-1)
     disagree = (top_a != top_b).nonzero().tolist()
     top2 = b.topk(2, dim=-1).values
@@ -134,13 +178,28 @@ def main(argv=None):
         die("--tokens and --windows must be >= 1 and --atol > 0")
     try:
         device = pick_device(args.device)
-        file, config_path = resolve_checkpoint(args.model)
-        ours = GPT.from_pretrained(args.model, device=device)
+        kind = model_kind(args.model)
+        if kind == "reward":
+            from .reward import RewardModel
+
+            reward = RewardModel.from_pretrained(args.model, device=device)
+            ours, file = reward.body, Path(args.model)
+            hf = load_transformers_reward(Path(args.model)).to(device)
+            ours_fn = lambda x: reward.score(reward.body(x, hidden=True)).squeeze(-1)  # noqa: E731
+            theirs_fn = lambda x: hf.score(hf.transformer(x).last_hidden_state).squeeze(-1)  # noqa: E731
+        else:
+            ours = GPT.from_pretrained(args.model, device=device)
+            if kind == "lora":
+                file = Path(args.model)
+                hf = load_transformers_lora(Path(args.model), ours).to(device)
+            else:
+                file, config_path = resolve_checkpoint(args.model)
+                hf = load_transformers(file, config_path, ours).to(device)
+            ours_fn, theirs_fn = (lambda x: ours(x)), (lambda x: hf(x).logits)
     except NanotuneError as e:
         die(str(e))
     except (OSError, KeyError, ValueError) as e:
         die(f"could not load --model {args.model}: {e}")
-    hf = load_transformers(file, config_path, ours).to(device)
     context = ours.config.n_positions
     length = args.window_len or context
     if not 1 <= length <= context:
@@ -154,22 +213,24 @@ def main(argv=None):
     if len(prompt) < 1:
         die(f"--tokens {args.tokens} leaves no room for a prompt in the model's context of {context}")
 
-    print(f"nanotune vs transformers {transformers.__version__} on {args.model} ({file}), "
+    what = {"lm": "", "reward": " (reward model: the score at every position)", "lora": " (LoRA through peft)"}[kind]
+    print(f"nanotune vs transformers {transformers.__version__} on {args.model}{what} ({file}), "
           f"{ours.num_params() / 1e6:.1f}M parameters, float32 on {device}: {args.windows} windows x {length} tokens of "
           f"{args.text or 'the bundled passage'}", flush=True)  # fmt: skip
-    report = {"model": args.model, "file": str(file), "device": str(device), "atol": args.atol,
-              **compare(ours, hf, idx, args.atol), "greedy": greedy_match(ours, hf, prompt, args.tokens)}  # fmt: skip
+    greedy = greedy_match(ours, hf, prompt, args.tokens) if kind != "reward" else None
+    report = {"model": args.model, "kind": kind, "file": str(file), "device": str(device), "atol": args.atol,
+              **compare(ours_fn, theirs_fn, idx, args.atol), "greedy": greedy}  # fmt: skip
     ok = report["max_abs_diff"] <= args.atol
-    greedy = report["greedy"]
     rows = [
         ("max |logit difference|", f"{report['max_abs_diff']:.2e}  (atol {args.atol:g}; logits reach "
                                    f"{report['max_abs_logit']:.1f})"),
         ("mean |logit difference|", f"{report['mean_abs_diff']:.2e}"),
-        ("top-1 agreement", f"{report['top1_agreement']:.2%} of {report['positions']} positions"
+        ("top-1 agreement", "n/a (scores)" if report["top1_agreement"] is None else
+         f"{report['top1_agreement']:.2%} of {report['positions']} positions"
          + "".join(f"; differs at window {d['window']} position {d['position']} (near tie: top-2 gap "
                    f"{d['top2_gap']:.1e})" for d in report["top1_disagreements"][:3])),
-        (f"greedy {args.tokens} tokens", "identical" if greedy["identical"] else
-         f"differ from token {greedy['first_difference']}"),
+        (f"greedy {args.tokens} tokens", "n/a (scores)" if greedy is None else "identical" if greedy["identical"]
+         else f"differ from token {greedy['first_difference']}"),
         ("time (logits)", f"nanotune {report['seconds']['nanotune']:.2f} s, "
                           f"transformers {report['seconds']['transformers']:.2f} s (eager attention)"),
     ]  # fmt: skip

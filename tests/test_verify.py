@@ -68,3 +68,26 @@ def test_verify_command_on_the_bundled_model():
                        cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "PASS: nanotune matches transformers" in r.stdout and "greedy 32 tokens         identical" in r.stdout
+
+
+def test_verify_checks_reward_models_and_lora_folders(tiny, tmp_path):
+    import argparse
+
+    from nanotune import GPT
+    from nanotune.peft import apply_peft, save_trained
+    from nanotune.reward import RewardModel
+
+    torch.manual_seed(0)
+    RewardModel(GPT.from_pretrained(tiny)).save_pretrained(tmp_path / "rm")
+    code, r = report(["--model", str(tmp_path / "rm"), "--windows", "1", "--window-len", "64"], tmp_path)
+    assert code == 0 and r["kind"] == "reward" and r["max_abs_diff"] < 1e-5 and r["greedy"] is None
+    lora = apply_peft(GPT.from_pretrained(tiny), argparse.Namespace(peft="lora", lora_r=4, lora_alpha=8.0,
+                      lora_dropout=0.0, lora_targets="all", adapter_size=8, prompt_tokens=5, seed=0), tiny)  # fmt: skip
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_trained(lora, tmp_path / "sft")
+    code, r = report(["--model", str(tmp_path / "sft" / "lora"), "--windows", "1", "--window-len", "64",
+                      "--tokens", "8"], tmp_path)  # fmt: skip
+    assert code == 0 and r["kind"] == "lora" and r["max_abs_diff"] < 1e-4 and r["greedy"]["identical"]
