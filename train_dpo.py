@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from nanotune import generate, load_tokenizer
 from nanotune.data import PREFERENCES_URL, default_file, read_records
 from nanotune.peft import apply_peft, describe_trainable
-from nanotune.instruct import check_answerable, collate, encode_pair, format_prompt, normalize_examples, split_examples
-from nanotune.instruct import sequence_logprobs
+from nanotune.instruct import (
+    check_answerable, collate, encode_pair, format_prompt, normalize_examples, sequence_logprobs, split_examples,
+)  # fmt: skip
 from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
 from nanotune.utils import (
     NanotuneError, all_reduce_mean, clip_gradients, die, load_model, lr_at, make_optimizer, no_sync_unless_last,

@@ -74,9 +74,12 @@ def normalized_score(reward: float, reference_reward: float) -> float:
 
 
 # win = 1 if r_A > r_B + TIE, 0.5 if |r_A - r_B| <= TIE, else 0; win rate = mean over comparisons.
+def wins(rewards_a: list[float], rewards_b: list[float]) -> list[float]:
+    return [1.0 if a - b > TIE else 0.5 if abs(a - b) <= TIE else 0.0 for a, b in zip(rewards_a, rewards_b)]
+
+
 def win_rate(rewards_a: list[float], rewards_b: list[float]) -> float:
-    wins = [1.0 if a - b > TIE else 0.5 if abs(a - b) <= TIE else 0.0 for a, b in zip(rewards_a, rewards_b)]
-    return sum(wins) / len(wins)
+    return sum(wins(rewards_a, rewards_b)) / len(rewards_a)
 
 
 def bootstrap_interval(per_prompt: list[list[float]], resamples: int, seed: int) -> tuple[float, float]:
@@ -142,7 +145,7 @@ def score(judge: RewardModel, enc, template: str, items: list[tuple[dict, str]],
     return rewards
 
 
-def read_answers(path, enc):
+def read_answers(path):
     """--answers FILE -> (examples, model names, answers per model [[str]])."""
     records = read_records(path)
     names = None
@@ -184,7 +187,7 @@ def main(argv=None):
         except (OSError, KeyError, ValueError) as e:
             raise NanotuneError(f"--judge {args.judge}: {e}") from None
         if args.answers:
-            examples, names, answers = read_answers(args.answers, enc)
+            examples, names, answers = read_answers(args.answers)
         else:
             examples, _ = load_prompts(args, enc)
             names = list(args.models) if args.models[0] != args.models[1] else [f"{args.models[0]} (A)",
@@ -205,8 +208,7 @@ def main(argv=None):
     reference_rewards = score(judge, enc, args.template, [(ex, ex["reference"]) for ex in examples], args.batch_size,
                               device) if has_reference else [None] * len(examples)  # fmt: skip
 
-    per_prompt_wins = [[1.0 if a - b > TIE else 0.5 if abs(a - b) <= TIE else 0.0 for a, b in zip(ra, rb)]
-                       for ra, rb in zip(by_prompt[0], by_prompt[1])]  # fmt: skip
+    per_prompt_wins = [wins(ra, rb) for ra, rb in zip(by_prompt[0], by_prompt[1])]
     rate = win_rate(per_model[0], per_model[1])
     low, high = bootstrap_interval(per_prompt_wins, args.bootstrap, args.seed)
     summary = {"n": len(examples), "samples_per_prompt": k, "models": names, "judge": args.judge,

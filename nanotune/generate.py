@@ -146,7 +146,7 @@ def main(argv=None):
         if args.max_new_tokens < 1 or args.samples < 1 or args.temperature < 0:
             raise NanotuneError("--max-new-tokens and --samples must be >= 1 and --temperature >= 0")
         device = pick_device(args.device)
-        model, name = load_model(args.model, device)
+        model, _ = load_model(args.model, device)
         enc = load_tokenizer()
         text = args.prompt if args.prompt is not None else format_prompt(
             {"instruction": args.instruction, "input": args.input}, args.template)  # fmt: skip

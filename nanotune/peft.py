@@ -25,18 +25,19 @@ GPT.from_pretrained(folder) rebuilds base + additions.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .model import GPT, Conv1D
-from .utils import NanotuneError, atomic_write, fsync_file, temp_path
+from .utils import NanotuneError, atomic_write
+from .weights import save_tensors
 
 METHODS = ("none", "lora", "adapter", "lora+adapter", "prompt")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2's Conv1D layers; c_proj is both attention's and the MLP's
@@ -198,16 +199,6 @@ def trained_state(model: GPT) -> dict[str, torch.Tensor]:
             if k == "prompt" or any(part in k for part in new)}  # fmt: skip
 
 
-def _save_tensors(tensors: dict, path: Path):
-    tmp = temp_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_trained(model: GPT, directory: Path, final: bool = True):
     """What a run keeps of its model. Full fine-tuning: model.safetensors + config.json. LoRA: lora/ with its
     weights in peft's format, and (when final) the merged full model beside it. Adapters, LoRA + adapters and
@@ -234,16 +225,9 @@ def save_trained(model: GPT, directory: Path, final: bool = True):
     folder = directory / "lora" if method == "lora" else directory
     folder.mkdir(exist_ok=True)
     atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
-    _save_tensors(state, folder / "adapter_model.safetensors")
+    save_tensors(state, folder / "adapter_model.safetensors")
     if method == "lora" and final:
-        merged = merge(_copy_for_merge(model))
-        merged.save_pretrained(directory)
-
-
-def _copy_for_merge(model: GPT) -> GPT:
-    import copy
-
-    return copy.deepcopy(model)
+        merge(copy.deepcopy(model)).save_pretrained(directory)  # a merged copy: the run's model keeps training
 
 
 def load_trained(model: GPT, directory: Path):

@@ -59,14 +59,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_transformers(file: Path, config_path: Path | None, ours: GPT):
-    """transformers' GPT2LMHeadModel from the very same file, through its own loader: it reads a folder, so the
-    file is linked into a temporary one beside its config.json (or nanotune's, for a bare .safetensors file)."""
-    from transformers import GPT2LMHeadModel
+def quiet_transformers():
+    """No progress bars or padding advice from transformers in the report."""
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+
+
+def load_transformers(file: Path, config_path: Path | None, ours: GPT):
+    """transformers' GPT2LMHeadModel from the very same file, through its own loader: it reads a folder, so the
+    file is linked into a temporary one beside its config.json (or nanotune's, for a bare .safetensors file)."""
+    from transformers import GPT2LMHeadModel
+
+    quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "model.safetensors").symlink_to(file.resolve())
         config = json.loads(config_path.read_text()) if config_path else ours.config.to_hf_dict()
@@ -77,10 +83,8 @@ def load_transformers(file: Path, config_path: Path | None, ours: GPT):
 
 def load_transformers_reward(folder: Path):
     from transformers import GPT2ForSequenceClassification
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    quiet_transformers()
     return GPT2ForSequenceClassification.from_pretrained(folder, attn_implementation="eager").float().eval()
 
 

@@ -240,18 +240,22 @@ def save_checkpoint(model, directory: Path, dtype: torch.dtype | None = None) ->
 
 
 def write_weights(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """model.safetensors + config.json, landing as a pair: both are written under temporary names, then
-    config.json is renamed into place and model.safetensors last. A folder holds model.safetensors only once
-    its config.json is there, so an interruption at any point leaves either no model or a loadable one."""
+    """model.safetensors + config.json, landing as a pair: config.json first, then model.safetensors, each
+    written whole or not at all. A folder holds model.safetensors only once its config.json is there, so an
+    interruption at any point leaves either no model or a loadable one."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / "model.safetensors"
-    tmp = temp_path(final)
+    atomic_write(directory / "config.json", json.dumps(config, indent=2) + "\n")
+    save_tensors(tensors, directory / "model.safetensors")
+    return directory
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path):
+    """One safetensors file, written whole or not at all: a temporary name beside it, fsync, rename."""
+    tmp = temp_path(path)
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.chmod(tmp, 0o666 & ~_umask())  # the permissions a plain open() would give
         fsync_file(tmp)
-        atomic_write(directory / "config.json", json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, final)
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return directory

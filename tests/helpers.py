@@ -40,3 +40,12 @@ def write_prefixed(hf, directory):
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(hf.config.to_dict()))
     return directory
+
+
+def run_main(main, argv):
+    """-> the exit code of a script's main(argv) (0 when it returns)."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from helpers import run_main
 from safetensors.torch import load_file, save_file
 
 import train_dpo
@@ -39,15 +40,6 @@ def recipe_args(name, shared):
         "dpo": ["--data", str(data / "instruction-data-with-preference.json"), "--limit", "60", "--max-len", "64",
                 "--eval-every", "3", "--responses", "1", "--max-new-tokens", "4", "--lr", "1e-3"],
     }[name]  # fmt: skip
-
-
-def run_main(main, argv):
-    """-> the exit code of main(argv) (0 when it returns)."""
-    try:
-        main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def weights(out):

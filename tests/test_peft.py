@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+from helpers import run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -215,14 +216,6 @@ def test_peft_run_resumes_bit_identically(tiny, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def run_code(main, argv):
-    try:
-        main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
 def test_bad_peft_settings_are_clear_errors(tiny, tmp_path, capsys):
     base = ["--model", tiny, "--out", str(tmp_path / "x"), "--steps", "1"]
     for extra, message in [
@@ -230,7 +223,7 @@ def test_bad_peft_settings_are_clear_errors(tiny, tmp_path, capsys):
         (["--peft", "lora", "--lora-targets", "c_attn,q_proj"], "--lora-targets: unknown layer q_proj"),
         (["--peft", "prompt", "--prompt-tokens", "200", "--seq-len", "64"], "--seq-len 64 exceeds the model's context of 56"),
     ]:  # fmt: skip
-        assert run_code(train_xkl.main, base + extra) == 2
+        assert run_main(train_xkl.main, base + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     # an adapter folder whose base model has gone
@@ -241,7 +234,7 @@ def test_bad_peft_settings_are_clear_errors(tiny, tmp_path, capsys):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"its base model .*moved-away.* could not be loaded"):
         GPT.from_pretrained(tmp_path / "adapter")
-    assert run_code(train_xkl.main, ["--model", str(tmp_path / "adapter"), "--out", str(tmp_path / "y")]) == 2
+    assert run_main(train_xkl.main, ["--model", str(tmp_path / "adapter"), "--out", str(tmp_path / "y")]) == 2
     assert "could not load --model" in capsys.readouterr().err
 
 
