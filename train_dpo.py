@@ -182,7 +182,7 @@ def train(args, run):
     optimizer = make_optimizer(policy, "adamw", args.lr, 0.0, device)
     data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own pairs
     first_step = run.track(policy, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
-    train_model = wrap_model(policy, device, run.world, args.compile)
+    train_model = wrap_model(policy, device, run.world, args.compile, args.activation_checkpointing)
     policy.train()
     for step in range(first_step, args.steps + 1):
         lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule)

@@ -167,7 +167,7 @@ def train(args, run):
     optimizer = make_optimizer(model, "adamw", args.lr, args.weight_decay, device)
     data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own prompts
     first_step = run.track(model, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
-    train_model = wrap_model(model, device, run.world, args.compile)
+    train_model = wrap_model(model, device, run.world, args.compile, args.activation_checkpointing)
     model.train()
     for step in range(first_step, args.steps + 1):
         lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule)

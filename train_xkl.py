@@ -142,7 +142,7 @@ def train(args, run):
         run.summary["x_share_before"] = x_share("before")
     optimizer = make_optimizer(model, args.optimizer, args.lr, device=device)
     first_step = run.track(model, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
-    train_model = wrap_model(model, device, run.world, args.compile)
+    train_model = wrap_model(model, device, run.world, args.compile, args.activation_checkpointing)
     model.train()
     for step in range(first_step, args.steps + 1):
         lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule)

@@ -12,7 +12,8 @@ times --repeats runs. The two sides alternate for --rounds rounds (transformers,
 so a slow spell of a shared machine hits both, and the table reports the median of all timed runs.
 Both sides use the same loss code and the same optimizer, so the model code is what differs. Before timing
 anything it checks that both models give the same logits. --peft adds a second table: nanotune's training step
-with full fine-tuning, LoRA (r 8 on c_attn) and bottleneck adapters (size 64), same weights, same batch.
+with full fine-tuning, LoRA (r 8 on c_attn) and bottleneck adapters (size 64), same weights, same batch, and
+full fine-tuning and LoRA again with activation checkpointing (--activation-checkpointing in the recipes).
 """
 
 from __future__ import annotations
@@ -106,11 +107,14 @@ PEFT_SETTINGS = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="
 
 def train_row(side, directory, args, variant, queue):
     """Child process: time forward + backward + AdamW step; report tokens/s and peak memory.
-    variant: False (eager), True (torch.compile), or a PEFT method for nanotune ("none", "lora", "adapter")."""
+    variant: False (eager), True (torch.compile), or a PEFT method for nanotune ("none", "lora", "adapter"),
+    with " + checkpointing" for activation checkpointing."""
     device = torch.device(args.device)
     model = load(side, directory, device).train()
     if isinstance(variant, str):
-        apply_peft(model, argparse.Namespace(peft=variant, **PEFT_SETTINGS), "bench")
+        method, _, checkpointing = variant.partition(" + ")
+        apply_peft(model, argparse.Namespace(peft=method, **PEFT_SETTINGS), "bench")
+        model.checkpointing = checkpointing == "checkpointing"
     compiled = variant is True
     step_model = torch.compile(model) if compiled else model
     # the same loss and optimizer (fused where PyTorch has it) for both sides: the model code is what differs;
@@ -255,11 +259,13 @@ def main(argv=None):
 
         peft_rows = []
         if args.peft:
-            sides = [("nanotune", "none"), ("nanotune", "lora"), ("nanotune", "adapter")]
+            titles = {"none": "full fine-tuning", "lora": "LoRA r 8, c_attn", "adapter": "adapters, size 64",
+                      "none + checkpointing": "full + act. ckpt", "lora + checkpointing": "LoRA + act. ckpt"}
+            sides = [("nanotune", variant) for variant in titles]
             runs = alternate(train_row, sides, directory, args)
             full = runs[sides[0]]
             timings["peft train step"] = {result["name"]: result["times"] for result in runs.values()}
-            for side, title in zip(sides, ("full fine-tuning", "LoRA r 8, c_attn", "adapters, size 64")):
+            for side, title in zip(sides, titles.values()):
                 run = runs[side]
                 peft_rows.append((title, tokens / run["median_s"], run["peak_mib"],
                                   full["median_s"] / run["median_s"], run["peak_mib"] / full["peak_mib"]))  # fmt: skip

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .config import PRESETS, GPTConfig  # noqa: F401  (re-exported)
 from .weights import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -116,6 +117,9 @@ class GPT(nn.Module):
         # No separate lm_head: the output projection is wte.weight (tied), see forward().
         # Prompt tuning (nanotune/peft.py) sets this to learnable embeddings (n_virtual, C) read before every input
         self.register_parameter("prompt", None)
+        # activation checkpointing (--activation-checkpointing): in training keep only each block's input and
+        # recompute the block during backward; trades about one extra forward for most activation memory
+        self.checkpointing = False
         self._init_weights()
 
     @torch.no_grad()
@@ -208,7 +212,10 @@ class GPT(nn.Module):
 
         x = x + self.wpe(pos)  # (B, T, C)
         for i, block in enumerate(self.h):
-            x = block(x, attn_mask, cache, i)
+            if self.checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, cache, i)
         x = self.ln_f(x)
         if hidden:
             return x[:, prefix:]  # (B, T, C), real tokens only

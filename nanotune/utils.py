@@ -254,9 +254,14 @@ def no_sync_unless_last(train_model: torch.nn.Module, last: bool):
     return ddp.no_sync()
 
 
-def wrap_model(model: torch.nn.Module, device: torch.device, world: int, compile: bool = False):
+def wrap_model(model: torch.nn.Module, device: torch.device, world: int, compile: bool = False,
+               checkpointing: bool = False):  # fmt: skip
     """The module the training step calls: DistributedDataParallel under torchrun, then torch.compile if
-    asked. Evaluation, sampling and saving keep using the plain model."""
+    asked. Evaluation, sampling and saving keep using the plain model. checkpointing turns on activation
+    checkpointing in every GPT inside (it acts in training mode only)."""
+    for module in model.modules():
+        if hasattr(module, "checkpointing"):
+            module.checkpointing = checkpointing
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -251,3 +251,28 @@ def test_generate_passes_top_k_and_top_p_to_the_sampler():
     for kwargs in ({"top_k": 1}, {"top_p": 1e-9}):
         assert torch.equal(generate(m, prompt, 20, generator=torch.Generator().manual_seed(2), **kwargs), greedy)
     assert not torch.equal(generate(m, prompt, 20, generator=torch.Generator().manual_seed(2)), greedy)
+
+
+def test_activation_checkpointing_recomputes_blocks_and_keeps_the_gradients():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_embd=64, n_head=2, n_positions=64)).train()
+    idx = torch.randint(0, 50257, (2, 16))
+    calls = []
+    for block in model.h:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def grads(checkpointing):
+        model.zero_grad()
+        model.checkpointing = checkpointing
+        calls.clear()
+        model(idx).logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = grads(False)
+    ckpt, ckpt_calls = grads(True)
+    assert plain_calls == 2 and ckpt_calls == 4  # each block ran again during backward
+    assert max((plain[n] - ckpt[n]).abs().max().item() for n in plain) < 1e-6
+    with torch.no_grad():  # no backward to prepare for: blocks run once
+        calls.clear()
+        model(idx)
+    assert len(calls) == 2

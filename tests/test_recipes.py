@@ -257,3 +257,20 @@ def test_grad_accum_gives_the_same_update(name, tiny, tmp_path, shared):
     worst = max((weights[1][k] - weights[4][k]).abs().max().item() for k in weights[1])
     print(f"\n{name}: max |weight difference| accum 1 vs 4 = {worst:.2e}")
     assert worst < 1e-5
+
+
+def test_activation_checkpointing_flag_reaches_the_model(tiny, tmp_path, monkeypatch):
+    # --activation-checkpointing routes every block through torch.utils.checkpoint and changes no weight
+    import torch.utils.checkpoint
+    from safetensors.torch import load_file
+
+    checkpoint, calls = torch.utils.checkpoint.checkpoint, []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    weights = {}
+    for flag in ([], ["--activation-checkpointing"]):
+        out = tmp_path / f"run{len(flag)}"
+        train_xkl.main(["--model", tiny, "--out", str(out), "--lr", "1e-3", "--steps", "2", "--batch-size", "2",
+                        "--save-every", "0"] + ACCUM_ARGS["xkl"] + flag)  # fmt: skip
+        weights[len(flag)] = load_file(str(out / "model.safetensors"))
+        assert len(calls) == (4 if flag else 0)  # 2 steps x 2 blocks
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-5
