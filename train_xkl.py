@@ -20,6 +20,7 @@ from nanotune import generate, load_tokenizer
 from nanotune.data import read_book
 from nanotune.peft import apply_peft, describe_trainable
 from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
+from nanotune.tokenizer import letter_tokens
 from nanotune.utils import (
     NanotuneError, all_reduce_mean, clip_gradients, die, load_model, lr_at, make_optimizer, no_sync_unless_last,
     plot_curves, wrap_model,
@@ -33,14 +34,6 @@ def xkl_loss(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     p = target_probs.to(log_q.dtype).expand_as(log_q)
     kl = torch.xlogy(p, p) - p * log_q  # xlogy(0, 0) = 0
     return kl.sum(dim=-1).mean()
-
-
-def letter_tokens(enc, letter: str, case_sensitive: bool) -> torch.Tensor:
-    """Boolean mask (V,) of the tokens whose decoded text contains the letter (special tokens excluded)."""
-    fold = (lambda s: s) if case_sensitive else str.lower  # noqa: E731
-    texts = (enc.decode_single_token_bytes(i).decode("utf-8", "replace") for i in range(enc.eot_token))
-    has = [fold(letter) in fold(text) for text in texts]
-    return torch.tensor(has + [False] * (enc.n_vocab - enc.eot_token))
 
 
 def target_distribution(is_letter: torch.Tensor, shape: str, alpha: float) -> torch.Tensor:

@@ -37,9 +37,13 @@ class RewardModel(nn.Module):
     def config(self):
         return self.body.config
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T), right-padded with PAD -> rewards (B,)."""
-        hidden = self.body(idx, hidden=True)  # (B, T, C)
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                all_positions: bool = False) -> torch.Tensor:  # fmt: skip
+        """idx (B, T), right-padded with PAD -> rewards (B,). With all_positions, the head's output at every position,
+        (B, T), each from the tokens up to it (PPO's value model, train_ppo.py; attention_mask as in GPT.forward)."""
+        hidden = self.body(idx, attention_mask=attention_mask, hidden=True)  # (B, T, C)
+        if all_positions:
+            return self.score(hidden).squeeze(-1)  # (B, T)
         last = hidden[torch.arange(idx.shape[0], device=idx.device), last_token_index(idx)]  # (B, C)
         return self.score(last).squeeze(-1)  # (B,)
 

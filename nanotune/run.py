@@ -48,7 +48,8 @@ from .utils import (
 
 # what a run writes into --out; a folder holding any of these holds a run (--overwrite removes exactly these)
 RUN_FILES = ("metrics.jsonl", "summary.json", "model.safetensors", "config.json", "adapter_model.safetensors",
-             "adapter_config.json", "lora", "loss.svg", "samples_before.txt", "samples_after.txt", "responses.jsonl")  # fmt: skip
+             "adapter_config.json", "lora", "loss.svg", "samples_before.txt", "samples_after.txt", "responses.jsonl",
+             "kl_score.svg", "score.svg")  # fmt: skip
 CHECKPOINTS = "checkpoints"
 LOCK = "run.lock"
 EXPLODE_FACTOR, EXPLODE_STEPS = 10.0, 3  # see Run.check
@@ -316,10 +317,11 @@ class Run:
 
     # ---- checkpoints and resume
 
-    def track(self, model, optimizer, data_rng: torch.Generator) -> int:
+    def track(self, model, optimizer, data_rng: torch.Generator, extras: dict | None = None) -> int:
         """What a checkpoint holds: the model's weights, the optimizer state, the step, this rank's data RNG and
-        the global torch RNG. With --resume, load them from the last checkpoint. -> the first step to run."""
-        self._tracked = (model, optimizer, data_rng)
+        the global torch RNG, and extras: {name: a module (or a dict) with more training state}, such as PPO's
+        value model and KL coefficient. With --resume, load them from the last checkpoint. -> the first step."""
+        self._tracked = (model, optimizer, data_rng, extras or {})
         self._t_log = time.time()
         if not self.resumed:
             return 1
@@ -338,6 +340,9 @@ class Run:
             raise NanotuneError(f"--resume {self.out}: the checkpoint does not fit --model {self.args.model}: {e}")
         trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(trainer["optimizer"])
+        for name, obj in self._tracked[3].items():
+            saved = trainer["extras"][name]
+            obj.load_state_dict(saved) if hasattr(obj, "load_state_dict") else obj.update(saved)
         data_rng.set_state(trainer["data_rng"][self.rank])
         torch.set_rng_state(trainer["torch_rng"])
         self.step = state["step"]
@@ -351,7 +356,7 @@ class Run:
         """checkpoints/step-NNNNNN/: model.safetensors + config.json (loadable; with --peft, only the adapter files),
         trainer.pt (optimizer, RNG states of every rank), state.json (step, flags, summary so far). Written into a
         temporary folder and renamed, so it is whole or absent; older checkpoints go once it is in place."""
-        model, optimizer, data_rng = self._tracked
+        model, optimizer, data_rng, extras = self._tracked
         rng_states = [data_rng.get_state()]
         if self.world > 1:  # every rank draws its own data: keep all their positions
             rng_states = [None] * self.world
@@ -365,8 +370,9 @@ class Run:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_trained(model, tmp, final=False)  # the full model, or only what PEFT trains
-        torch.save({"optimizer": optimizer.state_dict(), "data_rng": rng_states, "torch_rng": torch.get_rng_state()},
-                   tmp / "trainer.pt")  # fmt: skip
+        extra_states = {name: obj.state_dict() if hasattr(obj, "state_dict") else dict(obj) for name, obj in extras.items()}
+        torch.save({"optimizer": optimizer.state_dict(), "data_rng": rng_states, "torch_rng": torch.get_rng_state(),
+                    "extras": extra_states}, tmp / "trainer.pt")  # fmt: skip
         state = {"step": step, "script": self.script, "world_size": self.world, "args": vars(self.args),
                  "elapsed_s": round(time.time() - self.start, 2), "summary": self.summary}  # fmt: skip
         save_json(tmp / "state.json", state)

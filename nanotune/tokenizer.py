@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import tiktoken
+import torch
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex
 
 # The sha256 hashes tiktoken pins for GPT-2's files (tiktoken_ext/openai_public.py).
@@ -66,3 +67,12 @@ def load_tokenizer() -> tiktoken.Encoding:
         mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": EOT},
     )
+
+
+def letter_tokens(enc: tiktoken.Encoding, letter: str, case_sensitive: bool = False) -> torch.Tensor:
+    """Boolean mask (V,) of the tokens whose decoded text contains the letter (special tokens excluded): the
+    "X tokens" of train_xkl.py and of train_ppo.py --reward letter:X."""
+    fold = (lambda s: s) if case_sensitive else str.lower  # noqa: E731
+    texts = (enc.decode_single_token_bytes(i).decode("utf-8", "replace") for i in range(enc.eot_token))
+    has = [fold(letter) in fold(text) for text in texts]
+    return torch.tensor(has + [False] * (enc.n_vocab - enc.eot_token))

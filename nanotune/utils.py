@@ -149,8 +149,8 @@ def save_json(path: Path, data: dict):
     atomic_write(path, json.dumps(_json_safe(data), indent=2, default=str) + "\n")
 
 
-def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], title: str = "loss"):
-    """A dependency-free SVG line plot: {name: [(step, value), ...]}."""
+def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], title: str = "loss", xlabel: str = "step"):
+    """A dependency-free SVG line plot: {name: [(step, value), ...]} (or other x values, named by xlabel)."""
     points = [p for s in series.values() for p in s if math.isfinite(p[1])]
     if not points:
         return
@@ -167,7 +167,7 @@ def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], title:
            f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
            f'<text x="{pad}" y="{H - pad + 15}">{x0:g}</text>',
-           f'<text x="{W - pad}" y="{H - pad + 15}" text-anchor="end">step {x1:g}</text>',
+           f'<text x="{W - pad}" y="{H - pad + 15}" text-anchor="end">{xlabel} {x1:g}</text>',
            f'<text x="{pad - 5}" y="{H - pad}" text-anchor="end">{y0:.3g}</text>',
            f'<text x="{pad - 5}" y="{pad + 4}" text-anchor="end">{y1:.3g}</text>']  # fmt: skip
     for i, (name, pts) in enumerate(series.items()):

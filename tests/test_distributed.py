@@ -107,3 +107,23 @@ def test_peft_under_torchrun_with_grad_accum(tiny, tmp_path):
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in lora.items())  # B left zero: it trained
     merged, base = GPT.from_pretrained(out), GPT.from_pretrained(tiny)
     assert not torch.equal(merged.h[0].attn.c_attn.weight, base.h[0].attn.c_attn.weight)
+
+
+def test_ppo_under_torchrun_with_ptx_and_grad_accum(tiny, shared, tmp_path):
+    # two models in DDP (policy and value), two forwards (PPO and PPO-ptx) before one backward, accumulation:
+    # it runs, every rank stops at the same step, rank 0 writes each line once
+    out = tmp_path / "ppo-ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    data = shared / "data"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ppo.py",
+           "--model", tiny, "--out", str(out), "--reward", "letter:e", "--books", str(data / "corpus" / "pg11.txt"),
+           "--heldout-book", str(data / "gulliver.txt"), "--prompt-len", "8", "--max-new-tokens", "4",
+           "--rollout-batch", "8", "--batch-size", "4", "--grad-accum", "2", "--ppo-epochs", "1", "--eval-prompts",
+           "4", "--samples", "1", "--steps", "2", "--ptx-coef", "0.5", "--device", "cpu", "--log-every", "1"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2]
+    assert all(m["ptx_loss"] > 5 for m in lines if "loss" in m)
+    assert r.stdout.count("16 answers per step") == 1  # 8 per rank x 2 ranks, printed once
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2

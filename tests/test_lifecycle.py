@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import train_dpo
 import train_gulliver
+import train_ppo
 import train_sft
 import train_xkl
 from nanotune import GPT, GPTConfig
@@ -25,7 +26,7 @@ from nanotune.run import Run
 from nanotune.utils import perplexity, save_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = {"xkl": train_xkl, "gulliver": train_gulliver, "sft": train_sft, "dpo": train_dpo}
+RECIPES = {"xkl": train_xkl, "gulliver": train_gulliver, "sft": train_sft, "dpo": train_dpo, "ppo": train_ppo}
 
 
 def recipe_args(name, shared):
@@ -39,6 +40,9 @@ def recipe_args(name, shared):
                 "--responses", "1", "--max-new-tokens", "4", "--lr", "1e-3"],
         "dpo": ["--data", str(data / "instruction-data-with-preference.json"), "--limit", "60", "--max-len", "64",
                 "--eval-every", "3", "--responses", "1", "--max-new-tokens", "4", "--lr", "1e-3"],
+        "ppo": ["--reward", "letter:x", "--books", str(data / "corpus" / "pg11.txt"), "--heldout-book",
+                str(data / "gulliver.txt"), "--prompt-len", "8", "--max-new-tokens", "4", "--rollout-batch", "8",
+                "--ppo-epochs", "1", "--eval-every", "3", "--eval-prompts", "4", "--samples", "1", "--lr", "1e-3"],
     }[name]  # fmt: skip
 
 

@@ -10,6 +10,7 @@ import torch
 
 import train_dpo
 import train_gulliver
+import train_ppo
 import train_sft
 import train_xkl
 from nanotune import GPT
@@ -234,6 +235,10 @@ ACCUM_ARGS = {
     "sft": ["--data", "{data}/instruction-data.json", "--limit", "60", "--max-len", "64", "--responses", "0"],
     "dpo": ["--data", "{data}/instruction-data-with-preference.json", "--limit", "60", "--max-len", "64",
             "--responses", "0"],
+    # one rollout of 4 answers, one epoch: one optimizer step over the minibatch of 4
+    "ppo": ["--reward", "letter:x", "--books", "{data}/corpus/pg11.txt", "--heldout-book", "{data}/gulliver.txt",
+            "--prompt-len", "8", "--max-new-tokens", "6", "--rollout-batch", "4", "--ppo-epochs", "1",
+            "--eval-prompts", "2", "--samples", "0"],
 }  # fmt: skip
 
 
@@ -244,7 +249,7 @@ def test_grad_accum_gives_the_same_update(name, tiny, tmp_path, shared):
     # weighted wrongly flips signs and shows up at the size of lr (1e-3); summation order shows up below 1e-6.
     from safetensors.torch import load_file
 
-    main = {"xkl": train_xkl, "gulliver": train_gulliver, "sft": train_sft, "dpo": train_dpo}[name].main
+    main = {"xkl": train_xkl, "gulliver": train_gulliver, "sft": train_sft, "dpo": train_dpo, "ppo": train_ppo}[name].main
     extra = [a.format(data=shared / "data") for a in ACCUM_ARGS[name]]
     weights = {}
     for accum in (1, 4):
