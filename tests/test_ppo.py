@@ -305,3 +305,21 @@ def test_a_language_model_folder_is_not_a_reward_model(tiny, shared, tmp_path, c
                                      "--data", str(shared / "data" / "instruction-data.json"), "--limit", "20"])  # fmt: skip
     assert code == 2
     assert "is not a reward model" in capsys.readouterr().err
+
+
+def test_peft_lora_trains_adapters_on_the_policy_and_the_value_model(peaky, shared, tmp_path, capsys):
+    out = tmp_path / "lora"
+    train_ppo.main(["--model", peaky, "--out", str(out), "--reward", "letter:e", "--steps", "2", "--peft", "lora",
+                    "--lr", "1e-2"] + book_args(shared, **{"--rollout-batch": "8", "--batch-size": "4"}))  # fmt: skip
+    assert "(lora: trainable" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    lora = load_file(str(out / "lora" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in lora.items())  # B started at 0
+    base = GPT.from_pretrained(peaky)
+    assert not torch.equal(GPT.from_pretrained(out).h[0].attn.c_attn.weight, base.h[0].attn.c_attn.weight)  # merged
+    trainer = torch.load(out / "checkpoints" / "step-000002" / "trainer.pt", weights_only=True)
+    value = trainer["extras"]["value_model"]
+    assert value["body.h.0.attn.c_attn.lora_B"].abs().max() > 0  # the value model's LoRA trained too...
+    assert torch.equal(value["body.h.0.attn.c_attn.weight"], base.h[0].attn.c_attn.weight)  # ...on a frozen body
+    assert value["score.weight"].shape == (1, 64)
