@@ -234,18 +234,19 @@ def train(args, run):
             if len(prompt_ids) < context - 1:
                 ptx_pairs.append(encode_pair(enc, format_prompt(ex, args.template), ex["output"], context - 1, "")[:2])
     else:
-        books = args.books or [default_file(f"{name}.txt", f"https://www.gutenberg.org/cache/epub/{i}/pg{i}.txt")
-                               for name, i in BOOKS.items()]  # fmt: skip
-        book_tokens = torch.tensor([t for book in books for t in enc.encode_ordinary(read_book(book) + "\n\n")])
-        heldout_tokens = enc.encode_ordinary(read_book(args.heldout_book or default_file("gulliver.txt", GULLIVER_URL)))
+        if args.prompt_len + args.max_new_tokens > context:
+            raise NanotuneError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceed the "
+                                f"models' context of {context}")  # fmt: skip
+        books = args.books or [default_file(f"{name}.txt", f"https://www.gutenberg.org/cache/epub/{i}/pg{i}.txt",
+                                            "--books") for name, i in BOOKS.items()]  # fmt: skip
+        book_tokens = torch.cat([torch.tensor(enc.encode_ordinary(read_book(book) + "\n\n")) for book in books])
+        heldout_book = args.heldout_book or default_file("gulliver.txt", GULLIVER_URL, "--heldout-book")
+        heldout_tokens = enc.encode_ordinary(read_book(heldout_book))
         if len(book_tokens) <= args.prompt_len + args.max_new_tokens or len(heldout_tokens) <= args.prompt_len:
             raise NanotuneError(f"the books hold {len(book_tokens)} and {len(heldout_tokens)} tokens: too few for "
                                 f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens}")  # fmt: skip
         starts = torch.linspace(0, len(heldout_tokens) - args.prompt_len, args.eval_prompts).long().tolist()
         prompts = {"heldout": [heldout_tokens[s : s + args.prompt_len] for s in starts]}  # evenly spread, fixed
-    if args.prompt_len + args.max_new_tokens > context and kind != "model":
-        raise NanotuneError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceed the "
-                            f"models' context of {context}")  # fmt: skip
     dropped = 0
     for name in list(prompts):  # instruction prompts too long to leave room for a whole answer are skipped
         kept = [p for p in prompts[name] if len(p) + args.max_new_tokens <= context]
@@ -283,6 +284,10 @@ def train(args, run):
 
         def score(prompt_ids, answers):  # share of the answer's tokens whose text contains the letter
             return torch.tensor([is_letter[a].float().mean().item() if a else 0.0 for a in answers])
+
+    def reward(prompt_ids, answers, ended):
+        """The score of each answer, less --missing-eos-penalty for answers that never ended. -> (B,) on CPU"""
+        return score(prompt_ids, answers) - args.missing_eos_penalty * (~ended).float()
 
     def rollout_layout(prompt_ids, sequences):
         """Prompts left-padded to one width P, answers after them: every answer starts in column P, so that
@@ -346,7 +351,7 @@ def train(args, run):
         prompt_ids = prompts["heldout"]
         sequences = sample(prompt_ids, torch.Generator(device).manual_seed(args.seed))
         input_ids, attention_mask, mask, P, answers, ended = rollout_layout(prompt_ids, sequences)
-        scores = score(prompt_ids, answers) - args.missing_eos_penalty * (~ended).float()
+        scores = reward(prompt_ids, answers, ended)
         logps = answer_logprobs(policy, input_ids, attention_mask, P)[0]
         ref_logps = answer_logprobs(reference, input_ids, attention_mask, P)[0]
         kl = ((logps - ref_logps) * mask).sum(-1)  # (B,)
@@ -401,7 +406,7 @@ def train(args, run):
         # ---- 2. scores, and what the update compares against: log-probs of the policy that sampled and of the
         # reference, and the value model's estimates, all without gradients
         input_ids, attention_mask, mask, P, answers, ended = rollout_layout(prompt_ids, sequences)
-        scores = score(prompt_ids, answers).to(device) - args.missing_eos_penalty * (~ended).float().to(device)  # (B,)
+        scores = reward(prompt_ids, answers, ended).to(device)  # (B,)
         with torch.no_grad():
             policy.eval()
             old_logps = answer_logprobs(policy, input_ids, attention_mask, P)[0]  # (B, L)

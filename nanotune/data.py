@@ -22,8 +22,9 @@ PREFERENCES_URL = (
 )
 
 
-def default_file(name: str, url: str) -> Path:
-    """data/<name>, downloaded once from url when missing (written atomically: never half a file)."""
+def default_file(name: str, url: str, flag: str = "--data") -> Path:
+    """data/<name>, downloaded once from url when missing (written atomically: never half a file); flag names the
+    option that points at a local copy instead."""
     path = DATA_DIR / name
     if path.is_file() and path.stat().st_size > 0:
         return path
@@ -32,7 +33,7 @@ def default_file(name: str, url: str) -> Path:
         with urllib.request.urlopen(url, timeout=30) as r:
             data = r.read()
     except OSError as e:
-        raise NanotuneError(f"could not download the default data file {url} ({e}); pass --data PATH to a local copy")
+        raise NanotuneError(f"could not download the default data file {url} ({e}); pass {flag} PATH to a local copy")
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)
     return path
