@@ -310,7 +310,8 @@ def train(args, run):
         """log pi of each answer token under the context before it, and the entropy of that distribution.
         -> logps, entropy (B, L)"""
         with run.ctx:
-            logits = model(input_ids, attention_mask=attention_mask)[:, P - 1 : -1]  # (B, L, V)
+            # only the answer's positions go through the head: (B, L, V), not (B, P + L, V)
+            logits = model(input_ids, attention_mask=attention_mask, positions=slice(P - 1, -1))  # (B, L, V)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         logps = log_probs.gather(-1, input_ids[:, P:, None]).squeeze(-1)  # (B, L)
         entropy = -(log_probs.exp() * log_probs).sum(-1)  # (B, L)

@@ -146,7 +146,7 @@ class GPT(nn.Module):
         return 0 if self.prompt is None else self.prompt.shape[0]
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                hidden: bool = False):  # fmt: skip
+                hidden: bool = False, positions: slice | None = None):  # fmt: skip
         """idx (B, T) token ids -> logits (B, T, vocab_size); with hidden, the final hidden states (B, T, C) instead
         (what a scalar head, as in nanotune/reward.py, reads).
 
@@ -157,6 +157,8 @@ class GPT(nn.Module):
         With prompt tuning the n_virtual learned embeddings enter before the first chunk: they take positions
         and context, the caller's idx and attention_mask cover real tokens only, and no logits are returned
         for the virtual positions.
+        positions: a slice of the T positions whose logits (or hidden states) to return, e.g. only an answer's;
+        the tied head, most of the work for GPT-2's 50257-token vocabulary, then runs on those alone.
         """
         if idx.dim() != 2:
             raise ValueError(f"GPT.forward: idx must have shape (B, T), got {tuple(idx.shape)}")
@@ -216,14 +218,17 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)
             else:
                 x = block(x, attn_mask, cache, i)
+        x = x[:, prefix:]  # real tokens only
+        if positions is not None:
+            x = x[:, positions]  # (B, len(positions), C)
         x = self.ln_f(x)
         if hidden:
-            return x[:, prefix:]  # (B, T, C), real tokens only
+            return x  # (B, T, C)
         if cache is not None:
             # generation needs only the next token's logits: (B, 1, vocab_size)
             cache.length += T
             return x[:, -1:] @ cache.head
-        return F.linear(x[:, prefix:], self.wte.weight)  # tied head, real tokens only: (B, T, vocab_size)
+        return F.linear(x, self.wte.weight)  # tied head: (B, T, vocab_size)
 
     # ---- weights in the official Hugging Face layout (see weights.py) ----
 

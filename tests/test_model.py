@@ -276,3 +276,26 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_the_gradients():
         calls.clear()
         model(idx)
     assert len(calls) == 2
+
+
+def test_positions_returns_the_same_logits_as_slicing_the_full_output():
+    # PPO asks for an answer's logits only; they must be exactly the full forward's, also with left padding
+    # and with prompt tuning's virtual tokens in front (positions count real tokens)
+    import argparse
+
+    from nanotune.peft import apply_peft
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_embd=64, n_head=2, n_positions=64)).eval()
+    idx = torch.randint(0, 50257, (2, 12))
+    attention_mask = torch.ones_like(idx)
+    attention_mask[1, :4] = 0  # left padding
+    for tuned in (False, True):
+        if tuned:
+            apply_peft(model, argparse.Namespace(peft="prompt", prompt_tokens=3, seed=0), "test")
+        with torch.no_grad():
+            full = model(idx, attention_mask=attention_mask)
+            part = model(idx, attention_mask=attention_mask, positions=slice(2, 9))
+            hidden = model(idx, attention_mask=attention_mask, hidden=True, positions=slice(2, 9))
+        assert full.shape == (2, 12, 50257) and part.shape == (2, 7, 50257) and hidden.shape == (2, 7, 64)
+        assert (part - full[:, 2:9]).abs().max().item() < 1e-5
