@@ -13,7 +13,8 @@ so a slow spell of a shared machine hits both, and the table reports the median 
 Both sides use the same loss code and the same optimizer, so the model code is what differs. Before timing
 anything it checks that both models give the same logits. --peft adds a second table: nanotune's training step
 with full fine-tuning, LoRA (r 8 on c_attn) and bottleneck adapters (size 64), same weights, same batch, and
-full fine-tuning and LoRA again with activation checkpointing (--activation-checkpointing in the recipes).
+full fine-tuning and LoRA again with activation checkpointing (--activation-checkpointing in the recipes), of
+every block and, for LoRA, of half and of two thirds of the blocks (--activation-checkpointing N).
 """
 
 from __future__ import annotations
@@ -108,13 +109,14 @@ PEFT_SETTINGS = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="
 def train_row(side, directory, args, variant, queue):
     """Child process: time forward + backward + AdamW step; report tokens/s and peak memory.
     variant: False (eager), True (torch.compile), or a PEFT method for nanotune ("none", "lora", "adapter"),
-    with " + checkpointing" for activation checkpointing."""
+    with " + checkpointing" for activation checkpointing of every block, " + checkpointing N" of the first N."""
     device = torch.device(args.device)
     model = load(side, directory, device).train()
     if isinstance(variant, str):
-        method, _, checkpointing = variant.partition(" + ")
+        method, _, checkpointing = variant.partition(" + ")  # "lora + checkpointing 12": the first 12 blocks
         apply_peft(model, argparse.Namespace(peft=method, **PEFT_SETTINGS), "bench")
-        model.checkpointing = checkpointing == "checkpointing"
+        blocks = checkpointing.removeprefix("checkpointing").strip()
+        model.checkpointing = (int(blocks) if blocks else True) if checkpointing else False
     compiled = variant is True
     step_model = torch.compile(model) if compiled else model
     # the same loss and optimizer (fused where PyTorch has it) for both sides: the model code is what differs;
@@ -259,8 +261,11 @@ def main(argv=None):
 
         peft_rows = []
         if args.peft:
+            L = shape["n_layer"]
             titles = {"none": "full fine-tuning", "lora": "LoRA r 8, c_attn", "adapter": "adapters, size 64",
                       "none + checkpointing": "full + act. ckpt", "lora + checkpointing": "LoRA + act. ckpt"}
+            # and LoRA recomputing only some blocks: half, two thirds (--activation-checkpointing N)
+            titles.update({f"lora + checkpointing {n}": f"LoRA + ckpt {n}/{L}" for n in sorted({L // 2, 2 * L // 3})})
             sides = [("nanotune", variant) for variant in titles]
             runs = alternate(train_row, sides, directory, args)
             full = runs[sides[0]]

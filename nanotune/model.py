@@ -118,8 +118,9 @@ class GPT(nn.Module):
         # Prompt tuning (nanotune/peft.py) sets this to learnable embeddings (n_virtual, C) read before every input
         self.register_parameter("prompt", None)
         # activation checkpointing (--activation-checkpointing): in training keep only each block's input and
-        # recompute the block during backward; trades about one extra forward for most activation memory
-        self.checkpointing = False
+        # recompute the block during backward; trades about one extra forward for most activation memory.
+        # True: every block; an int N: the first N blocks only (N/n_layer of the saving for N/n_layer of the cost)
+        self.checkpointing: bool | int = False
         self._init_weights()
 
     @torch.no_grad()
@@ -213,8 +214,9 @@ class GPT(nn.Module):
                 attn_mask = (torch.arange(past + T, device=idx.device)[None, :] <= q_idx[:, None])[None, None]
 
         x = x + self.wpe(pos)  # (B, T, C)
+        recomputed = len(self.h) if self.checkpointing is True else int(self.checkpointing)
         for i, block in enumerate(self.h):
-            if self.checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            if i < recomputed and self.training and cache is None and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)
             else:
                 x = block(x, attn_mask, cache, i)

@@ -60,8 +60,11 @@ class LoRAConv1D(Conv1D):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        low_rank = (self.dropout(x) @ self.lora_A.t()) @ self.lora_B.t()  # (..., r) then (..., out)
-        return super().forward(x) + self.scaling * low_rank
+        x2d = x.reshape(-1, x.shape[-1])  # (B*T, in)
+        down = self.dropout(x2d) @ self.lora_A.t()  # (B*T, r)
+        # x W + b, then + (alpha / r) (x A) B added in the same matmul call (no (B*T, out) temporaries)
+        out = torch.addmm(torch.addmm(self.bias, x2d, self.weight), down, self.lora_B.t(), alpha=self.scaling)
+        return out.view(*x.shape[:-1], -1)  # (B, T, out)
 
     def merged(self) -> Conv1D:
         """A plain Conv1D with W + (alpha / r) A B."""

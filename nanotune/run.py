@@ -80,9 +80,10 @@ def add_common_args(parser, lr: float, steps: int, batch_size: int):
                         help="split each batch into this many micro-batches (same maths, less memory)")  # fmt: skip
     parser.add_argument("--log-every", type=int, default=10, help="print and record metrics every N steps")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU)")
-    parser.add_argument("--activation-checkpointing", action="store_true",
+    parser.add_argument("--activation-checkpointing", nargs="?", type=int, const=True, default=False, metavar="N",
                         help="keep only each block's input and recompute the block in backward: much less "
-                             "activation memory for about one extra forward pass")  # fmt: skip
+                             "activation memory for about one extra forward pass; with N, only the first N blocks "
+                             "(part of the saving for part of the cost)")  # fmt: skip
     parser.add_argument("--out", default=None, help="output folder (default out/<script>-<timestamp>); "
                         "refused if it already holds a run, unless --overwrite or --resume")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")

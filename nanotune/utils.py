@@ -255,12 +255,16 @@ def no_sync_unless_last(train_model: torch.nn.Module, last: bool):
 
 
 def wrap_model(model: torch.nn.Module, device: torch.device, world: int, compile: bool = False,
-               checkpointing: bool = False):  # fmt: skip
+               checkpointing: bool | int = False):  # fmt: skip
     """The module the training step calls: DistributedDataParallel under torchrun, then torch.compile if
     asked. Evaluation, sampling and saving keep using the plain model. checkpointing turns on activation
-    checkpointing in every GPT inside (it acts in training mode only)."""
+    checkpointing in every GPT inside (it acts in training mode only): True for every block, N for the first N."""
     for module in model.modules():
         if hasattr(module, "checkpointing"):
+            n_layer = len(module.h)
+            if checkpointing is not True and not 0 <= checkpointing <= n_layer:
+                raise NanotuneError(f"--activation-checkpointing {checkpointing}: the model has {n_layer} blocks; "
+                                    f"pass 1 to {n_layer}, or no number for all of them")  # fmt: skip
             module.checkpointing = checkpointing
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -270,8 +270,10 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_the_gradients():
 
     plain, plain_calls = grads(False)
     ckpt, ckpt_calls = grads(True)
-    assert plain_calls == 2 and ckpt_calls == 4  # each block ran again during backward
+    first, first_calls = grads(1)  # --activation-checkpointing 1: only the first block is recomputed
+    assert plain_calls == 2 and ckpt_calls == 4 and first_calls == 3  # each recomputed block ran again in backward
     assert max((plain[n] - ckpt[n]).abs().max().item() for n in plain) < 1e-6
+    assert max((plain[n] - first[n]).abs().max().item() for n in plain) < 1e-6
     with torch.no_grad():  # no backward to prepare for: blocks run once
         calls.clear()
         model(idx)

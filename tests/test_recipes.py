@@ -264,18 +264,23 @@ def test_grad_accum_gives_the_same_update(name, tiny, tmp_path, shared):
     assert worst < 1e-5
 
 
-def test_activation_checkpointing_flag_reaches_the_model(tiny, tmp_path, monkeypatch):
-    # --activation-checkpointing routes every block through torch.utils.checkpoint and changes no weight
+def test_activation_checkpointing_flag_reaches_the_model(tiny, tmp_path, monkeypatch, capsys):
+    # --activation-checkpointing routes every block (or the first N) through torch.utils.checkpoint and changes
+    # no weight
     import torch.utils.checkpoint
     from safetensors.torch import load_file
 
     checkpoint, calls = torch.utils.checkpoint.checkpoint, []
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     weights = {}
-    for flag in ([], ["--activation-checkpointing"]):
+    for flag, expected_calls in (([], 0), (["--activation-checkpointing"], 4), (["--activation-checkpointing", "1"], 2)):
+        calls.clear()
         out = tmp_path / f"run{len(flag)}"
         train_xkl.main(["--model", tiny, "--out", str(out), "--lr", "1e-3", "--steps", "2", "--batch-size", "2",
                         "--save-every", "0"] + ACCUM_ARGS["xkl"] + flag)  # fmt: skip
         weights[len(flag)] = load_file(str(out / "model.safetensors"))
-        assert len(calls) == (4 if flag else 0)  # 2 steps x 2 blocks
-    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-5
+        assert len(calls) == expected_calls  # 2 steps x 2 blocks, or x the first block
+    for n in (1, 2):
+        assert max((weights[0][k] - weights[n][k]).abs().max().item() for k in weights[0]) < 1e-5
+    refused(train_xkl.main, ["--model", tiny, "--out", str(tmp_path / "bad"), "--activation-checkpointing", "3"],
+            capsys, "--activation-checkpointing 3: the model has 2 blocks")  # fmt: skip
