@@ -246,7 +246,9 @@ ACCUM_ARGS = {
 def test_grad_accum_gives_the_same_update(name, tiny, tmp_path, shared):
     # one optimizer step over 4 sequences at once, or as 4 micro-batches of 1: the same weights afterwards.
     # One step of Adam from zero state moves each weight by about lr * sign(gradient), so a micro-batch
-    # weighted wrongly flips signs and shows up at the size of lr (1e-3); summation order shows up below 1e-6.
+    # weighted wrongly flips signs and shows up at the size of lr (1e-3) in many weights; summation order shows up
+    # below 1e-6, except in the odd weight whose gradient is near Adam's eps (1e-8), where the step is
+    # lr * g / (|g| + eps) and rounding moves it by up to ~1e-4 (PPO: one c_fc weight, 8.9e-05).
     from safetensors.torch import load_file
 
     main = {"xkl": train_xkl, "gulliver": train_gulliver, "sft": train_sft, "dpo": train_dpo, "ppo": train_ppo}[name].main
@@ -260,8 +262,9 @@ def test_grad_accum_gives_the_same_update(name, tiny, tmp_path, shared):
     start = load_file(os.path.join(tiny, "model.safetensors"))
     assert (weights[1]["h.0.attn.c_attn.weight"] - start["h.0.attn.c_attn.weight"]).abs().max() > 1e-4  # it moved
     worst = max((weights[1][k] - weights[4][k]).abs().max().item() for k in weights[1])
-    print(f"\n{name}: max |weight difference| accum 1 vs 4 = {worst:.2e}")
-    assert worst < 1e-5
+    above = sum(int(((weights[1][k] - weights[4][k]).abs() > 1e-5).sum()) for k in weights[1])
+    print(f"\n{name}: max |weight difference| accum 1 vs 4 = {worst:.2e}, {above} weights differ by > 1e-5")
+    assert worst < 2.5e-4 and above <= 5
 
 
 def test_activation_checkpointing_flag_reaches_the_model(tiny, tmp_path, monkeypatch, capsys):
