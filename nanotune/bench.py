@@ -115,8 +115,8 @@ def train_row(side, directory, args, variant, queue):
     if isinstance(variant, str):
         method, _, checkpointing = variant.partition(" + ")  # "lora + checkpointing 12": the first 12 blocks
         apply_peft(model, argparse.Namespace(peft=method, **PEFT_SETTINGS), "bench")
-        blocks = checkpointing.removeprefix("checkpointing").strip()
-        model.checkpointing = (int(blocks) if blocks else True) if checkpointing else False
+        blocks = checkpointing.removeprefix("checkpointing").strip()  # "" (every block) or N
+        model.checkpointing = int(blocks) if blocks else checkpointing == "checkpointing"
     compiled = variant is True
     step_model = torch.compile(model) if compiled else model
     # the same loss and optimizer (fused where PyTorch has it) for both sides: the model code is what differs;
