@@ -64,12 +64,17 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
 #   kl_t = log pi(a_t) - log ref(a_t)       the sampled token's log-ratio: summed over an answer, its expectation
 #                                           is KL(pi || ref) of whole answers
 #   r_t  = -kl_coef * kl_t  +  [t is the answer's last token] * score
+# A score that is a sum over tokens (--dense-score) can instead be paid where it is earned: token_scores (B, L)
+# are those parts, r_t adds token_score_t, and the last token gets the rest, score - sum_t token_score_t. Each
+# answer's return (gamma 1) is the same; each token's advantage is less noisy.
 # logps, ref_logps, mask (B, L) with each answer on a prefix of its row; scores (B,) -> rewards (B, L), kl (B,)
-def kl_penalized_rewards(scores, logps, ref_logps, mask, kl_coef: float):
+def kl_penalized_rewards(scores, logps, ref_logps, mask, kl_coef: float, token_scores=None):
     kl = (logps - ref_logps) * mask  # (B, L)
+    token_scores = torch.zeros_like(kl) if token_scores is None else token_scores * mask
     last = mask.sum(-1).long() - 1  # (B,) position of each answer's last token
     at_last = F.one_hot(last, mask.shape[1]).to(kl.dtype)  # (B, L)
-    return -kl_coef * kl + at_last * scores[:, None], kl.sum(-1)
+    rest = scores - token_scores.sum(-1)  # (B,)
+    return -kl_coef * kl + token_scores + at_last * rest[:, None], kl.sum(-1)
 
 
 # Generalised advantage estimation (Schulman et al. 2016), backwards over each answer's tokens:
@@ -155,6 +160,9 @@ def parse_args(argv=None):
                    help="adapt --kl-coef toward this KL per answer in nats (Ziegler et al.'s controller; default: fixed)")
     p.add_argument("--kl-horizon", type=float, default=10000, help="with --target-kl: the controller's horizon")
     p.add_argument("--whiten-scores", action="store_true", help="normalise each batch's scores to mean 0, std 1")
+    p.add_argument("--dense-score", action="store_true",
+                   help="letter:X: pay each answer token its part of the share (1/length if it holds the letter) "
+                        "when it is sampled, not the whole score on the last token: the same return, clearer credit")  # fmt: skip
     p.add_argument("--gamma", type=float, default=1.0, help="discount over answer tokens (default 1.0)")
     p.add_argument("--lam", type=float, default=0.95, help="GAE lambda (default 0.95)")
     p.add_argument("--clip", type=float, default=0.2, help="policy ratio clip range (default 0.2)")
@@ -177,6 +185,8 @@ def main(argv=None):
     kind, _, target = args.reward.partition(":")
     if kind not in ("model", "sentiment", "letter") or (kind == "sentiment") == bool(target):
         die(f"--reward takes model:DIR, sentiment or letter:X, got {args.reward!r}")
+    if args.dense_score and kind != "letter":
+        die(f"--dense-score needs --reward letter:X (a score that is a sum over tokens), got {args.reward!r}")
     if kind == "letter" and len(target) != 1:
         die(f"--reward letter:X needs a single character, got {target!r}")
     if args.max_new_tokens is None:
@@ -414,8 +424,14 @@ def train(args, run):
             ref_logps = answer_logprobs(reference, input_ids, attention_mask, P)[0]
             old_values = answer_values(value_model, input_ids, attention_mask, P) * mask  # (B, L)
             trained.train()
-            rewards, kl = kl_penalized_rewards(whiten(scores) if args.whiten_scores else scores, old_logps, ref_logps,
-                                               mask, kl_coef)  # fmt: skip
+            paid, token_scores = scores, None
+            if args.dense_score:  # (B, L): 1 / length on the answer tokens that hold the letter (not on <|endoftext|>)
+                lengths = (mask.sum(-1) - ended.to(device).float()).clamp(min=1)  # (B,) tokens the share is over
+                token_scores = is_letter.to(device)[input_ids[:, P:]] * mask / lengths[:, None]
+            if args.whiten_scores:  # token_scores scale with the scores; the mean comes off at the last token
+                scale = torch.rsqrt(scores.var(correction=0) + 1e-8)
+                paid, token_scores = whiten(scores), token_scores * scale if args.dense_score else None
+            rewards, kl = kl_penalized_rewards(paid, old_logps, ref_logps, mask, kl_coef, token_scores)
             advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
             advantages = whiten(advantages, mask)
         rollout = {

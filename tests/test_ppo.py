@@ -82,6 +82,24 @@ def test_kl_penalized_rewards_put_the_score_on_the_last_answer_token(data, kl_co
         assert kl[b].item() == pytest.approx(math.fsum(per_token), rel=1e-4, abs=1e-4)
 
 
+@settings(max_examples=200, deadline=None)
+@given(rollouts(fields=3), st.floats(0, 1))
+def test_dense_token_scores_are_paid_where_earned_and_keep_each_return(data, kl_coef):
+    # --dense-score: token_scores_t added at t, the rest of the score (score - their sum) at the last token
+    lengths, mask, (logps, ref_logps, token_scores) = data
+    scores = np.linspace(-1, 1, len(lengths)).astype(np.float32)
+    rewards, _ = kl_penalized_rewards(t(scores), t(logps), t(ref_logps), t(mask), kl_coef, t(token_scores))
+    sparse, _ = kl_penalized_rewards(t(scores), t(logps), t(ref_logps), t(mask), kl_coef)
+    for b, n in enumerate(lengths):
+        expected = [-kl_coef * (float(logps[b, i]) - float(ref_logps[b, i])) + float(token_scores[b, i])
+                    for i in range(n)]  # fmt: skip
+        expected[-1] += float(scores[b]) - math.fsum(float(x) for x in token_scores[b, :n])
+        assert rewards[b, :n].tolist() == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        assert not rewards[b, n:].any()
+        # gamma = 1: each answer's return is the same as with the whole score on its last token
+        assert rewards[b].sum().item() == pytest.approx(sparse[b].sum().item(), rel=1e-4, abs=1e-4)
+
+
 # ---------------------------------------------------------------- the clipped losses
 
 
@@ -234,6 +252,27 @@ def test_ppo_raises_the_share_of_letter_tokens(peaky, shared, tmp_path):
     GPT.from_pretrained(out)
 
 
+@pytest.mark.parametrize("whiten_scores", [False, True])
+def test_dense_score_pays_each_letter_token_its_part_of_the_share(whiten_scores, peaky, shared, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    # --dense-score: 1/length on each answer token holding the letter, none elsewhere; per answer they add up to
+    # its share, the score of --reward letter:e. --whiten-scores divides both by the batch's std of the shares
+    calls, real = [], train_ppo.kl_penalized_rewards
+    monkeypatch.setattr(train_ppo, "kl_penalized_rewards", lambda *a: calls.append(a) or real(*a))
+    train_ppo.main(["--model", peaky, "--out", str(tmp_path / "dense"), "--reward", "letter:e", "--dense-score",
+                    "--steps", "2"] + ["--whiten-scores"] * whiten_scores + book_args(shared))  # fmt: skip
+    assert len(calls) == 2
+    for scores, _, _, mask, _, token_scores in calls:
+        assert (mask.sum(-1) == 6).all()  # no answer ended (peaky never samples <|endoftext|>): 6 tokens each
+        has_letter = (token_scores != 0).float()  # (B, L)
+        shares = has_letter.sum(-1) / 6  # (B,)
+        assert 0.1 < shares.mean() < 0.9 and shares.std() > 0.05  # a mix, so that the checks below have teeth
+        scale = 1 / shares.std(correction=0) if whiten_scores else 1.0
+        assert torch.allclose(token_scores, has_letter / 6 * scale, atol=1e-5)
+        expected = (shares - shares.mean()) * scale if whiten_scores else shares
+        assert torch.allclose(scores, expected, atol=1e-5)
+
+
 def test_sentiment_reward_runs_and_scores_in_vader_range(shared, tmp_path):
     # the bundled nano model writes English words, so VADER gives some answers a non-zero score (a random tiny
     # model's gibberish scores 0 everywhere, and a broken scorer returning 0 would pass unseen)
@@ -303,6 +342,7 @@ def test_ppo_stops_when_the_kl_goes_strongly_negative(tiny, shared, tmp_path, mo
     (["--target-kl", "0"], "--target-kl and --kl-horizon must be > 0"),
     (["--reward", "model:/nope"], "could not load the reward model /nope"),
     (["--prompt-len", "251"], "exceed the models' context of 256"),
+    (["--reward", "sentiment", "--dense-score"], "--dense-score needs --reward letter:X"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_error(flags, message, tiny, shared, tmp_path, capsys):
     args = ["--model", tiny, "--out", str(tmp_path / "bad"), "--reward", "letter:x", "--steps", "1"]
