@@ -7,7 +7,7 @@ cannot drift into text only the reward likes. Rewards (--reward):
 
     python train_ppo.py --model out/sft --reward model:out/rm --out out/ppo   # a train_reward.py model
     python train_ppo.py --reward sentiment    # positive VADER sentiment of book continuations (Ziegler et al. 2019)
-    python train_ppo.py --reward letter:X     # answers full of X: train_xkl.py's goal, reached by RL instead
+    python train_ppo.py --reward letter:X --dense-score   # answers full of X: train_xkl.py's goal, by RL instead
 
 One step: sample --rollout-batch answers at temperature 1 with the KV cache -> score them -> per-token rewards
 (-kl_coef * (log pi - log ref) on every answer token, plus the score on the last) -> advantages by GAE from the
