@@ -161,8 +161,8 @@ def parse_args(argv=None):
     p.add_argument("--kl-horizon", type=float, default=10000, help="with --target-kl: the controller's horizon")
     p.add_argument("--whiten-scores", action="store_true", help="normalise each batch's scores to mean 0, std 1")
     p.add_argument("--dense-score", action="store_true",
-                   help="letter:X: pay each answer token its part of the share (1/length if it holds the letter) "
-                        "when it is sampled, not the whole score on the last token: the same return, clearer credit")  # fmt: skip
+                   help="letter:X: pay each answer token its part of the share (1/length if it holds the "
+                        "letter) where it is sampled, not all on the last token: same return, clearer credit")
     p.add_argument("--gamma", type=float, default=1.0, help="discount over answer tokens (default 1.0)")
     p.add_argument("--lam", type=float, default=0.95, help="GAE lambda (default 0.95)")
     p.add_argument("--clip", type=float, default=0.2, help="policy ratio clip range (default 0.2)")
@@ -424,7 +424,7 @@ def train(args, run):
             ref_logps = answer_logprobs(reference, input_ids, attention_mask, P)[0]
             old_values = answer_values(value_model, input_ids, attention_mask, P) * mask  # (B, L)
             trained.train()
-            paid, token_scores = scores, None
+            paid, token_scores = scores, None  # what the rewards pay: the scores, whitened with --whiten-scores
             if args.dense_score:  # (B, L): 1 / length on the answer tokens that hold the letter (not on <|endoftext|>)
                 lengths = (mask.sum(-1) - ended.to(device).float()).clamp(min=1)  # (B,) tokens the share is over
                 token_scores = is_letter.to(device)[input_ids[:, P:]] * mask / lengths[:, None]
