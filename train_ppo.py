@@ -429,8 +429,9 @@ def train(args, run):
                 lengths = (mask.sum(-1) - ended.to(device).float()).clamp(min=1)  # (B,) tokens the share is over
                 token_scores = is_letter.to(device)[input_ids[:, P:]] * mask / lengths[:, None]
             if args.whiten_scores:  # token_scores scale with the scores; the mean comes off at the last token
-                scale = torch.rsqrt(scores.var(correction=0) + 1e-8)
-                paid, token_scores = whiten(scores), token_scores * scale if args.dense_score else None
+                paid = whiten(scores)
+                if token_scores is not None:
+                    token_scores = token_scores * torch.rsqrt(scores.var(correction=0) + 1e-8)  # whiten's 1 / std
             rewards, kl = kl_penalized_rewards(paid, old_logps, ref_logps, mask, kl_coef, token_scores)
             advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
             advantages = whiten(advantages, mask)
