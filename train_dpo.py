@@ -21,15 +21,29 @@ import torch.nn.functional as F
 
 from nanotune import generate, load_tokenizer
 from nanotune.data import PREFERENCES_URL, default_file, read_records
-from nanotune.peft import apply_peft, describe_trainable
 from nanotune.instruct import (
-    check_answerable, collate, encode_pair, format_prompt, normalize_examples, sequence_logprobs, split_examples,
-)  # fmt: skip
+    check_answerable,
+    collate,
+    encode_pair,
+    format_prompt,
+    normalize_examples,
+    sequence_logprobs,
+    split_examples,
+)
+from nanotune.peft import apply_peft, describe_trainable
 from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
 from nanotune.utils import (
-    NanotuneError, all_reduce_mean, clip_gradients, die, load_model, lr_at, make_optimizer, no_sync_unless_last,
-    plot_curves, wrap_model,
-)  # fmt: skip
+    NanotuneError,
+    all_reduce_mean,
+    clip_gradients,
+    die,
+    load_model,
+    lr_at,
+    make_optimizer,
+    no_sync_unless_last,
+    plot_curves,
+    wrap_model,
+)
 
 
 # z = beta * ((pi_c - ref_c) - (pi_r - ref_r))
@@ -37,8 +51,14 @@ from nanotune.utils import (
 # rewards = beta * (pi - ref), for chosen and rejected. All log-probs are (B,) sequence sums.
 # eps > 0 is conservative DPO (cDPO, Mitchell 2023): each label is assumed flipped with probability eps, so the
 # loss is the expected DPO loss under that noise and stops pushing once sigmoid(z) reaches 1 - eps.
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             beta: float = 0.1, label_smoothing: float = 0.0):  # fmt: skip
+def dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+):
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     z = beta * (chosen_logratios - rejected_logratios)
@@ -51,13 +71,21 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, lr=5e-6, steps=100, batch_size=8)
-    p.add_argument("--data", default=None, help="JSON/JSONL with instruction, input?, chosen, rejected (default: "
-                   "download the preference set of the book 'LLMs from scratch' into data/)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        default=None,
+        help="JSON/JSONL with instruction, input?, chosen, rejected (default: "
+        "download the preference set of the book 'LLMs from scratch' into data/)",
+    )
     p.add_argument("--ref-model", default=None, help="reference model (default: a frozen copy of --model)")
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference (> 0)")
-    p.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="conservative DPO (cDPO): the assumed probability that a preference label is flipped, in "
-                        "[0, 0.5); the loss then stops pushing once the policy prefers chosen with probability 1 - eps")  # fmt: skip
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="conservative DPO (cDPO): the assumed probability that a preference label is flipped, in "
+        "[0, 0.5); the loss then stops pushing once the policy prefers chosen with probability 1 - eps",
+    )
     p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
     p.add_argument("--max-len", type=int, default=256, help="longest sequence; longer responses are truncated")
     p.add_argument("--limit", type=int, default=None, help="use only the first N examples (quick runs)")
@@ -89,8 +117,10 @@ def train(args, run):
     examples = normalize_examples(read_records(path, args.limit), path, response_keys=("chosen", "rejected"))
     train, val, test = split_examples(examples, args.seed)
     if not train or not val:
-        raise NanotuneError(f"{path}: {len(examples)} examples give {len(train)} training and {len(val)} "
-                            "validation pairs; need at least one of each")  # fmt: skip
+        raise NanotuneError(
+            f"{path}: {len(examples)} examples give {len(train)} training and {len(val)} "
+            "validation pairs; need at least one of each"
+        )
     pairs, truncated = {}, 0
     for name, split in (("train", train), ("val", val)):
         pairs[name] = []
@@ -104,9 +134,12 @@ def train(args, run):
 
     policy, model_name = load_model(args.model, device, quiet=not run.master)
     if args.max_len + (args.prompt_tokens if args.peft == "prompt" else 0) > policy.config.n_positions:
-        raise NanotuneError(f"--max-len {args.max_len}" + (f" + --prompt-tokens {args.prompt_tokens}" if
-                            args.peft == "prompt" else "") + f" exceeds the model's context of "
-                            f"{policy.config.n_positions}")  # fmt: skip
+        raise NanotuneError(
+            f"--max-len {args.max_len}"
+            + (f" + --prompt-tokens {args.prompt_tokens}" if args.peft == "prompt" else "")
+            + f" exceeds the model's context of "
+            f"{policy.config.n_positions}"
+        )
     context = policy.config.n_positions - (args.prompt_tokens if args.peft == "prompt" else 0)
     answered = test[: args.responses]
     answer_prompts = check_answerable(enc, answered, args.template, context, path)
@@ -126,18 +159,23 @@ def train(args, run):
     with torch.no_grad():
         reference.eval()
         for name in ("train", "val"):
-            chunks = [batch_logps(reference, pairs[name][i : i + args.batch_size])
-                      for i in range(0, len(pairs[name]), args.batch_size)]  # fmt: skip
+            chunks = [
+                batch_logps(reference, pairs[name][i : i + args.batch_size])
+                for i in range(0, len(pairs[name]), args.batch_size)
+            ]
             ref_logps[name] = (torch.cat([c for c, _ in chunks]), torch.cat([r for _, r in chunks]))
     del reference
     apply_peft(policy, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
 
     run.summary.update(model=model_name, ref_model=args.ref_model, beta=args.beta, world_size=run.world)
     if run.master:
-        print(f"policy {model_name}, reference {args.ref_model or 'frozen copy of the policy'}: "
-              f"{args.peft}: {describe_trainable(policy)} on {device} ({run.dtype}); {len(train)} train / "
-              f"{len(val)} val pairs; {truncated} responses truncated; beta {args.beta}; "
-              f"effective batch {args.batch_size * run.world}", flush=True)  # fmt: skip
+        print(
+            f"policy {model_name}, reference {args.ref_model or 'frozen copy of the policy'}: "
+            f"{args.peft}: {describe_trainable(policy)} on {device} ({run.dtype}); {len(train)} train / "
+            f"{len(val)} val pairs; {truncated} responses truncated; beta {args.beta}; "
+            f"effective batch {args.batch_size * run.world}",
+            flush=True,
+        )
 
     def preference_metrics(loss, chosen_rewards, rejected_rewards, prefix):
         return {
@@ -151,12 +189,15 @@ def train(args, run):
     @torch.no_grad()
     def evaluate():
         policy.eval()
-        chunks = [batch_logps(policy, pairs["val"][i : i + args.batch_size])
-                  for i in range(0, len(pairs["val"]), args.batch_size)]  # fmt: skip
+        chunks = [
+            batch_logps(policy, pairs["val"][i : i + args.batch_size])
+            for i in range(0, len(pairs["val"]), args.batch_size)
+        ]
         policy.train()
         chosen, rejected = torch.cat([c for c, _ in chunks]), torch.cat([r for _, r in chunks])
-        return preference_metrics(*dpo_loss(chosen, rejected, *ref_logps["val"], args.beta, args.label_smoothing),
-                                  prefix="val_")  # fmt: skip
+        return preference_metrics(
+            *dpo_loss(chosen, rejected, *ref_logps["val"], args.beta, args.label_smoothing), prefix="val_"
+        )
 
     def answers():
         """Greedy answers to the first --responses test prompts (each was checked to fit the context)."""
@@ -166,17 +207,31 @@ def train(args, run):
         budget = min(args.max_new_tokens, context - max(map(len, answer_prompts)))
         outputs = generate(policy, answer_prompts, budget, temperature=0, eos_token=enc.eot_token)
         policy.train()
-        return [enc.decode([t for t in seq[len(p) :] if t != enc.eot_token]).strip()
-                for p, seq in zip(answer_prompts, outputs)]  # fmt: skip
+        return [
+            enc.decode([t for t in seq[len(p) :] if t != enc.eot_token]).strip()
+            for p, seq in zip(answer_prompts, outputs)
+        ]
 
     if run.master and not run.resumed:
         before = evaluate()
-        run.summary.update(val_reward_accuracy_before=before["val_reward_accuracy"],
-                           val_margin_before=before["val_margin"], val_loss_before=before["val_loss"])  # fmt: skip
+        run.summary.update(
+            val_reward_accuracy_before=before["val_reward_accuracy"],
+            val_margin_before=before["val_margin"],
+            val_loss_before=before["val_loss"],
+        )
         run.log(step=0, **before)
         # the answers before training go to disk now, so that a resumed run can put its own beside them
-        rows = [{"record": ex["record"], "instruction": ex["instruction"], "input": ex["input"],
-                 "chosen": ex["chosen"], "rejected": ex["rejected"], "before": a} for ex, a in zip(answered, answers())]  # fmt: skip
+        rows = [
+            {
+                "record": ex["record"],
+                "instruction": ex["instruction"],
+                "input": ex["input"],
+                "chosen": ex["chosen"],
+                "rejected": ex["rejected"],
+                "before": a,
+            }
+            for ex, a in zip(answered, answers())
+        ]
         run.write_text("responses.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     optimizer = make_optimizer(policy, "adamw", args.lr, 0.0, device)
@@ -198,9 +253,13 @@ def train(args, run):
             with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
                 policy_chosen_logps, policy_rejected_logps = batch_logps(train_model, micro_pairs)
                 loss, chosen_rewards, rejected_rewards = dpo_loss(
-                    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    args.beta, args.label_smoothing,
-                )  # fmt: skip
+                    policy_chosen_logps,
+                    policy_rejected_logps,
+                    ref_chosen_logps,
+                    ref_rejected_logps,
+                    args.beta,
+                    args.label_smoothing,
+                )
                 # the loss is a mean over pairs and micro-batches hold equal numbers of pairs: 1/grad_accum each
                 (loss / args.grad_accum).backward()
             for key, value in preference_metrics(loss, chosen_rewards, rejected_rewards, "").items():
@@ -219,8 +278,13 @@ def train(args, run):
     if not run.master:
         return
     after = [m for m in run.history if "val_loss" in m][-1]
-    run.summary.update(val_reward_accuracy_after=after["val_reward_accuracy"], val_margin_after=after["val_margin"],
-                       val_loss_after=after["val_loss"], steps=args.steps, lr=args.lr)  # fmt: skip
+    run.summary.update(
+        val_reward_accuracy_after=after["val_reward_accuracy"],
+        val_margin_after=after["val_margin"],
+        val_loss_after=after["val_loss"],
+        steps=args.steps,
+        lr=args.lr,
+    )
     run.save_model(policy)
     with run.optional("answering the test prompts"):
         rows = [json.loads(line) for line in (run.out / "responses.jsonl").read_text().splitlines()]
@@ -230,9 +294,12 @@ def train(args, run):
     with run.optional("the loss plot"):
         plot_curves(run.out / "loss.svg", {"train": run.curve("loss"), "validation": run.curve("val_loss")}, "DPO loss")
     s = run.summary
-    print(f"held-out reward accuracy {s['val_reward_accuracy_before']:.3f} -> {s['val_reward_accuracy_after']:.3f}, "
-          f"margin {s['val_margin_after']:.3f}, loss {s['val_loss_before']:.4f} -> {s['val_loss_after']:.4f}; "
-          f"outputs in {run.out}", flush=True)  # fmt: skip
+    print(
+        f"held-out reward accuracy {s['val_reward_accuracy_before']:.3f} -> {s['val_reward_accuracy_after']:.3f}, "
+        f"margin {s['val_margin_after']:.3f}, loss {s['val_loss_before']:.4f} -> {s['val_loss_after']:.4f}; "
+        f"outputs in {run.out}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,18 @@ from nanotune.data import GULLIVER_URL, default_file, read_book
 from nanotune.peft import apply_peft, describe_trainable
 from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
 from nanotune.utils import (
-    NanotuneError, all_reduce_mean, clip_gradients, die, load_model, lr_at, make_optimizer, no_sync_unless_last,
-    perplexity, plot_curves, wrap_model,
-)  # fmt: skip
+    NanotuneError,
+    all_reduce_mean,
+    clip_gradients,
+    die,
+    load_model,
+    lr_at,
+    make_optimizer,
+    no_sync_unless_last,
+    perplexity,
+    plot_curves,
+    wrap_model,
+)
 
 
 # Position t predicts token t+1: NLL = -mean_{b, t < T-1} log softmax(logits[b, t])[tokens[b, t+1]].
@@ -73,8 +82,10 @@ def train(args, run):
     train_tokens, val_tokens = tokens[:cut], tokens[cut:]
     T = args.seq_len
     if len(train_tokens) <= T or len(val_tokens) <= T:
-        raise NanotuneError(f"{path}: {len(tokens)} tokens is too short for windows of --seq-len {T} in both the "
-                            f"training and the held-out split ({len(train_tokens)} / {len(val_tokens)} tokens)")  # fmt: skip
+        raise NanotuneError(
+            f"{path}: {len(tokens)} tokens is too short for windows of --seq-len {T} in both the "
+            f"training and the held-out split ({len(train_tokens)} / {len(val_tokens)} tokens)"
+        )
     top100 = torch.tensor([t for t, _ in Counter(train_tokens.tolist()).most_common(100)], device=device)
 
     model, model_name = load_model(args.model, device, quiet=not run.master)
@@ -84,13 +95,18 @@ def train(args, run):
         raise NanotuneError(f"--seq-len {T} exceeds the model's context of {context}")
     prompt = enc.encode_ordinary(args.prompt) or [enc.eot_token]
     if len(prompt) + args.sample_tokens > context:
-        raise NanotuneError(f"--prompt ({len(prompt)} tokens) + --sample-tokens {args.sample_tokens} exceed the "
-                            f"model's context of {context}")  # fmt: skip
+        raise NanotuneError(
+            f"--prompt ({len(prompt)} tokens) + --sample-tokens {args.sample_tokens} exceed the "
+            f"model's context of {context}"
+        )
     run.summary.update(model=model_name, world_size=run.world)
     if run.master:
-        print(f"model {model_name} ({args.peft}: {describe_trainable(model)}) on {device} ({run.dtype}); book "
-              f"{len(train_tokens):,} train / {len(val_tokens):,} held-out tokens; effective batch "
-              f"{args.batch_size * run.world} x {T} tokens", flush=True)  # fmt: skip
+        print(
+            f"model {model_name} ({args.peft}: {describe_trainable(model)}) on {device} ({run.dtype}); book "
+            f"{len(train_tokens):,} train / {len(val_tokens):,} held-out tokens; effective batch "
+            f"{args.batch_size * run.world} x {T} tokens",
+            flush=True,
+        )
 
     @torch.no_grad()
     def val_loss():
@@ -109,8 +125,13 @@ def train(args, run):
         """Share of sampled tokens that are among the book's 100 most frequent (same seed before and after)."""
         model.eval()
         prompts = torch.tensor([prompt] * args.samples, device=device)
-        samples = generate(model, prompts, args.sample_tokens, banned_tokens=[enc.eot_token],
-                           generator=torch.Generator(device).manual_seed(args.seed))  # fmt: skip
+        samples = generate(
+            model,
+            prompts,
+            args.sample_tokens,
+            banned_tokens=[enc.eot_token],
+            generator=torch.Generator(device).manual_seed(args.seed),
+        )
         model.train()
         new = samples[:, len(prompt) :]  # (samples, sample_tokens): every sample has full length
         share = torch.isin(new, top100).float().mean().item()
@@ -159,20 +180,31 @@ def train(args, run):
     val_losses = [v for _, v in run.curve("val_loss")]
     train_losses = run.curve("loss")
     run.summary.update(
-        train_loss_last=train_losses[-1][1] if train_losses else None, val_loss_first=val_losses[0],
-        val_loss_best=min(val_losses), val_loss_last=val_losses[-1], val_ppl_last=perplexity(val_losses[-1]),
-        steps=args.steps, lr=args.lr,
-    )  # fmt: skip
+        train_loss_last=train_losses[-1][1] if train_losses else None,
+        val_loss_first=val_losses[0],
+        val_loss_best=min(val_losses),
+        val_loss_last=val_losses[-1],
+        val_ppl_last=perplexity(val_losses[-1]),
+        steps=args.steps,
+        lr=args.lr,
+    )
     run.save_model(model)
     with run.optional("sampling after training"):
         run.summary["top100_share_after"] = top100_share("after")
     with run.optional("the loss plot"):
-        plot_curves(run.out / "loss.svg", {"train": train_losses, "held-out": run.curve("val_loss")},
-                    title="Gulliver fine-tuning: next-token NLL (nats)")  # fmt: skip
+        plot_curves(
+            run.out / "loss.svg",
+            {"train": train_losses, "held-out": run.curve("val_loss")},
+            title="Gulliver fine-tuning: next-token NLL (nats)",
+        )
     s = run.summary
-    print(f"top100_share {s.get('top100_share_before', float('nan')):.3f} -> {s.get('top100_share_after', float('nan')):.3f}; "
-          f"held-out loss {s['val_loss_first']:.3f} -> best {s['val_loss_best']:.3f} -> last {s['val_loss_last']:.3f}; "
-          f"outputs in {run.out}", flush=True)  # fmt: skip
+    print(
+        f"top100_share {s.get('top100_share_before', float('nan')):.3f} -> "
+        f"{s.get('top100_share_after', float('nan')):.3f}; "
+        f"held-out loss {s['val_loss_first']:.3f} -> best {s['val_loss_best']:.3f} -> last {s['val_loss_last']:.3f}; "
+        f"outputs in {run.out}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

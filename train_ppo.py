@@ -36,9 +36,17 @@ from nanotune.reward import PAD, RewardModel
 from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
 from nanotune.tokenizer import letter_tokens
 from nanotune.utils import (
-    NanotuneError, all_reduce_mean, clip_gradients, die, load_model, lr_at, make_optimizer, no_sync_unless_last,
-    plot_curves, wrap_model,
-)  # fmt: skip
+    NanotuneError,
+    all_reduce_mean,
+    clip_gradients,
+    die,
+    load_model,
+    lr_at,
+    make_optimizer,
+    no_sync_unless_last,
+    plot_curves,
+    wrap_model,
+)
 
 # the default training books for --reward sentiment / letter (Project Gutenberg; Gulliver is held out)
 BOOKS = {"pride-and-prejudice": 1342, "frankenstein": 84, "alice": 11, "sherlock-holmes": 1661, "moby-dick": 2701}
@@ -136,43 +144,78 @@ def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n: int, horizon: 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, lr=1e-5, steps=100, batch_size=4)
-    p.add_argument("--reward", default="sentiment",
-                   help="model:DIR (a train_reward.py output; prompts from --data), sentiment (VADER compound "
-                        "score of the continuation; needs the vaderSentiment package) or letter:X (share of answer "
-                        "tokens containing the letter); default sentiment")  # fmt: skip
+    p.add_argument(
+        "--reward",
+        default="sentiment",
+        help="model:DIR (a train_reward.py output; prompts from --data), sentiment (VADER compound "
+        "score of the continuation; needs the vaderSentiment package) or letter:X (share of answer "
+        "tokens containing the letter); default sentiment",
+    )
     p.add_argument("--ref-model", default=None, help="KL reference (default: a frozen copy of --model)")
-    p.add_argument("--data", default=None, help="with model:DIR: instruction JSON/JSONL (default: download the "
-                   "instruction set of 'LLMs from scratch'); prompts are its training split, as in SFT")  # fmt: skip
-    p.add_argument("--books", nargs="+", default=None, metavar="FILE",
-                   help="with sentiment/letter: training books, plain text (default: download five Project "
-                        "Gutenberg novels into data/)")  # fmt: skip
-    p.add_argument("--heldout-book", default=None, metavar="FILE",
-                   help="with sentiment/letter: the book the held-out prompts come from (default: Gulliver's Travels)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="with model:DIR: instruction JSON/JSONL (default: download the "
+        "instruction set of 'LLMs from scratch'); prompts are its training split, as in SFT",
+    )
+    p.add_argument(
+        "--books",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="with sentiment/letter: training books, plain text (default: download five Project "
+        "Gutenberg novels into data/)",
+    )
+    p.add_argument(
+        "--heldout-book",
+        default=None,
+        metavar="FILE",
+        help="with sentiment/letter: the book the held-out prompts come from (default: Gulliver's Travels)",
+    )
     p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N instruction records (quick runs)")
     p.add_argument("--prompt-len", type=int, default=64, help="book prompts: tokens per window (default 64)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="answer length limit (default 24 for book continuations, 64 for model:DIR)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="answer length limit (default 24 for book continuations, 64 for model:DIR)",
+    )
     p.add_argument("--rollout-batch", type=int, default=16, help="answers sampled per step per process (default 16)")
     p.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout batch (default 4)")
     p.add_argument("--kl-coef", type=float, default=0.05, help="weight of the per-token KL penalty (default 0.05)")
-    p.add_argument("--target-kl", type=float, default=None,
-                   help="adapt --kl-coef toward this KL per answer in nats (Ziegler et al.'s controller; default: fixed)")
+    p.add_argument(
+        "--target-kl",
+        type=float,
+        default=None,
+        help="adapt --kl-coef toward this KL per answer in nats (Ziegler et al.'s controller; default: fixed)",
+    )
     p.add_argument("--kl-horizon", type=float, default=10000, help="with --target-kl: the controller's horizon")
     p.add_argument("--whiten-scores", action="store_true", help="normalise each batch's scores to mean 0, std 1")
-    p.add_argument("--dense-score", action="store_true",
-                   help="letter:X: pay each answer token its part of the share (1/length if it holds the "
-                        "letter) where it is sampled, not all on the last token: same return, clearer credit")
+    p.add_argument(
+        "--dense-score",
+        action="store_true",
+        help="letter:X: pay each answer token its part of the share (1/length if it holds the "
+        "letter) where it is sampled, not all on the last token: same return, clearer credit",
+    )
     p.add_argument("--gamma", type=float, default=1.0, help="discount over answer tokens (default 1.0)")
     p.add_argument("--lam", type=float, default=0.95, help="GAE lambda (default 0.95)")
     p.add_argument("--clip", type=float, default=0.2, help="policy ratio clip range (default 0.2)")
     p.add_argument("--value-clip", type=float, default=0.2, help="value clip range around the rollout's values")
     p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss (default 0.1)")
-    p.add_argument("--ptx-coef", type=float, default=0.0,
-                   help="PPO-ptx: weight of a next-token loss on training text (SFT examples or book windows), "
-                        "which keeps the policy fluent (InstructGPT; default 0: off)")  # fmt: skip
-    p.add_argument("--missing-eos-penalty", type=float, default=0.0,
-                   help="subtracted from the score of an answer that never ends (no <|endoftext|>); default 0")
+    p.add_argument(
+        "--ptx-coef",
+        type=float,
+        default=0.0,
+        help="PPO-ptx: weight of a next-token loss on training text (SFT examples or book windows), "
+        "which keeps the policy fluent (InstructGPT; default 0: off)",
+    )
+    p.add_argument(
+        "--missing-eos-penalty",
+        type=float,
+        default=0.0,
+        help="subtracted from the score of an answer that never ends (no <|endoftext|>); default 0",
+    )
     p.add_argument("--eval-every", type=int, default=10, help="held-out score and KL every N steps")
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts scored (default 64)")
     p.add_argument("--samples", type=int, default=4, help="held-out answers written before and after (default 4)")
@@ -194,8 +237,10 @@ def main(argv=None):
     if args.max_new_tokens < 1 or args.prompt_len < 1 or args.eval_prompts < 1 or args.samples < 0:
         die("--max-new-tokens, --prompt-len and --eval-prompts must be >= 1, --samples >= 0")
     if args.rollout_batch < 1 or args.rollout_batch % args.batch_size or args.ppo_epochs < 1:
-        die(f"--rollout-batch ({args.rollout_batch}) must be a positive multiple of --batch-size "
-            f"({args.batch_size}, the PPO minibatch) and --ppo-epochs >= 1")  # fmt: skip
+        die(
+            f"--rollout-batch ({args.rollout_batch}) must be a positive multiple of --batch-size "
+            f"({args.batch_size}, the PPO minibatch) and --ppo-epochs >= 1"
+        )
     if not (args.kl_coef >= 0 and args.clip > 0 and args.value_clip > 0 and args.vf_coef >= 0 and args.ptx_coef >= 0):
         die("--kl-coef, --vf-coef and --ptx-coef must be >= 0, --clip and --value-clip > 0")
     if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
@@ -213,12 +258,16 @@ def train(args, run):
 
     # ---- the models: policy (trains), reference (frozen), value model (trains), reward model (frozen)
     policy, model_name = load_model(args.model, device, quiet=not run.master)
-    reference = load_model(args.ref_model, device, "--ref-model", quiet=True)[0] if args.ref_model else copy.deepcopy(policy)
+    reference = (
+        load_model(args.ref_model, device, "--ref-model", quiet=True)[0] if args.ref_model else copy.deepcopy(policy)
+    )
     reward_model = None
     if kind == "model":
         try:
             reward_model = RewardModel.from_pretrained(target, device=device)
-            value_model = RewardModel.from_pretrained(target, device=device)  # values start as the reward model's scores
+            value_model = RewardModel.from_pretrained(
+                target, device=device
+            )  # values start as the reward model's scores
         except (OSError, KeyError, ValueError) as e:
             raise NanotuneError(f"could not load the reward model {target}: {e}") from None
     else:
@@ -237,24 +286,32 @@ def train(args, run):
         path = args.data or default_file("instruction-data.json", INSTRUCTIONS_URL)
         examples = normalize_examples(read_records(path, args.limit), path)
         train_examples, _, test_examples = split_examples(examples, args.seed)  # the test split, as in SFT and DPO
-        prompts = {name: [enc.encode_ordinary(format_prompt(ex, args.template)) for ex in split]
-                   for name, split in (("train", train_examples), ("heldout", test_examples))}  # fmt: skip
+        prompts = {
+            name: [enc.encode_ordinary(format_prompt(ex, args.template)) for ex in split]
+            for name, split in (("train", train_examples), ("heldout", test_examples))
+        }
         ptx_pairs = []  # PPO-ptx texts: the SFT examples whose prompt fits, their response cut to the context
         for ex, prompt_ids in zip(train_examples if args.ptx_coef else [], prompts["train"]):
             if len(prompt_ids) < context - 1:
                 ptx_pairs.append(encode_pair(enc, format_prompt(ex, args.template), ex["output"], context - 1, "")[:2])
     else:
         if args.prompt_len + args.max_new_tokens > context:
-            raise NanotuneError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceed the "
-                                f"models' context of {context}")  # fmt: skip
-        books = args.books or [default_file(f"{name}.txt", f"https://www.gutenberg.org/cache/epub/{i}/pg{i}.txt",
-                                            "--books") for name, i in BOOKS.items()]  # fmt: skip
+            raise NanotuneError(
+                f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceed the "
+                f"models' context of {context}"
+            )
+        books = args.books or [
+            default_file(f"{name}.txt", f"https://www.gutenberg.org/cache/epub/{i}/pg{i}.txt", "--books")
+            for name, i in BOOKS.items()
+        ]
         book_tokens = torch.cat([torch.tensor(enc.encode_ordinary(read_book(book) + "\n\n")) for book in books])
         heldout_book = args.heldout_book or default_file("gulliver.txt", GULLIVER_URL, "--heldout-book")
         heldout_tokens = enc.encode_ordinary(read_book(heldout_book))
         if len(book_tokens) <= args.prompt_len + args.max_new_tokens or len(heldout_tokens) <= args.prompt_len:
-            raise NanotuneError(f"the books hold {len(book_tokens)} and {len(heldout_tokens)} tokens: too few for "
-                                f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens}")  # fmt: skip
+            raise NanotuneError(
+                f"the books hold {len(book_tokens)} and {len(heldout_tokens)} tokens: too few for "
+                f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens}"
+            )
         starts = torch.linspace(0, len(heldout_tokens) - args.prompt_len, args.eval_prompts).long().tolist()
         prompts = {"heldout": [heldout_tokens[s : s + args.prompt_len] for s in starts]}  # evenly spread, fixed
     dropped = 0
@@ -263,8 +320,10 @@ def train(args, run):
         dropped += len(prompts[name]) - len(kept)
         prompts[name] = kept[: args.eval_prompts] if name == "heldout" else kept
     if not prompts["heldout"] or ("train" in prompts and not prompts["train"]):
-        raise NanotuneError(f"no prompt leaves room for --max-new-tokens {args.max_new_tokens} in the context of "
-                            f"{context}: lower --max-new-tokens")  # fmt: skip
+        raise NanotuneError(
+            f"no prompt leaves room for --max-new-tokens {args.max_new_tokens} in the context of "
+            f"{context}: lower --max-new-tokens"
+        )
 
     # ---- the reward: a score (B,) for each (prompt, answer); answers are token lists without <|endoftext|>
     if kind == "model":
@@ -282,8 +341,10 @@ def train(args, run):
         try:
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError:
-            raise NanotuneError("--reward sentiment needs the vaderSentiment package: pip install vaderSentiment "
-                                '(or pip install -e ".[ppo]")') from None  # fmt: skip
+            raise NanotuneError(
+                "--reward sentiment needs the vaderSentiment package: pip install vaderSentiment "
+                '(or pip install -e ".[ppo]")'
+            ) from None
         analyzer = SentimentIntensityAnalyzer()
 
         def score(prompt_ids, answers):  # VADER's compound score in [-1, 1] of the continuation alone
@@ -336,8 +397,9 @@ def train(args, run):
         """Answers at temperature 1, no top-k or top-p: the log-probs PPO stores must be those of the
         distribution the tokens were drawn from."""
         policy.eval()
-        sequences = generate(policy, prompt_ids, args.max_new_tokens, temperature=1.0, eos_token=enc.eot_token,
-                             generator=generator)  # fmt: skip
+        sequences = generate(
+            policy, prompt_ids, args.max_new_tokens, temperature=1.0, eos_token=enc.eot_token, generator=generator
+        )
         policy.train()
         return sequences
 
@@ -366,23 +428,33 @@ def train(args, run):
         logps = answer_logprobs(policy, input_ids, attention_mask, P)[0]
         ref_logps = answer_logprobs(reference, input_ids, attention_mask, P)[0]
         kl = ((logps - ref_logps) * mask).sum(-1)  # (B,)
-        shown = [f"--- prompt {i} (score {s:.3f}, KL {k:.2f} nats{'' if e else ', no end'}) ---\n{enc.decode(p)}"
-                 f"\n>>> {enc.decode(a)}\n" for i, (p, a, s, k, e) in
-                 enumerate(zip(prompt_ids, answers, scores.tolist(), kl.tolist(), ended.tolist()))][: args.samples]  # fmt: skip
+        shown = [
+            f"--- prompt {i} (score {s:.3f}, KL {k:.2f} nats{'' if e else ', no end'}) ---\n{enc.decode(p)}"
+            f"\n>>> {enc.decode(a)}\n"
+            for i, (p, a, s, k, e) in enumerate(zip(prompt_ids, answers, scores.tolist(), kl.tolist(), ended.tolist()))
+        ][: args.samples]
         return {"val_score": scores.mean().item(), "val_kl": kl.mean().item()}, "\n".join(shown)
 
     # value model and policy train together: one optimizer, one gradient clip over both
     trained = nn.ModuleList([policy, value_model])
     kl_state = {"kl_coef": args.kl_coef}  # moves with --target-kl; part of every checkpoint
-    run.summary.update(model=model_name, reward=args.reward, ref_model=args.ref_model, world_size=run.world,
-                       prompts_skipped_too_long=dropped)  # fmt: skip
+    run.summary.update(
+        model=model_name,
+        reward=args.reward,
+        ref_model=args.ref_model,
+        world_size=run.world,
+        prompts_skipped_too_long=dropped,
+    )
     if run.master:
         source = f"{len(prompts['train'])} training prompts" if kind == "model" else f"{len(book_tokens)} book tokens"
         skipped = f" ({dropped} prompts too long for the context skipped)" if dropped else ""
-        print(f"policy {model_name} ({args.peft}: {describe_trainable(policy)}), value model from "
-              f"{target if kind == 'model' else 'the policy'}, reward {args.reward}, on {device} ({run.dtype}); "
-              f"{source}, {len(prompts['heldout'])} held-out prompts{skipped}; "
-              f"{args.rollout_batch * run.world} answers per step", flush=True)  # fmt: skip
+        print(
+            f"policy {model_name} ({args.peft}: {describe_trainable(policy)}), value model from "
+            f"{target if kind == 'model' else 'the policy'}, reward {args.reward}, on {device} ({run.dtype}); "
+            f"{source}, {len(prompts['heldout'])} held-out prompts{skipped}; "
+            f"{args.rollout_batch * run.world} answers per step",
+            flush=True,
+        )
     if run.master and not run.resumed:
         before, shown = evaluate()
         run.summary.update(score_before=before["val_score"], kl_before=before["val_kl"])
@@ -405,8 +477,10 @@ def train(args, run):
         # ---- 1. rollouts: the current policy answers a batch of training prompts
         t0 = time.time()
         if kind == "model":
-            prompt_ids = [prompts["train"][i] for i in torch.randint(len(prompts["train"]), (args.rollout_batch,),
-                                                                         generator=data_rng).tolist()]  # fmt: skip
+            prompt_ids = [
+                prompts["train"][i]
+                for i in torch.randint(len(prompts["train"]), (args.rollout_batch,), generator=data_rng).tolist()
+            ]
         else:
             starts = torch.randint(0, len(book_tokens) - args.prompt_len, (args.rollout_batch,), generator=data_rng)
             prompt_ids = [book_tokens[s : s + args.prompt_len].tolist() for s in starts.tolist()]
@@ -448,14 +522,16 @@ def train(args, run):
         # a wrong reference), and every update would chase that error
         if not torch.isfinite(kl).all() or rollout["kl"] < KL_FLOOR:
             run.summary["status"] = "diverged"
-            raise NanotuneError(f"step {step}: the mean KL to the reference is {rollout['kl']:.4g} nats per answer "
-                                f"(below {KL_FLOOR} or not finite): the policy's and the reference's log-probs do not "
-                                "belong to the same tokens; check --ref-model and the model files")  # fmt: skip
+            raise NanotuneError(
+                f"step {step}: the mean KL to the reference is {rollout['kl']:.4g} nats per answer "
+                f"(below {KL_FLOOR} or not finite): the policy's and the reference's log-probs do not "
+                "belong to the same tokens; check --ref-model and the model files"
+            )
         t2 = time.time()
 
         # ---- 3. the PPO update: --ppo-epochs passes over shuffled minibatches of --batch-size answers
         sums, n_updates = {}, 0
-        for epoch in range(args.ppo_epochs):
+        for _ in range(args.ppo_epochs):
             order = torch.randperm(args.rollout_batch, generator=data_rng).to(device)
             for start in range(0, args.rollout_batch, args.batch_size):
                 minibatch = order[start : start + args.batch_size]
@@ -471,10 +547,12 @@ def train(args, run):
                         logps, entropy = answer_logprobs(train_policy, input_ids[micro], attention_mask[micro], P)
                         values = answer_values(train_value, input_ids[micro], attention_mask[micro], P)
                         m = mask[micro]
-                        policy_loss, clip_fraction = ppo_policy_loss(logps, old_logps[micro], advantages[micro], m,
-                                                                     args.clip)  # fmt: skip
-                        value_loss, value_clip_fraction = ppo_value_loss(values, old_values[micro], returns[micro], m,
-                                                                         args.value_clip)  # fmt: skip
+                        policy_loss, clip_fraction = ppo_policy_loss(
+                            logps, old_logps[micro], advantages[micro], m, args.clip
+                        )
+                        value_loss, value_clip_fraction = ppo_value_loss(
+                            values, old_values[micro], returns[micro], m, args.value_clip
+                        )
                         loss = weight * (policy_loss + args.vf_coef * value_loss)
                         if args.ptx_coef:  # equal-sized text batches: each micro-batch adds 1/grad_accum
                             ptx = ptx_loss(train_policy, len(micro))
@@ -482,12 +560,16 @@ def train(args, run):
                             losses["ptx_loss"] = losses.get("ptx_loss", 0.0) + ptx.item() / args.grad_accum
                         loss.backward()
                     log_ratio = (logps - old_logps[micro]).detach()
-                    for key, value in (("loss", loss), ("policy_loss", weight * policy_loss),
-                                       ("value_loss", weight * value_loss), ("entropy", weight * masked_mean(entropy, m)),
-                                       ("clip_fraction", weight * clip_fraction),
-                                       ("value_clip_fraction", weight * value_clip_fraction),
-                                       # k3 estimator of KL(old || new): (ratio - 1) - log ratio >= 0
-                                       ("approx_kl", weight * masked_mean(log_ratio.exp() - 1 - log_ratio, m))):  # fmt: skip
+                    for key, value in (
+                        ("loss", loss),
+                        ("policy_loss", weight * policy_loss),
+                        ("value_loss", weight * value_loss),
+                        ("entropy", weight * masked_mean(entropy, m)),
+                        ("clip_fraction", weight * clip_fraction),
+                        ("value_clip_fraction", weight * value_clip_fraction),
+                        # k3 estimator of KL(old || new): (ratio - 1) - log ratio >= 0
+                        ("approx_kl", weight * masked_mean(log_ratio.exp() - 1 - log_ratio, m)),
+                    ):
                         losses[key] = losses.get(key, 0.0) + value.item()
                 grad_norm = clip_gradients(trained, args.grad_clip)  # the norm before clipping
                 # NaN/inf or an exploding loss stops here, before the update
@@ -500,12 +582,23 @@ def train(args, run):
         update = {k: all_reduce_mean(v / n_updates, device) for k, v in sums.items()}
         t3 = time.time()
         if args.target_kl is not None:
-            kl_state["kl_coef"] = adaptive_kl_coef(kl_coef, rollout["kl"], args.target_kl,
-                                                   args.rollout_batch * run.world, args.kl_horizon)  # fmt: skip
+            kl_state["kl_coef"] = adaptive_kl_coef(
+                kl_coef, rollout["kl"], args.target_kl, args.rollout_batch * run.world, args.kl_horizon
+            )
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             run.log(step=step, **evaluate()[0], kl_coef=kl_coef)
-        run.end_step(step, int(mask.sum().item()) * run.world, **rollout, **update, kl_coef=kl_coef, lr=lr,
-                     grad_norm=grad_norm, time_generate_s=t1 - t0, time_score_s=t2 - t1, time_update_s=t3 - t2)  # fmt: skip
+        run.end_step(
+            step,
+            int(mask.sum().item()) * run.world,
+            **rollout,
+            **update,
+            kl_coef=kl_coef,
+            lr=lr,
+            grad_norm=grad_norm,
+            time_generate_s=t1 - t0,
+            time_score_s=t2 - t1,
+            time_update_s=t3 - t2,
+        )
 
     # ---- training is over: the weights and the summary so far are saved before anything that might fail
     if not run.master:
@@ -518,14 +611,24 @@ def train(args, run):
         run.write_text("samples_after.txt", shown)
     with run.optional("the plots"):
         evals = [m for m in run.history if "val_score" in m]
-        plot_curves(run.out / "kl_score.svg", {"held-out score": [(m["val_kl"], m["val_score"]) for m in evals]},
-                    "held-out score against KL to the reference (nats per answer)", xlabel="KL")  # fmt: skip
-        plot_curves(run.out / "score.svg", {"training score": run.curve("score"), "held-out": run.curve("val_score")},
-                    f"PPO, reward {args.reward}")  # fmt: skip
+        plot_curves(
+            run.out / "kl_score.svg",
+            {"held-out score": [(m["val_kl"], m["val_score"]) for m in evals]},
+            "held-out score against KL to the reference (nats per answer)",
+            xlabel="KL",
+        )
+        plot_curves(
+            run.out / "score.svg",
+            {"training score": run.curve("score"), "held-out": run.curve("val_score")},
+            f"PPO, reward {args.reward}",
+        )
     s = run.summary
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"held-out score {fmt(s.get('score_before'))} -> {fmt(s.get('score_after'))}, KL to the reference "
-          f"{fmt(s.get('kl_after'))} nats per answer, kl_coef {s['kl_coef']:.4g}; outputs in {run.out}", flush=True)
+    print(
+        f"held-out score {fmt(s.get('score_before'))} -> {fmt(s.get('score_after'))}, KL to the reference "
+        f"{fmt(s.get('kl_after'))} nats per answer, kl_coef {s['kl_coef']:.4g}; outputs in {run.out}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

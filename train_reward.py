@@ -5,7 +5,7 @@ model learns to score the better answer of every pair higher. Its scores then ju
 (python -m nanotune.evaluate) and reward PPO (train_ppo.py).
 
     python train_reward.py --model out/sft --out out/rm        # default data: the DPO preference set
-    python train_reward.py --data ranked.jsonl                  # {"instruction", "input"?, "responses": [best, ..., worst]}
+    python train_reward.py --data ranked.jsonl   # {"instruction", "input"?, "responses": [best, ..., worst]}
 
 Data: the preference format (instruction, input?, chosen, rejected) or ranked records (responses: K >= 2
 answers, best first). The prompt template and the seeded train/validation/test split are the SFT recipe's
@@ -26,9 +26,17 @@ from nanotune.instruct import encode_pair, format_prompt, split_examples
 from nanotune.reward import PAD, RewardModel
 from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
 from nanotune.utils import (
-    NanotuneError, all_reduce_mean, clip_gradients, die, load_model, lr_at, make_optimizer, no_sync_unless_last,
-    plot_curves, wrap_model,
-)  # fmt: skip
+    NanotuneError,
+    all_reduce_mean,
+    clip_gradients,
+    die,
+    load_model,
+    lr_at,
+    make_optimizer,
+    no_sync_unless_last,
+    plot_curves,
+    wrap_model,
+)
 
 
 # loss = mean over pairs of -log sigmoid(r_chosen - r_rejected - margin)        (margin 0 unless given)
@@ -52,13 +60,17 @@ def ranked_examples(records: list[dict], path) -> list[dict]:
         if "responses" in r:
             responses = r["responses"]
             if not isinstance(responses, list) or len(responses) < 2:
-                raise NanotuneError(f"{path}: record {i}: 'responses' must list at least 2 answers (best first), got "
-                                    f"{len(responses) if isinstance(responses, list) else type(responses).__name__}")  # fmt: skip
+                raise NanotuneError(
+                    f"{path}: record {i}: 'responses' must list at least 2 answers (best first), got "
+                    f"{len(responses) if isinstance(responses, list) else type(responses).__name__}"
+                )
         elif "chosen" in r and "rejected" in r:
             responses = [r["chosen"], r["rejected"]]
         else:
-            raise NanotuneError(f"{path}: record {i} has neither 'responses' nor both 'chosen' and 'rejected' "
-                                f"(it has {', '.join(sorted(r)) or 'none'})")  # fmt: skip
+            raise NanotuneError(
+                f"{path}: record {i} has neither 'responses' nor both 'chosen' and 'rejected' "
+                f"(it has {', '.join(sorted(r)) or 'none'})"
+            )
         if "instruction" not in r and "prompt" not in r:
             raise NanotuneError(f"{path}: record {i} has no 'instruction' (or 'prompt') key")
         instruction, text = r.get("instruction", r.get("prompt")), r.get("input") or ""
@@ -72,14 +84,22 @@ def ranked_examples(records: list[dict], path) -> list[dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, lr=1e-5, steps=200, batch_size=8)
-    p.add_argument("--data", default=None, help="JSON/JSONL of preference or ranked records (default: download the "
-                   "preference set of the book 'LLMs from scratch' into data/)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        default=None,
+        help="JSON/JSONL of preference or ranked records (default: download the "
+        "preference set of the book 'LLMs from scratch' into data/)",
+    )
     p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
     p.add_argument("--max-len", type=int, default=256, help="longest prompt + answer; longer answers are truncated")
     p.add_argument("--limit", type=int, default=None, help="use only the first N records (quick runs)")
     p.add_argument("--margin", type=float, default=None, help="required reward gap in the loss (default none)")
-    p.add_argument("--center-coef", type=float, default=0.0, help="weight of mean((r_c + r_r)^2), keeping rewards "
-                   "near zero (default 0)")  # fmt: skip
+    p.add_argument(
+        "--center-coef",
+        type=float,
+        default=0.0,
+        help="weight of mean((r_c + r_r)^2), keeping rewards near zero (default 0)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--eval-every", type=int, default=25, help="held-out accuracy every N steps")
     return parse_run_args(p, argv)
@@ -105,8 +125,10 @@ def train(args, run):
     examples = ranked_examples(read_records(path, args.limit), path)
     train, val, _ = split_examples(examples, args.seed)  # the test split stays untouched, for evaluation
     if not train or not val:
-        raise NanotuneError(f"{path}: {len(examples)} records give {len(train)} training and {len(val)} validation "
-                            "prompts; need at least one of each")  # fmt: skip
+        raise NanotuneError(
+            f"{path}: {len(examples)} records give {len(train)} training and {len(val)} validation "
+            "prompts; need at least one of each"
+        )
     rankings, truncated = {}, 0
     for name, split in (("train", train), ("val", val)):
         rankings[name] = []
@@ -126,13 +148,20 @@ def train(args, run):
         raise NanotuneError(f"--max-len {args.max_len} exceeds the model's context of {body.config.n_positions}")
     torch.manual_seed(args.seed)  # the score head's initial weights
     model = RewardModel(body)
-    run.summary.update(model=model_name, train_pairs=n_pairs["train"], val_pairs=n_pairs["val"],
-                       truncated_answers=truncated, world_size=run.world)  # fmt: skip
+    run.summary.update(
+        model=model_name,
+        train_pairs=n_pairs["train"],
+        val_pairs=n_pairs["val"],
+        truncated_answers=truncated,
+        world_size=run.world,
+    )
     if run.master:
-        print(f"reward model on {model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on "
-              f"{device} ({run.dtype}); {len(train)} train / {len(val)} val prompts, {n_pairs['train']} / "
-              f"{n_pairs['val']} pairs; {truncated} answers truncated; {args.batch_size * run.world} prompts a step",
-              flush=True)  # fmt: skip
+        print(
+            f"reward model on {model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on "
+            f"{device} ({run.dtype}); {len(train)} train / {len(val)} val prompts, {n_pairs['train']} / "
+            f"{n_pairs['val']} pairs; {truncated} answers truncated; {args.batch_size * run.world} prompts a step",
+            flush=True,
+        )
 
     def pair_rewards(reward_model, group):
         """Every answer of every prompt in one forward -> (chosen rewards (P,), rejected rewards (P,))."""
@@ -151,13 +180,17 @@ def train(args, run):
     @torch.no_grad()
     def evaluate():
         model.eval()
-        parts = [pair_rewards(model, rankings["val"][i : i + args.batch_size])
-                 for i in range(0, len(rankings["val"]), args.batch_size)]  # fmt: skip
+        parts = [
+            pair_rewards(model, rankings["val"][i : i + args.batch_size])
+            for i in range(0, len(rankings["val"]), args.batch_size)
+        ]
         model.train()
         chosen, rejected = torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
-        return {"val_loss": reward_loss(chosen, rejected, args.margin).item(),
-                "val_accuracy": (chosen > rejected).float().mean().item(),
-                "val_margin": (chosen - rejected).mean().item()}  # fmt: skip
+        return {
+            "val_loss": reward_loss(chosen, rejected, args.margin).item(),
+            "val_accuracy": (chosen > rejected).float().mean().item(),
+            "val_margin": (chosen - rejected).mean().item(),
+        }
 
     if run.master and not run.resumed:
         before = evaluate()
@@ -203,15 +236,26 @@ def train(args, run):
     if not run.master:
         return
     after = [m for m in run.history if "val_accuracy" in m][-1]
-    run.summary.update(val_accuracy_after=after["val_accuracy"], val_margin_after=after["val_margin"],
-                       val_loss_after=after["val_loss"], steps=args.steps, lr=args.lr)  # fmt: skip
+    run.summary.update(
+        val_accuracy_after=after["val_accuracy"],
+        val_margin_after=after["val_margin"],
+        val_loss_after=after["val_loss"],
+        steps=args.steps,
+        lr=args.lr,
+    )
     run.save_model(model)
     with run.optional("the loss plot"):
-        plot_curves(run.out / "loss.svg", {"train": run.curve("loss"), "validation": run.curve("val_loss")},
-                    "reward model: -log sigmoid(r_chosen - r_rejected)")  # fmt: skip
+        plot_curves(
+            run.out / "loss.svg",
+            {"train": run.curve("loss"), "validation": run.curve("val_loss")},
+            "reward model: -log sigmoid(r_chosen - r_rejected)",
+        )
     s = run.summary
-    print(f"held-out pairwise accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy_after']:.3f}, margin "
-          f"{s['val_margin_before']:.3f} -> {s['val_margin_after']:.3f}; outputs in {run.out}", flush=True)
+    print(
+        f"held-out pairwise accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy_after']:.3f}, margin "
+        f"{s['val_margin_before']:.3f} -> {s['val_margin_after']:.3f}; outputs in {run.out}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -19,15 +19,31 @@ import torch
 
 from nanotune import generate, load_tokenizer
 from nanotune.data import INSTRUCTIONS_URL, default_file, read_records
-from nanotune.peft import apply_peft, describe_trainable
 from nanotune.instruct import (
-    IGNORE, check_answerable, collate, encode_pair, format_prompt, normalize_examples, split_examples, token_logprobs,
-)  # fmt: skip
+    IGNORE,
+    check_answerable,
+    collate,
+    encode_pair,
+    format_prompt,
+    normalize_examples,
+    split_examples,
+    token_logprobs,
+)
+from nanotune.peft import apply_peft, describe_trainable
 from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
 from nanotune.utils import (
-    NanotuneError, all_reduce_mean, clip_gradients, die, load_model, lr_at, make_optimizer, no_sync_unless_last,
-    perplexity, plot_curves, wrap_model,
-)  # fmt: skip
+    NanotuneError,
+    all_reduce_mean,
+    clip_gradients,
+    die,
+    load_model,
+    lr_at,
+    make_optimizer,
+    no_sync_unless_last,
+    perplexity,
+    plot_curves,
+    wrap_model,
+)
 
 
 # NLL = -sum_{unmasked (b, t)} log p(labels[b, t]) / #unmasked.  logits (B, T, V), labels (B, T) -> scalar.
@@ -54,14 +70,22 @@ def sft_loss(logits, labels, prompt_labels=None, lm_weight: float = 0.0, n_respo
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, lr=5e-5, steps=200, batch_size=8)
-    p.add_argument("--data", default=None, help="JSON list or JSONL of examples (default: download the "
-                   "1,100-example set of the book 'LLMs from scratch' into data/)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        default=None,
+        help="JSON list or JSONL of examples (default: download the "
+        "1,100-example set of the book 'LLMs from scratch' into data/)",
+    )
     p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout")
     p.add_argument("--max-len", type=int, default=256, help="longest training sequence; longer ones are truncated")
     p.add_argument("--limit", type=int, default=None, help="use only the first N examples (quick runs)")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--lm-weight", type=float, default=0.0,
-                   help="add this times the next-token loss on the prompt tokens (GPT-1's L3 = L2 + L * L1; default 0)")
+    p.add_argument(
+        "--lm-weight",
+        type=float,
+        default=0.0,
+        help="add this times the next-token loss on the prompt tokens (GPT-1's L3 = L2 + L * L1; default 0)",
+    )
     p.add_argument("--eval-every", type=int, default=25, help="validation loss every N steps")
     p.add_argument("--responses", type=int, default=20, help="test prompts to answer after training (0: none)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="length limit of those answers")
@@ -90,14 +114,17 @@ def train(args, run):
     examples = normalize_examples(read_records(path, args.limit), path)
     train, val, test = split_examples(examples, args.seed)
     if not train or not val:
-        raise NanotuneError(f"{path}: {len(examples)} examples give {len(train)} training and {len(val)} validation "
-                            "examples; need at least one of each")  # fmt: skip
+        raise NanotuneError(
+            f"{path}: {len(examples)} examples give {len(train)} training and {len(val)} validation "
+            "examples; need at least one of each"
+        )
     encoded, truncated = {}, 0
     for name, split in (("train", train), ("val", val)):
         encoded[name] = []
         for ex in split:
-            prompt_ids, response_ids, cut = encode_pair(enc, format_prompt(ex, args.template), ex["output"],
-                                                        args.max_len, f"{path}: record {ex['record']}")  # fmt: skip
+            prompt_ids, response_ids, cut = encode_pair(
+                enc, format_prompt(ex, args.template), ex["output"], args.max_len, f"{path}: record {ex['record']}"
+            )
             encoded[name].append((prompt_ids, response_ids))
             truncated += cut
 
@@ -105,15 +132,20 @@ def train(args, run):
     apply_peft(model, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
     context = model.config.n_positions - model.n_virtual  # prompt-tuning embeddings take context too
     if args.max_len > context:
-        raise NanotuneError(f"--max-len {args.max_len} exceeds the model's context of {context}"
-                            + (f" ({model.n_virtual} taken by --prompt-tokens)" if model.n_virtual else ""))
+        raise NanotuneError(
+            f"--max-len {args.max_len} exceeds the model's context of {context}"
+            + (f" ({model.n_virtual} taken by --prompt-tokens)" if model.n_virtual else "")
+        )
     answered = test[: args.responses]
     answer_prompts = check_answerable(enc, answered, args.template, context, path)
     run.summary.update(model=model_name, train_examples=len(train), truncated_examples=truncated, world_size=run.world)
     if run.master:
-        print(f"model {model_name} ({args.peft}: {describe_trainable(model)}) on {device} ({run.dtype}); "
-              f"{len(train)} train / {len(val)} val / {len(test)} test examples; {truncated} truncated to "
-              f"--max-len {args.max_len}; effective batch {args.batch_size * run.world}", flush=True)  # fmt: skip
+        print(
+            f"model {model_name} ({args.peft}: {describe_trainable(model)}) on {device} ({run.dtype}); "
+            f"{len(train)} train / {len(val)} val / {len(test)} test examples; {truncated} truncated to "
+            f"--max-len {args.max_len}; effective batch {args.batch_size * run.world}",
+            flush=True,
+        )
 
     @torch.no_grad()
     def val_loss():
@@ -177,10 +209,14 @@ def train(args, run):
     val_losses = [v for _, v in run.curve("val_loss")]
     train_losses = run.curve("loss")
     run.summary.update(
-        val_loss_before=val_losses[0], val_loss_after=val_losses[-1], val_ppl_before=perplexity(val_losses[0]),
-        val_ppl_after=perplexity(val_losses[-1]), train_loss_last=train_losses[-1][1] if train_losses else None,
-        steps=args.steps, lr=args.lr,
-    )  # fmt: skip
+        val_loss_before=val_losses[0],
+        val_loss_after=val_losses[-1],
+        val_ppl_before=perplexity(val_losses[0]),
+        val_ppl_after=perplexity(val_losses[-1]),
+        train_loss_last=train_losses[-1][1] if train_losses else None,
+        steps=args.steps,
+        lr=args.lr,
+    )
     run.save_model(model)
     with run.optional("answering the test prompts"):
         # greedy answers to held-out test prompts, stopping at <|endoftext|> (each prompt was checked to fit)
@@ -192,18 +228,31 @@ def train(args, run):
             outputs = generate(model, prompts, budget, temperature=0, eos_token=enc.eot_token)
             for ex, prompt, seq in zip(answered[i : i + 8], prompts, outputs):
                 answer = enc.decode([t for t in seq[len(prompt) :] if t != enc.eot_token]).strip()
-                responses.append({"record": ex["record"], "instruction": ex["instruction"], "input": ex["input"],
-                                  "reference": ex["output"], "model": answer})  # fmt: skip
+                responses.append(
+                    {
+                        "record": ex["record"],
+                        "instruction": ex["instruction"],
+                        "input": ex["input"],
+                        "reference": ex["output"],
+                        "model": answer,
+                    }
+                )
         run.write_text("responses.jsonl", "".join(json.dumps(r) + "\n" for r in responses))
         if responses:
             first = responses[0]
             print(f"--- test prompt ---\n{first['instruction']}\n--- model ---\n{first['model']}\n---", flush=True)
     with run.optional("the loss plot"):
-        plot_curves(run.out / "loss.svg", {"train": train_losses, "validation": run.curve("val_loss")},
-                    title="SFT: response-token NLL (nats)")  # fmt: skip
+        plot_curves(
+            run.out / "loss.svg",
+            {"train": train_losses, "validation": run.curve("val_loss")},
+            title="SFT: response-token NLL (nats)",
+        )
     s = run.summary
-    print(f"validation perplexity {s['val_ppl_before']:.2f} -> {s['val_ppl_after']:.2f} "
-          f"(loss {s['val_loss_before']:.3f} -> {s['val_loss_after']:.3f}); outputs in {run.out}", flush=True)
+    print(
+        f"validation perplexity {s['val_ppl_before']:.2f} -> {s['val_ppl_after']:.2f} "
+        f"(loss {s['val_loss_before']:.3f} -> {s['val_loss_after']:.3f}); outputs in {run.out}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

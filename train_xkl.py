@@ -22,9 +22,17 @@ from nanotune.peft import apply_peft, describe_trainable
 from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
 from nanotune.tokenizer import letter_tokens
 from nanotune.utils import (
-    NanotuneError, all_reduce_mean, clip_gradients, die, load_model, lr_at, make_optimizer, no_sync_unless_last,
-    plot_curves, wrap_model,
-)  # fmt: skip
+    NanotuneError,
+    all_reduce_mean,
+    clip_gradients,
+    die,
+    load_model,
+    lr_at,
+    make_optimizer,
+    no_sync_unless_last,
+    plot_curves,
+    wrap_model,
+)
 
 
 # KL(P || Q) = sum_i P_i (log P_i - log Q_i), with log Q = log_softmax(logits) and 0 log 0 = 0,
@@ -52,12 +60,21 @@ def parse_args(argv=None):
     p.add_argument("--case-sensitive", action="store_true", help="count only the letter's exact case")
     p.add_argument("--target", default="uniform", choices=["uniform", "smoothed"], help="target distribution shape")
     p.add_argument("--alpha", type=float, default=0.9, help="with --target smoothed: mass on letter tokens, in (0, 1)")
-    p.add_argument("--input", nargs="+", default=["random"], metavar="random | text FILE",
-                   help="'random': fresh random token sequences each step; 'text FILE': windows of a text file")  # fmt: skip
+    p.add_argument(
+        "--input",
+        nargs="+",
+        default=["random"],
+        metavar="random | text FILE",
+        help="'random': fresh random token sequences each step; 'text FILE': windows of a text file",
+    )
     p.add_argument("--seq-len", type=int, default=64, help="tokens per training sequence (default 64)")
-    p.add_argument("--positions", default="all", choices=["last", "all"],
-                   help="loss on every position (default: samples condition on contexts of every length) "
-                        "or on the last position only")  # fmt: skip
+    p.add_argument(
+        "--positions",
+        default="all",
+        choices=["last", "all"],
+        help="loss on every position (default: samples condition on contexts of every length) "
+        "or on the last position only",
+    )
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--gen-tokens", type=int, default=200, help="sampled tokens for the x_share metric")
     p.add_argument("--prompt", default="The", help="the fixed context the samples start from")
@@ -72,7 +89,11 @@ def main(argv=None):
         die(f"--letter must be a single character, got {args.letter!r}")
     if args.target == "smoothed" and not 0 < args.alpha < 1:
         die(f"--alpha must lie in (0, 1), got {args.alpha}")
-    if args.input[0] not in ("random", "text") or (args.input[0] == "random") != (len(args.input) == 1) or len(args.input) > 2:
+    if (
+        args.input[0] not in ("random", "text")
+        or (args.input[0] == "random") != (len(args.input) == 1)
+        or len(args.input) > 2
+    ):
         die(f"--input takes 'random' or 'text FILE', got {' '.join(args.input)!r}")
     if args.gen_tokens < 1 or args.seq_len < 1:
         die("--gen-tokens and --seq-len must be >= 1")
@@ -92,8 +113,9 @@ def train(args, run):
     if args.input[0] == "text":
         text_tokens = torch.tensor(enc.encode_ordinary(read_book(args.input[1])))
         if len(text_tokens) <= args.seq_len:
-            raise NanotuneError(f"{args.input[1]} has {len(text_tokens)} tokens, fewer than one window of "
-                                f"--seq-len {args.seq_len}")  # fmt: skip
+            raise NanotuneError(
+                f"{args.input[1]} has {len(text_tokens)} tokens, fewer than one window of --seq-len {args.seq_len}"
+            )
 
     model, model_name = load_model(args.model, device, quiet=not run.master)
     apply_peft(model, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
@@ -102,19 +124,28 @@ def train(args, run):
         raise NanotuneError(f"--seq-len {args.seq_len} exceeds the model's context of {context}")
     prompt = torch.tensor(enc.encode_ordinary(args.prompt) or [enc.eot_token], device=device)
     if len(prompt) + args.gen_tokens > context:
-        raise NanotuneError(f"--prompt ({len(prompt)} tokens) + --gen-tokens {args.gen_tokens} exceed the model's "
-                            f"context of {context}")  # fmt: skip
+        raise NanotuneError(
+            f"--prompt ({len(prompt)} tokens) + --gen-tokens {args.gen_tokens} exceed the model's context of {context}"
+        )
     run.summary.update(model=model_name, letter_tokens=int(is_letter.sum()), world_size=run.world)
     if run.master:
-        print(f"model {model_name} ({args.peft}: {describe_trainable(model)}) on {device} ({run.dtype}); "
-              f"{int(is_letter.sum())} of {enc.n_vocab} tokens contain {args.letter!r}; "
-              f"effective batch {args.batch_size * run.world} sequences", flush=True)  # fmt: skip
+        print(
+            f"model {model_name} ({args.peft}: {describe_trainable(model)}) on {device} ({run.dtype}); "
+            f"{int(is_letter.sum())} of {enc.n_vocab} tokens contain {args.letter!r}; "
+            f"effective batch {args.batch_size * run.world} sequences",
+            flush=True,
+        )
 
     def x_share(tag):
         """Share of --gen-tokens sampled tokens that contain the letter (the same seed before and after)."""
         model.eval()
-        sample = generate(model, prompt, args.gen_tokens, banned_tokens=[enc.eot_token],
-                          generator=torch.Generator(device).manual_seed(args.seed))  # fmt: skip
+        sample = generate(
+            model,
+            prompt,
+            args.gen_tokens,
+            banned_tokens=[enc.eot_token],
+            generator=torch.Generator(device).manual_seed(args.seed),
+        )
         model.train()
         share = is_letter.to(device)[sample[len(prompt) :]].float().mean().item()
         text = enc.decode(sample.tolist())
@@ -164,16 +195,23 @@ def train(args, run):
     if not run.master:
         return
     losses = run.curve("loss")
-    run.summary.update(steps=args.steps, lr=args.lr, loss_first=run.summary.get("loss_first"),
-                       loss_last=losses[-1][1] if losses else None)  # fmt: skip
+    run.summary.update(
+        steps=args.steps,
+        lr=args.lr,
+        loss_first=run.summary.get("loss_first"),
+        loss_last=losses[-1][1] if losses else None,
+    )
     run.save_model(model)
     with run.optional("sampling after training"):
         run.summary["x_share_after"] = x_share("after")
     with run.optional("the loss plot"):
         plot_curves(run.out / "loss.svg", {"KL(P||Q)": losses}, "X-KL loss")
     before, after = run.summary.get("x_share_before"), run.summary.get("x_share_after")
-    print(f"x_share {before if before is None else f'{before:.3f}'} -> {after if after is None else f'{after:.3f}'}; "
-          f"outputs in {run.out}", flush=True)
+    print(
+        f"x_share {before if before is None else f'{before:.3f}'} -> {after if after is None else f'{after:.3f}'}; "
+        f"outputs in {run.out}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import warnings
 # generate`); runpy warns about that, harmlessly, so the warning is silenced for these modules alone
 warnings.filterwarnings("ignore", message=r"'nanotune\.\w+' found in sys\.modules", category=RuntimeWarning)
 
-from .generate import generate
 from .config import PRESETS, GPTConfig
+from .generate import generate
 from .model import GPT, KVCache
 from .tokenizer import load_tokenizer
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanotune.model import PRESETS, GPT
+from nanotune.model import GPT, PRESETS
 from nanotune.peft import apply_peft
 from nanotune.utils import autocast
 
@@ -102,8 +102,9 @@ def run_times(fn, device, warmup, repeats):
     return times
 
 
-PEFT_SETTINGS = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="c_attn", adapter_size=64,
-                     prompt_tokens=20, seed=0)  # the recipes' defaults
+PEFT_SETTINGS = dict(
+    lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="c_attn", adapter_size=64, prompt_tokens=20, seed=0
+)  # the recipes' defaults
 
 
 def train_row(side, directory, args, variant, queue):
@@ -158,8 +159,14 @@ def generate_row(side, directory, args, batch, queue):
     def run():
         with autocast(device, args.dtype):
             if side == "transformers":
-                return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.gen_tokens,
-                                      min_new_tokens=args.gen_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+                return model.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=args.gen_tokens,
+                    min_new_tokens=args.gen_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
             return generate(model, prompt, args.gen_tokens, temperature=0)
 
     queue.put({"times": run_times(run, device, 1, max(1, args.repeats // 2))})
@@ -178,6 +185,7 @@ def in_child(target, *args):
 def alternate(target, sides, directory, args):
     """Run each side's child process --rounds times, alternating sides; pool the timed runs per side.
     A side is (model, extra argument of target): (name, compiled) for training, (name, batch) for generation."""
+
     def name(side):
         return side[0] + (" compiled" if side[1] is True else f" {side[1]}" if isinstance(side[1], str) else "")
 
@@ -187,8 +195,11 @@ def alternate(target, sides, directory, args):
             result = in_child(target, side[0], directory, args, side[1])
             pooled[side]["times"] += result["times"]
             pooled[side]["peak_mib"] = max(pooled[side]["peak_mib"], result.get("peak_mib", 0.0))
-            print(f"  round {r + 1}/{args.rounds} {target.__name__} {pooled[side]['name']}: median "
-                  f"{statistics.median(result['times']):.3f} s", flush=True)  # fmt: skip
+            print(
+                f"  round {r + 1}/{args.rounds} {target.__name__} {pooled[side]['name']}: median "
+                f"{statistics.median(result['times']):.3f} s",
+                flush=True,
+            )
     for result in pooled.values():
         result["median_s"] = statistics.median(result["times"])
     return pooled
@@ -228,8 +239,11 @@ def main(argv=None):
         directory = Path(tmp)
         shape = build_weights(args, directory)
         diff = check_parity(directory, args)
-        print(f"{args.preset} ({shape['n_layer']} layers, width {shape['n_embd']}) on {args.device}, {args.dtype}; "
-              f"parity: max |logit difference| {diff:.2e}", flush=True)  # fmt: skip
+        print(
+            f"{args.preset} ({shape['n_layer']} layers, width {shape['n_embd']}) on {args.device}, {args.dtype}; "
+            f"parity: max |logit difference| {diff:.2e}",
+            flush=True,
+        )
         tokens = args.batch_size * args.seq_len
         if "train" not in skip:
             label = f"train step, batch {args.batch_size} x {args.seq_len}"
@@ -241,8 +255,14 @@ def main(argv=None):
             rows.append((label, "peak MiB", ours["peak_mib"], theirs["peak_mib"]))
             if args.compile:
                 compiled = train[sides[2]]
-                rows.append((label + ", nanotune compiled", "tokens/s", tokens / compiled["median_s"],
-                             tokens / theirs["median_s"]))  # fmt: skip
+                rows.append(
+                    (
+                        label + ", nanotune compiled",
+                        "tokens/s",
+                        tokens / compiled["median_s"],
+                        tokens / theirs["median_s"],
+                    )
+                )
                 rows.append((label + ", nanotune compiled", "peak MiB", compiled["peak_mib"], theirs["peak_mib"]))
             for name, result in (("eager", ours), ("compiled", compiled if args.compile else None)):
                 value = result and mfu(tokens / result["median_s"], shape, args.seq_len, device)
@@ -256,14 +276,25 @@ def main(argv=None):
                 timings[f"generate batch {batch}"] = {result["name"]: result["times"] for result in gen.values()}
                 new_tokens = batch * args.gen_tokens
                 label = f"generate {args.gen_tokens} tokens, batch {batch}"
-                rows.append((label, "new tokens/s", new_tokens / gen[sides[1]]["median_s"],
-                             new_tokens / gen[sides[0]]["median_s"]))  # fmt: skip
+                rows.append(
+                    (
+                        label,
+                        "new tokens/s",
+                        new_tokens / gen[sides[1]]["median_s"],
+                        new_tokens / gen[sides[0]]["median_s"],
+                    )
+                )
 
         peft_rows = []
         if args.peft:
             L = shape["n_layer"]
-            titles = {"none": "full fine-tuning", "lora": "LoRA r 8, c_attn", "adapter": "adapters, size 64",
-                      "none + checkpointing": "full + act. ckpt", "lora + checkpointing": "LoRA + act. ckpt"}
+            titles = {
+                "none": "full fine-tuning",
+                "lora": "LoRA r 8, c_attn",
+                "adapter": "adapters, size 64",
+                "none + checkpointing": "full + act. ckpt",
+                "lora + checkpointing": "LoRA + act. ckpt",
+            }
             # and LoRA recomputing only some blocks: half, two thirds (--activation-checkpointing N)
             titles.update({f"lora + checkpointing {n}": f"LoRA + ckpt {n}/{L}" for n in sorted({L // 2, 2 * L // 3})})
             sides = [("nanotune", variant) for variant in titles]
@@ -272,8 +303,15 @@ def main(argv=None):
             timings["peft train step"] = {result["name"]: result["times"] for result in runs.values()}
             for side, title in zip(sides, titles.values()):
                 run = runs[side]
-                peft_rows.append((title, tokens / run["median_s"], run["peak_mib"],
-                                  full["median_s"] / run["median_s"], run["peak_mib"] / full["peak_mib"]))  # fmt: skip
+                peft_rows.append(
+                    (
+                        title,
+                        tokens / run["median_s"],
+                        run["peak_mib"],
+                        full["median_s"] / run["median_s"],
+                        run["peak_mib"] / full["peak_mib"],
+                    )
+                )
 
     if rows:
         print(f"\n| {'measurement':<48} | {'unit':<12} | {'nanotune':>10} | {'transformers':>12} | ratio |")
@@ -287,11 +325,30 @@ def main(argv=None):
         for title, tok_s, peak, speed, memory in peft_rows:
             print(f"| {title:<18} | {tok_s:>8.1f} | {peak:>8.0f} | {speed:>17.2f}x | {memory:>18.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "parity_max_diff": diff, "rows": [
-            {"measurement": r[0], "unit": r[1], "nanotune": r[2], "transformers": r[3], "ratio": r[2] / r[3]}
-            for r in rows], "peft": [dict(zip(("method", "tokens_per_s", "peak_mib", "speed_vs_full",
-                                                "memory_vs_full"), r)) for r in peft_rows],
-            "timings_s": timings}, indent=2))  # fmt: skip
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "parity_max_diff": diff,
+                    "rows": [
+                        {
+                            "measurement": r[0],
+                            "unit": r[1],
+                            "nanotune": r[2],
+                            "transformers": r[3],
+                            "ratio": r[2] / r[3],
+                        }
+                        for r in rows
+                    ],
+                    "peft": [
+                        dict(zip(("method", "tokens_per_s", "peak_mib", "speed_vs_full", "memory_vs_full"), r))
+                        for r in peft_rows
+                    ],
+                    "timings_s": timings,
+                },
+                indent=2,
+            )
+        )
     return rows + peft_rows
 
 

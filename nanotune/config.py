@@ -24,7 +24,7 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
     @classmethod
-    def from_preset(cls, name: str) -> "GPTConfig":
+    def from_preset(cls, name: str) -> GPTConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
@@ -53,7 +53,7 @@ class GPTConfig:
         }
 
     @classmethod
-    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "GPTConfig":
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> GPTConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object of GPT-2 settings, got a JSON {type(d).__name__}")
         if d.get("model_type", "gpt2") != "gpt2":

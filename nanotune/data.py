@@ -33,7 +33,9 @@ def default_file(name: str, url: str, flag: str = "--data") -> Path:
         with urllib.request.urlopen(url, timeout=30) as r:
             data = r.read()
     except OSError as e:
-        raise NanotuneError(f"could not download the default data file {url} ({e}); pass {flag} PATH to a local copy")
+        raise NanotuneError(
+            f"could not download the default data file {url} ({e}); pass {flag} PATH to a local copy"
+        ) from None
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)
     return path
@@ -50,8 +52,10 @@ def read_text(path: str | Path) -> str:
         return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise NanotuneError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
-                            "convert it, e.g. iconv -f latin1 -t utf-8") from None  # fmt: skip
+        raise NanotuneError(
+            f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
 
 
 def strip_gutenberg(text: str) -> str:
@@ -90,8 +94,10 @@ def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise NanotuneError(f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}); "
-                                        "expected a JSON list or one JSON object per line") from None  # fmt: skip
+                    raise NanotuneError(
+                        f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}); "
+                        "expected a JSON list or one JSON object per line"
+                    ) from None
     if not isinstance(records, list):
         raise NanotuneError(f"{path}: expected a JSON list of objects, got a {type(records).__name__}")
     records = records[:limit]

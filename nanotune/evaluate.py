@@ -44,8 +44,9 @@ TIE = 1e-6
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nanotune.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m nanotune.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", nargs=2, metavar=("A", "B"), help="two models: presets, output folders or files")
     p.add_argument("--answers", default=None, help="score answers from this JSONL instead of generating them")
     p.add_argument("--judge", required=True, help="a reward model folder (train_reward.py output)")
@@ -121,24 +122,37 @@ def generate_answers(model_name, examples, args, device, enc):
         group = prompts[start : start + args.batch_size]
         budget = min(args.max_new_tokens, context - max(map(len, group)))
         for _ in range(args.samples_per_prompt):
-            outputs = generate(model, group, budget, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               eos_token=enc.eot_token, generator=generator)  # fmt: skip
+            outputs = generate(
+                model,
+                group,
+                budget,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                eos_token=enc.eot_token,
+                generator=generator,
+            )
             for i, (prompt, seq) in enumerate(zip(group, outputs)):
                 answers[start + i].append(enc.decode([t for t in seq[len(prompt) :] if t != enc.eot_token]).strip())
-        print(f"  {model_name}: {min(start + args.batch_size, len(prompts))}/{len(prompts)} prompts answered",
-              flush=True)  # fmt: skip
+        print(
+            f"  {model_name}: {min(start + args.batch_size, len(prompts))}/{len(prompts)} prompts answered", flush=True
+        )
     del model
     return answers
 
 
 @torch.no_grad()
-def score(judge: RewardModel, enc, template: str, items: list[tuple[dict, str]], batch_size: int, device) -> list[float]:
+def score(
+    judge: RewardModel, enc, template: str, items: list[tuple[dict, str]], batch_size: int, device
+) -> list[float]:
     """Rewards of (example, answer) pairs; each sequence = prompt + answer, cut to the judge's context."""
     context = judge.config.n_positions
     rewards = []
     for start in range(0, len(items), batch_size):
-        seqs = [(enc.encode_ordinary(format_prompt(ex, template)) + enc.encode_ordinary(answer))[:context]
-                for ex, answer in items[start : start + batch_size]]  # fmt: skip
+        seqs = [
+            (enc.encode_ordinary(format_prompt(ex, template)) + enc.encode_ordinary(answer))[:context]
+            for ex, answer in items[start : start + batch_size]
+        ]
         width = max(map(len, seqs))
         idx = torch.tensor([s + [PAD] * (width - len(s)) for s in seqs], device=device)
         rewards += judge(idx).float().tolist()
@@ -159,8 +173,14 @@ def read_answers(path):
             raise NanotuneError(f"{path}: record {i} answers for {list(r['answers'])}, record 0 for {names}")
         if not isinstance(r.get("instruction", r.get("prompt")), str):
             raise NanotuneError(f"{path}: record {i} has no 'instruction' (or 'prompt') text")
-        examples.append({"instruction": r.get("instruction", r.get("prompt")), "input": r.get("input") or "",
-                         "reference": r.get("reference"), "record": i})  # fmt: skip
+        examples.append(
+            {
+                "instruction": r.get("instruction", r.get("prompt")),
+                "input": r.get("input") or "",
+                "reference": r.get("reference"),
+                "record": i,
+            }
+        )
         for name in names:
             answers.setdefault(name, []).append([r["answers"][name]])
     return examples, names, [answers[n] for n in names]
@@ -190,10 +210,16 @@ def main(argv=None):
             examples, names, answers = read_answers(args.answers)
         else:
             examples, _ = load_prompts(args, enc)
-            names = list(args.models) if args.models[0] != args.models[1] else [f"{args.models[0]} (A)",
-                                                                                 f"{args.models[1]} (B)"]  # fmt: skip
-            print(f"{len(examples)} prompts, {args.samples_per_prompt} answer(s) each, "
-                  f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}", flush=True)
+            names = (
+                list(args.models)
+                if args.models[0] != args.models[1]
+                else [f"{args.models[0]} (A)", f"{args.models[1]} (B)"]
+            )
+            print(
+                f"{len(examples)} prompts, {args.samples_per_prompt} answer(s) each, "
+                f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}",
+                flush=True,
+            )
             answers = [generate_answers(name, examples, args, device, enc) for name in args.models]
     except NanotuneError as e:
         die(str(e))
@@ -205,17 +231,30 @@ def main(argv=None):
     per_model = [rewards[: len(rewards) // 2], rewards[len(rewards) // 2 :]]  # model A's, then model B's
     by_prompt = [[per_model[m][i * k : (i + 1) * k] for i in range(len(examples))] for m in range(2)]
     has_reference = all(ex.get("reference") is not None for ex in examples)
-    reference_rewards = score(judge, enc, args.template, [(ex, ex["reference"]) for ex in examples], args.batch_size,
-                              device) if has_reference else [None] * len(examples)  # fmt: skip
+    reference_rewards = (
+        score(judge, enc, args.template, [(ex, ex["reference"]) for ex in examples], args.batch_size, device)
+        if has_reference
+        else [None] * len(examples)
+    )
 
     per_prompt_wins = [wins(ra, rb) for ra, rb in zip(by_prompt[0], by_prompt[1])]
     rate = win_rate(per_model[0], per_model[1])
     low, high = bootstrap_interval(per_prompt_wins, args.bootstrap, args.seed)
-    summary = {"n": len(examples), "samples_per_prompt": k, "models": names, "judge": args.judge,
-               "win_rate": rate, "win_rate_ci": [low, high], "per_model": {}}  # fmt: skip
+    summary = {
+        "n": len(examples),
+        "samples_per_prompt": k,
+        "models": names,
+        "judge": args.judge,
+        "win_rate": rate,
+        "win_rate_ci": [low, high],
+        "per_model": {},
+    }
     for m, name in enumerate(names):
-        scores = [normalized_score(r, ref) for rs, ref in zip(by_prompt[m], reference_rewards) for r in rs] \
-            if has_reference else []  # fmt: skip
+        scores = (
+            [normalized_score(r, ref) for rs, ref in zip(by_prompt[m], reference_rewards) for r in rs]
+            if has_reference
+            else []
+        )
         summary["per_model"][name] = {
             "mean_reward": statistics.fmean(per_model[m]),
             "mean_normalized_score": statistics.fmean(scores) if scores else None,
@@ -225,9 +264,16 @@ def main(argv=None):
 
     rows = []
     for i, ex in enumerate(examples):
-        rows.append({"record": ex["record"], "instruction": ex["instruction"], "input": ex["input"],
-                     "reference": ex.get("reference"), "reference_reward": reference_rewards[i],
-                     **{name: {"answers": answers[m][i], "rewards": by_prompt[m][i]} for m, name in enumerate(names)}})  # fmt: skip
+        rows.append(
+            {
+                "record": ex["record"],
+                "instruction": ex["instruction"],
+                "input": ex["input"],
+                "reference": ex.get("reference"),
+                "reference_reward": reference_rewards[i],
+                **{name: {"answers": answers[m][i], "rewards": by_prompt[m][i]} for m, name in enumerate(names)},
+            }
+        )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "comparisons.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     save_json(out / "summary.json", summary | {"args": vars(args)})
@@ -241,8 +287,11 @@ def main(argv=None):
         mean = f"{s['mean_normalized_score']:.3f}" if s["mean_normalized_score"] is not None else "n/a"
         std = f"{s['std_normalized_score']:.3f}" if s["std_normalized_score"] is not None else "n/a"
         print(f"| {name:<{width}} | {mean:>21} | {std:>5} | {s['win_rate']:>7.1%} |")
-    print(f"win rate of {names[0]} over {names[1]}: {rate:.1%} (95% bootstrap interval {low:.1%} to {high:.1%}); "
-          f"outputs in {out}", flush=True)
+    print(
+        f"win rate of {names[0]} over {names[1]}: {rate:.1%} (95% bootstrap interval {low:.1%} to {high:.1%}); "
+        f"outputs in {out}",
+        flush=True,
+    )
     return summary
 
 

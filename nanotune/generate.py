@@ -63,7 +63,9 @@ def generate(
             f"exceeds the context of {model.config.n_positions} tokens"
         )
     banned = torch.tensor(sorted(set(int(t) for t in banned_tokens)), dtype=torch.long, device=device)
-    cache = KVCache(model, B, total + model.n_virtual, copy_head=max_new_tokens >= 32)  # the copy pays off over ~25 tokens
+    cache = KVCache(
+        model, B, total + model.n_virtual, copy_head=max_new_tokens >= 32
+    )  # the copy pays off over ~25 tokens
     out = torch.empty(B, total, dtype=torch.long, device=device)
     out[:, :T] = idx
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -126,8 +128,11 @@ def main(argv=None):
     from .tokenizer import load_tokenizer
     from .utils import NanotuneError, die, load_model, pick_device
 
-    p = argparse.ArgumentParser(prog="python -m nanotune.generate", description=main.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m nanotune.generate",
+        description=main.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="auto", help="auto, a preset, an output folder or a .safetensors file")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="text to continue as it is")
@@ -148,16 +153,28 @@ def main(argv=None):
         device = pick_device(args.device)
         model, _ = load_model(args.model, device)
         enc = load_tokenizer()
-        text = args.prompt if args.prompt is not None else format_prompt(
-            {"instruction": args.instruction, "input": args.input}, args.template)  # fmt: skip
+        text = (
+            args.prompt
+            if args.prompt is not None
+            else format_prompt({"instruction": args.instruction, "input": args.input}, args.template)
+        )
         ids = enc.encode_ordinary(text) or [enc.eot_token]
         room = model.config.n_positions - model.n_virtual - len(ids)
         if room < 1:
-            raise NanotuneError(f"the prompt has {len(ids)} tokens: no room left in the context of "
-                                f"{model.config.n_positions}")  # fmt: skip
+            raise NanotuneError(
+                f"the prompt has {len(ids)} tokens: no room left in the context of {model.config.n_positions}"
+            )
         generator = torch.Generator(device).manual_seed(args.seed)
-        outputs = generate(model, [ids] * args.samples, min(args.max_new_tokens, room), temperature=args.temperature,
-                           top_k=args.top_k or None, top_p=args.top_p, eos_token=enc.eot_token, generator=generator)  # fmt: skip
+        outputs = generate(
+            model,
+            [ids] * args.samples,
+            min(args.max_new_tokens, room),
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            eos_token=enc.eot_token,
+            generator=generator,
+        )
     except (NanotuneError, ValueError) as e:
         die(str(e))
     for i, seq in enumerate(outputs):

@@ -43,8 +43,14 @@ def normalize_examples(records: list[dict], path, response_keys=("output",)) -> 
                 raise NanotuneError(f"{path}: record {i} key {key!r} is a {type(r[key]).__name__}, expected text")
         if r.get("input") is not None and not isinstance(r["input"], str):
             raise NanotuneError(f"{path}: record {i} key 'input' is a {type(r['input']).__name__}, expected text")
-        examples.append({"instruction": r["instruction"], "input": r.get("input") or "",
-                         **{k: r[k] for k in response_keys}, "record": i})  # fmt: skip
+        examples.append(
+            {
+                "instruction": r["instruction"],
+                "input": r.get("input") or "",
+                **{k: r[k] for k in response_keys},
+                "record": i,
+            }
+        )
     return examples
 
 
@@ -63,8 +69,10 @@ def encode_pair(enc, prompt: str, response: str, max_len: int, where: str):
     prompt_ids = enc.encode_ordinary(prompt)
     response_ids = enc.encode_ordinary(response) + [enc.eot_token]
     if len(prompt_ids) >= max_len:
-        raise NanotuneError(f"{where}: the prompt has {len(prompt_ids)} tokens, leaving no room for a response "
-                            f"within --max-len {max_len}; raise --max-len or shorten the prompt")  # fmt: skip
+        raise NanotuneError(
+            f"{where}: the prompt has {len(prompt_ids)} tokens, leaving no room for a response "
+            f"within --max-len {max_len}; raise --max-len or shorten the prompt"
+        )
     room = max_len + 1 - len(prompt_ids)  # the input is one shorter than prompt + response (see collate)
     return prompt_ids, response_ids[:room], len(response_ids) > room
 
@@ -76,9 +84,11 @@ def check_answerable(enc, examples: list[dict], template: str, context: int, pat
     for ex in examples:
         ids = enc.encode_ordinary(format_prompt(ex, template))
         if len(ids) >= context:
-            raise NanotuneError(f"{path}: record {ex['record']} (a held-out prompt answered after training) has "
-                                f"{len(ids)} tokens, leaving no room for an answer in the model's context of "
-                                f"{context}; lower --responses or remove the record")  # fmt: skip
+            raise NanotuneError(
+                f"{path}: record {ex['record']} (a held-out prompt answered after training) has "
+                f"{len(ids)} tokens, leaving no room for an answer in the model's context of "
+                f"{context}; lower --responses or remove the record"
+            )
         prompts.append(ids)
     return prompts
 

@@ -21,7 +21,7 @@ from .weights import load_checkpoint, resolve_checkpoint, save_checkpoint
 class KVCache:
     """Preallocated keys and values for every layer: generation writes in place instead of concatenating."""
 
-    def __init__(self, model: "GPT", batch_size: int, max_len: int, copy_head: bool = True):
+    def __init__(self, model: GPT, batch_size: int, max_len: int, copy_head: bool = True):
         config, device, dtype = model.config, model.wte.weight.device, model.wte.weight.dtype
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
@@ -146,8 +146,14 @@ class GPT(nn.Module):
         """Learned prompt-tuning embeddings that precede every input (0 for plain GPT-2)."""
         return 0 if self.prompt is None else self.prompt.shape[0]
 
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                hidden: bool = False, positions: slice | None = None):  # fmt: skip
+    def forward(
+        self,
+        idx: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        hidden: bool = False,
+        positions: slice | None = None,
+    ):
         """idx (B, T) token ids -> logits (B, T, vocab_size); with hidden, the final hidden states (B, T, C) instead
         (what a scalar head, as in nanotune/reward.py, reads).
 
@@ -175,7 +181,11 @@ class GPT(nn.Module):
         if cache is not None and past + prefix + T > cache.max_len:
             raise ValueError(f"GPT.forward: KV cache holds {cache.max_len} positions, {past + prefix + T} needed")
         # (skipped inside torch.compile: reading the values back would break the graph)
-        if not torch.compiler.is_compiling() and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+        if (
+            not torch.compiler.is_compiling()
+            and idx.numel()
+            and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size)
+        ):
             bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
             raise ValueError(f"GPT.forward: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
@@ -185,9 +195,11 @@ class GPT(nn.Module):
                 x = torch.cat([self.prompt.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, n_virtual + T, C)
             if attention_mask is not None:  # the caller's mask covers real tokens; the virtual ones are always seen
                 if attention_mask.shape != (B, past - (past and self.n_virtual) + T):
-                    raise ValueError(f"GPT.forward: attention_mask must have shape "
-                                     f"{(B, past - (past and self.n_virtual) + T)} (real tokens), got "
-                                     f"{tuple(attention_mask.shape)}")  # fmt: skip
+                    raise ValueError(
+                        f"GPT.forward: attention_mask must have shape "
+                        f"{(B, past - (past and self.n_virtual) + T)} (real tokens), got "
+                        f"{tuple(attention_mask.shape)}"
+                    )
                 attention_mask = torch.cat([attention_mask.new_ones(B, self.n_virtual), attention_mask], dim=1)
         T = T + prefix
 
@@ -235,7 +247,7 @@ class GPT(nn.Module):
     # ---- weights in the official Hugging Face layout (see weights.py) ----
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> "GPT":
+    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> GPT:
         """A preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a directory holding model.safetensors
         (+ config.json), or a .safetensors file."""
         from .peft import is_adapter_folder, load_adapter_folder

@@ -96,16 +96,23 @@ class Adapter(nn.Module):
 
 def add_peft_args(parser):
     """The PEFT flags every train_*.py shares."""
-    parser.add_argument("--peft", default="none", choices=METHODS,
-                        help="none: train every weight; lora: train low-rank updates of --lora-targets; adapter: "
-                             "train bottleneck adapters after attention and MLP; lora+adapter: both; prompt: train "
-                             "--prompt-tokens embeddings read before every input")  # fmt: skip
+    parser.add_argument(
+        "--peft",
+        default="none",
+        choices=METHODS,
+        help="none: train every weight; lora: train low-rank updates of --lora-targets; adapter: "
+        "train bottleneck adapters after attention and MLP; lora+adapter: both; prompt: train "
+        "--prompt-tokens embeddings read before every input",
+    )
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     parser.add_argument("--lora-alpha", type=float, default=16, help="LoRA scale numerator: update x alpha / r (16)")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input (default 0)")
-    parser.add_argument("--lora-targets", default="c_attn",
-                        help="comma-separated Conv1D layers to adapt: c_attn (default, as the LoRA paper did "
-                             "for GPT-2), c_proj, c_fc, or all")  # fmt: skip
+    parser.add_argument(
+        "--lora-targets",
+        default="c_attn",
+        help="comma-separated Conv1D layers to adapt: c_attn (default, as the LoRA paper did "
+        "for GPT-2), c_proj, c_fc, or all",
+    )
     parser.add_argument("--adapter-size", type=int, default=64, help="adapter bottleneck width (default 64)")
     parser.add_argument("--prompt-tokens", type=int, default=20, help="prompt-tuning embeddings (default 20)")
 
@@ -114,8 +121,10 @@ def lora_targets(spec: str) -> list[str]:
     names = list(LORA_TARGETS) if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
     unknown = [t for t in names if t not in LORA_TARGETS]
     if unknown or not names:
-        raise NanotuneError(f"--lora-targets: unknown layer {', '.join(unknown) or '(none)'}; choose from "
-                            f"{', '.join(LORA_TARGETS)} or all")  # fmt: skip
+        raise NanotuneError(
+            f"--lora-targets: unknown layer {', '.join(unknown) or '(none)'}; choose from "
+            f"{', '.join(LORA_TARGETS)} or all"
+        )
     return names
 
 
@@ -198,8 +207,11 @@ def merge(model: GPT) -> GPT:
 def trained_state(model: GPT) -> dict[str, torch.Tensor]:
     """The new (trainable) tensors of a PEFT model, by nanotune's names: h.0.attn.c_attn.lora_A, ..., prompt."""
     new = ("lora_A", "lora_B", "adapter_attn.", "adapter_mlp.")
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-            if k == "prompt" or any(part in k for part in new)}  # fmt: skip
+    return {
+        k: v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if k == "prompt" or any(part in k for part in new)
+    }
 
 
 def save_trained(model: GPT, directory: Path, final: bool = True):
@@ -216,15 +228,27 @@ def save_trained(model: GPT, directory: Path, final: bool = True):
     state = trained_state(model)
     if method == "lora":
         config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": info["base"],
-            "r": info["r"], "lora_alpha": info["lora_alpha"], "lora_dropout": info["lora_dropout"],
-            "target_modules": info["targets"], "fan_in_fan_out": True, "bias": "none", "inference_mode": True,
-            "init_lora_weights": True, "modules_to_save": None,
-        }  # fmt: skip
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": info["base"],
+            "r": info["r"],
+            "lora_alpha": info["lora_alpha"],
+            "lora_dropout": info["lora_dropout"],
+            "target_modules": info["targets"],
+            "fan_in_fan_out": True,
+            "bias": "none",
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+        }
         state = {PEFT_PREFIX + k + ".weight": v for k, v in state.items()}
     else:
-        config = {"peft_type": "NANOTUNE", "method": method, "base_model_name_or_path": info["base"],
-                  **{k: v for k, v in info.items() if k not in ("method", "base")}}  # fmt: skip
+        config = {
+            "peft_type": "NANOTUNE",
+            "method": method,
+            "base_model_name_or_path": info["base"],
+            **{k: v for k, v in info.items() if k not in ("method", "base")},
+        }
     folder = directory / "lora" if method == "lora" else directory
     folder.mkdir(exist_ok=True)
     atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
@@ -253,13 +277,18 @@ def load_trained(model: GPT, directory: Path):
 
 def _load_new_tensors(model: GPT, file: Path):
     tensors = load_file(str(file))
-    tensors = {(k.removeprefix(PEFT_PREFIX).removesuffix(".weight") if k.startswith(PEFT_PREFIX) else k): v
-               for k, v in tensors.items()}  # fmt: skip
+    tensors = {
+        (k.removeprefix(PEFT_PREFIX).removesuffix(".weight") if k.startswith(PEFT_PREFIX) else k): v
+        for k, v in tensors.items()
+    }
     expected = trained_state(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{file}: does not fit the model" + (f"; missing: {', '.join(missing[:6])}" if missing else "")
-                         + (f"; unexpected: {', '.join(unexpected[:6])}" if unexpected else ""))  # fmt: skip
+        raise ValueError(
+            f"{file}: does not fit the model"
+            + (f"; missing: {', '.join(missing[:6])}" if missing else "")
+            + (f"; unexpected: {', '.join(unexpected[:6])}" if unexpected else "")
+        )
     for key, t in tensors.items():
         if t.shape != expected[key].shape:
             raise ValueError(f"{file}: {key} has shape {tuple(t.shape)}, expected {tuple(expected[key].shape)}")
@@ -288,8 +317,10 @@ def load_adapter_folder(folder: Path, dtype=torch.float32, device="cpu") -> GPT:
     try:
         model = GPT.from_pretrained(source, dtype=dtype, device=device)
     except (OSError, KeyError, ValueError) as e:
-        raise ValueError(f"{folder}: its base model {base!r} (base_model_name_or_path in adapter_config.json) "
-                         f"could not be loaded: {e}") from None  # fmt: skip
+        raise ValueError(
+            f"{folder}: its base model {base!r} (base_model_name_or_path in adapter_config.json) "
+            f"could not be loaded: {e}"
+        ) from None
     peft_type = config.get("peft_type")
     if peft_type == "LORA":
         targets = config.get("target_modules") or []
@@ -297,8 +328,14 @@ def load_adapter_folder(folder: Path, dtype=torch.float32, device="cpu") -> GPT:
         if config.get("bias", "none") != "none" or config.get("use_dora") or config.get("use_rslora"):
             raise ValueError(f"{folder}: only plain LoRA (bias none, no DoRA/rsLoRA) loads into nanotune")
         add_lora(model, config["r"], config["lora_alpha"], 0.0, lora_targets(",".join(targets)))
-        model.peft = {"method": "lora", "base": base, "r": config["r"], "lora_alpha": config["lora_alpha"],
-                      "lora_dropout": 0.0, "targets": targets}  # fmt: skip
+        model.peft = {
+            "method": "lora",
+            "base": base,
+            "r": config["r"],
+            "lora_alpha": config["lora_alpha"],
+            "lora_dropout": 0.0,
+            "targets": targets,
+        }
     elif peft_type == "NANOTUNE":
         method = config["method"]
         if method in ("lora", "lora+adapter"):
@@ -307,8 +344,11 @@ def load_adapter_folder(folder: Path, dtype=torch.float32, device="cpu") -> GPT:
             add_adapters(model, config["adapter_size"])
         if method == "prompt":
             add_prompt(model, config["prompt_tokens"])
-        model.peft = {"method": method, "base": base, **{k: v for k, v in config.items()
-                                                         if k not in ("peft_type", "method", "base_model_name_or_path")}}  # fmt: skip
+        model.peft = {
+            "method": method,
+            "base": base,
+            **{k: v for k, v in config.items() if k not in ("peft_type", "method", "base_model_name_or_path")},
+        }
     else:
         raise ValueError(f"{folder}: adapter_config.json has peft_type {peft_type!r}; nanotune reads LORA and NANOTUNE")
     _load_new_tensors(model, folder / "adapter_model.safetensors")

@@ -21,8 +21,16 @@ import torch.nn.functional as F
 from nanotune import GPT, GPTConfig, generate, load_tokenizer
 from nanotune.data import read_book
 from nanotune.utils import (
-    NanotuneError, autocast, die, lr_at, make_optimizer, pick_device, plot_curves, save_json, seed_everything,
-)  # fmt: skip
+    NanotuneError,
+    autocast,
+    die,
+    lr_at,
+    make_optimizer,
+    pick_device,
+    plot_curves,
+    save_json,
+    seed_everything,
+)
 
 
 def parse_args(argv=None):
@@ -35,8 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=256, help="n_positions of the model and training window length")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=2000, help="stop after this many steps...")
-    p.add_argument("--minutes", type=float, default=None, help="...or after this many minutes (the schedule "
-                   "then follows the expected number of steps, measured over steps 5-25)")  # fmt: skip
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="...or after this many minutes (the schedule "
+        "then follows the expected number of steps, measured over steps 5-25)",
+    )
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -46,8 +59,12 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="autocast precision (bf16 is ~2x faster on CPUs with AVX512-BF16)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="autocast precision (bf16 is ~2x faster on CPUs with AVX512-BF16)",
+    )
     p.add_argument("--save-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the loss computation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -85,8 +102,10 @@ def fixed_slice_loss(model, folder: Path, windows: int = 32, context: int = 256,
     x = torch.from_numpy(val[: windows * (context + 1)].reshape(windows, context + 1))
     model.eval()
     device = model.wte.weight.device
-    losses = [F.cross_entropy(model(chunk[:, :-1].to(device)).flatten(0, 1), chunk[:, 1:].flatten().to(device)).item()
-              for chunk in x.split(8)]  # fmt: skip
+    losses = [
+        F.cross_entropy(model(chunk[:, :-1].to(device)).flatten(0, 1), chunk[:, 1:].flatten().to(device)).item()
+        for chunk in x.split(8)
+    ]
     return float(np.mean(losses))
 
 
@@ -132,8 +151,11 @@ def pretrain(args):
 
     train, val, files = load_corpus(Path(args.data), args.val_fraction, enc)
     baseline = unigram_baseline(train, val, enc.n_vocab)
-    print(f"corpus: {len(files)} files, {len(train):,} train / {len(val):,} val tokens; "
-          f"unigram baseline {baseline:.3f} nats", flush=True)  # fmt: skip
+    print(
+        f"corpus: {len(files)} files, {len(train):,} train / {len(val):,} val tokens; "
+        f"unigram baseline {baseline:.3f} nats",
+        flush=True,
+    )
 
     config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=args.context)
     model = GPT(config).to(device)
@@ -154,7 +176,9 @@ def pretrain(args):
         history.append(metrics)
         log_file.write(json.dumps(metrics) + "\n")
         log_file.flush()
-        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
+        print(
+            " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True
+        )
 
     curve = lambda key: [(m["step"], m[key]) for m in history if key in m]  # noqa: E731
     rng = np.random.default_rng(args.seed)
@@ -199,16 +223,26 @@ def pretrain(args):
     sample_text = enc.decode(sample[0].tolist())
     (out / "sample.txt").write_text(sample_text + "\n")
     summary = {
-        "files": files, "train_tokens": len(train), "val_tokens": len(val), "steps": step,
-        "tokens_seen": step * tokens_per_step, "minutes": round((time.time() - t0) / 60, 2),
-        "params": model.num_params(), "val_loss": final_val, "val_ppl": math.exp(final_val),
-        "unigram_baseline": baseline, "args": vars(args),
-    }  # fmt: skip
+        "files": files,
+        "train_tokens": len(train),
+        "val_tokens": len(val),
+        "steps": step,
+        "tokens_seen": step * tokens_per_step,
+        "minutes": round((time.time() - t0) / 60, 2),
+        "params": model.num_params(),
+        "val_loss": final_val,
+        "val_ppl": math.exp(final_val),
+        "unigram_baseline": baseline,
+        "args": vars(args),
+    }
     save_json(out / "summary.json", summary)
     plot_curves(out / "loss.svg", {"train": curve("loss"), "val": curve("val_loss")}, "pretraining loss (nats)")
     log_file.close()
-    print(f"done: val loss {final_val:.3f} (ppl {math.exp(final_val):.1f}) vs unigram {baseline:.3f}; "
-          f"{summary['tokens_seen']:,} tokens in {summary['minutes']} min\nsample: {sample_text}", flush=True)  # fmt: skip
+    print(
+        f"done: val loss {final_val:.3f} (ppl {math.exp(final_val):.1f}) vs unigram {baseline:.3f}; "
+        f"{summary['tokens_seen']:,} tokens in {summary['minutes']} min\nsample: {sample_text}",
+        flush=True,
+    )
     return summary
 
 

@@ -37,8 +37,9 @@ class RewardModel(nn.Module):
     def config(self):
         return self.body.config
 
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                all_positions: bool = False) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, all_positions: bool = False
+    ) -> torch.Tensor:
         """idx (B, T), right-padded with PAD -> rewards (B,). With all_positions, the head's output at every position,
         (B, T), each from the tokens up to it (PPO's value model, train_ppo.py; attention_mask as in GPT.forward)."""
         hidden = self.body(idx, attention_mask=attention_mask, hidden=True)  # (B, T, C)
@@ -51,19 +52,28 @@ class RewardModel(nn.Module):
         tensors = {f"transformer.{k}": v.detach().contiguous().cpu() for k, v in self.body.state_dict().items()}
         tensors["score.weight"] = self.score.weight.detach().contiguous().cpu()
         config = self.config.to_hf_dict() | {
-            "architectures": ["GPT2ForSequenceClassification"], "num_labels": 1, "id2label": {"0": "LABEL_0"},
-            "label2id": {"LABEL_0": 0}, "pad_token_id": PAD, "torch_dtype": "float32",
-        }  # fmt: skip
+            "architectures": ["GPT2ForSequenceClassification"],
+            "num_labels": 1,
+            "id2label": {"0": "LABEL_0"},
+            "label2id": {"LABEL_0": 0},
+            "pad_token_id": PAD,
+            "torch_dtype": "float32",
+        }
         return write_weights(Path(directory), tensors, config)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu") -> "RewardModel":
+    def from_pretrained(cls, path: str | Path, device="cpu") -> RewardModel:
         """A train_reward.py output, or any GPT2ForSequenceClassification folder with num_labels 1."""
         file, config_path = resolve_checkpoint(path)
         config = json.loads(config_path.read_text()) if config_path else {}
-        if "GPT2ForSequenceClassification" not in (config.get("architectures") or []) or config.get("num_labels", 1) != 1:
-            raise ValueError(f"{path} is not a reward model: its config.json does not describe a "
-                             "GPT2ForSequenceClassification with num_labels 1 (train one with train_reward.py)")  # fmt: skip
+        if (
+            "GPT2ForSequenceClassification" not in (config.get("architectures") or [])
+            or config.get("num_labels", 1) != 1
+        ):
+            raise ValueError(
+                f"{path} is not a reward model: its config.json does not describe a "
+                "GPT2ForSequenceClassification with num_labels 1 (train one with train_reward.py)"
+            )
         with safe_open(str(file), framework="pt") as f:
             if "score.weight" not in f.keys():
                 raise KeyError(f"{file}: no score.weight: not a reward model")
@@ -73,8 +83,9 @@ class RewardModel(nn.Module):
             raise ValueError(f"{file}: score.weight has shape {tuple(score.shape)}, expected (1, {gpt_config.n_embd})")
         with torch.device("meta"):
             body = GPT(gpt_config)
-        body.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in state.items()},
-                             strict=True, assign=True)  # fmt: skip
+        body.load_state_dict(
+            {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}, strict=True, assign=True
+        )
         model = cls(body)
         with torch.no_grad():
             model.score.weight.copy_(score)

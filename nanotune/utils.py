@@ -161,15 +161,17 @@ def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], title:
     sx = lambda x: pad + (x - x0) / (x1 - x0) * (W - 2 * pad)  # noqa: E731
     sy = lambda y: H - pad - (y - y0) / (y1 - y0) * (H - 2 * pad)  # noqa: E731
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="20" text-anchor="middle">{title}</text>',
-           f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
-           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
-           f'<text x="{pad}" y="{H - pad + 15}">{x0:g}</text>',
-           f'<text x="{W - pad}" y="{H - pad + 15}" text-anchor="end">{xlabel} {x1:g}</text>',
-           f'<text x="{pad - 5}" y="{H - pad}" text-anchor="end">{y0:.3g}</text>',
-           f'<text x="{pad - 5}" y="{pad + 4}" text-anchor="end">{y1:.3g}</text>']  # fmt: skip
+    svg = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{W}" height="{H}" fill="white"/>',
+        f'<text x="{W / 2}" y="20" text-anchor="middle">{title}</text>',
+        f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
+        f'<text x="{pad}" y="{H - pad + 15}">{x0:g}</text>',
+        f'<text x="{W - pad}" y="{H - pad + 15}" text-anchor="end">{xlabel} {x1:g}</text>',
+        f'<text x="{pad - 5}" y="{H - pad}" text-anchor="end">{y0:.3g}</text>',
+        f'<text x="{pad - 5}" y="{pad + 4}" text-anchor="end">{y1:.3g}</text>',
+    ]
     for i, (name, pts) in enumerate(series.items()):
         pts = [p for p in pts if math.isfinite(p[1])]
         if not pts:
@@ -182,8 +184,9 @@ def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], title:
     atomic_write(path, "\n".join(svg) + "\n")
 
 
-def lr_at(step: int, max_steps: int, lr: float, warmup: int = 0, schedule: str = "constant",
-          min_lr_ratio: float = 0.1) -> float:  # fmt: skip
+def lr_at(
+    step: int, max_steps: int, lr: float, warmup: int = 0, schedule: str = "constant", min_lr_ratio: float = 0.1
+) -> float:
     """The learning rate of optimizer step `step` (1-based): linear warmup over `warmup` steps, then constant or
     a cosine decay to min_lr_ratio * lr at max_steps (as nanoGPT and llm.c do)."""
     if step <= warmup:
@@ -234,9 +237,12 @@ def load_model(name: str, device: torch.device, flag: str = "--model", quiet: bo
         except WeightsNotFoundError:
             name = source = str(ROOT / "weights" / "nano")
             if not quiet:
-                print("nanotune: official gpt2 weights unavailable (offline?); using the bundled weights/nano model. "
-                      "Get the real one with: hf download openai-community/gpt2 model.safetensors config.json "
-                      "--local-dir weights/gpt2", flush=True)  # fmt: skip
+                print(
+                    "nanotune: official gpt2 weights unavailable (offline?); using the bundled weights/nano model. "
+                    "Get the real one with: hf download openai-community/gpt2 model.safetensors config.json "
+                    "--local-dir weights/gpt2",
+                    flush=True,
+                )
     try:
         model = GPT.from_pretrained(source, device=device)
     except (OSError, KeyError, ValueError) as e:
@@ -254,8 +260,9 @@ def no_sync_unless_last(train_model: torch.nn.Module, last: bool):
     return ddp.no_sync()
 
 
-def wrap_model(model: torch.nn.Module, device: torch.device, world: int, compile: bool = False,
-               checkpointing: bool | int = False):  # fmt: skip
+def wrap_model(
+    model: torch.nn.Module, device: torch.device, world: int, compile: bool = False, checkpointing: bool | int = False
+):
     """The module the training step calls: DistributedDataParallel under torchrun, then torch.compile if
     asked. Evaluation, sampling and saving keep using the plain model. checkpointing turns on activation
     checkpointing in every GPT inside (it acts in training mode only): True for every block, N for the first N."""
@@ -263,8 +270,10 @@ def wrap_model(model: torch.nn.Module, device: torch.device, world: int, compile
         if hasattr(module, "checkpointing"):
             n_layer = len(module.h)
             if checkpointing is not True and not 0 <= checkpointing <= n_layer:
-                raise NanotuneError(f"--activation-checkpointing {checkpointing}: the model has {n_layer} blocks; "
-                                    f"pass 1 to {n_layer}, or no number for all of them")  # fmt: skip
+                raise NanotuneError(
+                    f"--activation-checkpointing {checkpointing}: the model has {n_layer} blocks; "
+                    f"pass 1 to {n_layer}, or no number for all of them"
+                )
             module.checkpointing = checkpointing
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP

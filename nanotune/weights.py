@@ -45,12 +45,19 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     C, V = config.n_embd, config.vocab_size
     shapes = {"wte.weight": (V, C), "wpe.weight": (config.n_positions, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
     per_block = {
-        "ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-        "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
-        "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
-        "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
-        "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,),
-    }  # fmt: skip
+        "ln_1.weight": (C,),
+        "ln_1.bias": (C,),
+        "ln_2.weight": (C,),
+        "ln_2.bias": (C,),
+        "attn.c_attn.weight": (C, 3 * C),
+        "attn.c_attn.bias": (3 * C,),
+        "attn.c_proj.weight": (C, C),
+        "attn.c_proj.bias": (C,),
+        "mlp.c_fc.weight": (C, 4 * C),
+        "mlp.c_fc.bias": (4 * C,),
+        "mlp.c_proj.weight": (4 * C, C),
+        "mlp.c_proj.bias": (C,),
+    }
     for i in range(config.n_layer):
         shapes.update({f"h.{i}.{k}": s for k, s in per_block.items()})
     return shapes
@@ -150,7 +157,9 @@ def load_checkpoint(path: Path, config_path: Path | None, skip=()) -> tuple[GPTC
         if bare in tensors:
             raise ValueError(f"{path}: key {bare!r} appears both with and without the 'transformer.' prefix")
         tensors[bare] = t
-    bad_dtypes = {k: str(t.dtype) for k, t in tensors.items() if not t.is_floating_point() and not k.endswith("attn.bias")}
+    bad_dtypes = {
+        k: str(t.dtype) for k, t in tensors.items() if not t.is_floating_point() and not k.endswith("attn.bias")
+    }
     if bad_dtypes:
         raise ValueError(f"{path}: tensors with non-float dtypes: {bad_dtypes}")
 
@@ -174,8 +183,10 @@ def load_checkpoint(path: Path, config_path: Path | None, skip=()) -> tuple[GPTC
     for key, t in tensors.items():
         if not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"{path}: tensor {key} holds {bad} NaN/inf values: the file is corrupt, or it was "
-                             "saved from a run that diverged")
+            raise ValueError(
+                f"{path}: tensor {key} holds {bad} NaN/inf values: the file is corrupt, or it was "
+                "saved from a run that diverged"
+            )
     if head is not None:
         if head.shape != tensors["wte.weight"].shape or not torch.equal(head, tensors["wte.weight"]):
             raise ValueError(

@@ -37,7 +37,9 @@ def pytest_sessionfinish(session, exitstatus):
     """shared/ is read-only input: a run that added, removed or changed anything there fails."""
     shutil.rmtree(_TIKTOKEN_CACHE, ignore_errors=True)
     after = _listing(SHARED)
-    changed = sorted(set(after) ^ set(_SHARED_BEFORE) | {k for k in after if _SHARED_BEFORE.get(k, after[k]) != after[k]})
+    changed = sorted(
+        set(after) ^ set(_SHARED_BEFORE) | {k for k in after if _SHARED_BEFORE.get(k, after[k]) != after[k]}
+    )
     if changed:
         print(f"\nerror: the tests changed {SHARED}: {', '.join(changed[:10])}", file=sys.stderr)
         session.exitstatus = 1

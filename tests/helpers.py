@@ -11,9 +11,14 @@ def hf_model(n_layer=2, n_embd=64, n_head=4, n_positions=1024, seed=0):
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=n_positions,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config).eval()
 
 

@@ -68,7 +68,9 @@ def test_config_that_disagrees_with_tensors(official):
     config = json.loads((official / "config.json").read_text())
     config["n_layer"], config["n_embd"] = 3, 128
     (official / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config\.json disagrees with .*n_layer=3 in config\.json but 2 in the tensors"):
+    with pytest.raises(
+        ValueError, match=r"config\.json disagrees with .*n_layer=3 in config\.json but 2 in the tensors"
+    ):
         GPT.from_pretrained(official)
 
 

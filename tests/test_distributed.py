@@ -76,9 +76,28 @@ def test_ddp_steps_equal_single_process_steps(tiny, tmp_path):
 def test_recipe_under_torchrun_writes_outputs_once(tiny, tmp_path):
     out = tmp_path / "xkl-ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_xkl.py",
-           "--model", tiny, "--out", str(out), "--steps", "4", "--log-every", "2", "--seq-len", "8",
-           "--gen-tokens", "10", "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train_xkl.py",
+        "--model",
+        tiny,
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--log-every",
+        "2",
+        "--seq-len",
+        "8",
+        "--gen-tokens",
+        "10",
+        "--device",
+        "cpu",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -95,9 +114,32 @@ def test_peft_under_torchrun_with_grad_accum(tiny, tmp_path):
     # and the merged model once, and the merged model is a loadable plain GPT-2
     out = tmp_path / "lora-ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_xkl.py",
-           "--model", tiny, "--out", str(out), "--steps", "3", "--seq-len", "8", "--gen-tokens", "4", "--device",
-           "cpu", "--peft", "lora", "--grad-accum", "2", "--lr", "1e-2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train_xkl.py",
+        "--model",
+        tiny,
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--seq-len",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--peft",
+        "lora",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("(lora: trainable") == 1
@@ -115,11 +157,48 @@ def test_ppo_under_torchrun_with_ptx_and_grad_accum(tiny, shared, tmp_path):
     out = tmp_path / "ppo-ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     data = shared / "data"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ppo.py",
-           "--model", tiny, "--out", str(out), "--reward", "letter:e", "--books", str(data / "corpus" / "pg11.txt"),
-           "--heldout-book", str(data / "gulliver.txt"), "--prompt-len", "8", "--max-new-tokens", "4",
-           "--rollout-batch", "8", "--batch-size", "4", "--grad-accum", "2", "--ppo-epochs", "1", "--eval-prompts",
-           "4", "--samples", "1", "--steps", "2", "--ptx-coef", "0.5", "--device", "cpu", "--log-every", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train_ppo.py",
+        "--model",
+        tiny,
+        "--out",
+        str(out),
+        "--reward",
+        "letter:e",
+        "--books",
+        str(data / "corpus" / "pg11.txt"),
+        "--heldout-book",
+        str(data / "gulliver.txt"),
+        "--prompt-len",
+        "8",
+        "--max-new-tokens",
+        "4",
+        "--rollout-batch",
+        "8",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--ppo-epochs",
+        "1",
+        "--eval-prompts",
+        "4",
+        "--samples",
+        "1",
+        "--steps",
+        "2",
+        "--ptx-coef",
+        "0.5",
+        "--device",
+        "cpu",
+        "--log-every",
+        "1",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

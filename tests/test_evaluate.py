@@ -33,8 +33,22 @@ def evaluate(argv, tmp_path):
 
 def test_identical_models_tie_exactly(tiny, judge, shared, tmp_path):
     data = shared / "data" / "instruction-data-with-preference.json"
-    s, rows = evaluate(["--models", tiny, tiny, "--judge", str(judge), "--data", str(data), "--n", str(N),
-                        "--max-new-tokens", str(NEW)], tmp_path)  # fmt: skip
+    s, rows = evaluate(
+        [
+            "--models",
+            tiny,
+            tiny,
+            "--judge",
+            str(judge),
+            "--data",
+            str(data),
+            "--n",
+            str(N),
+            "--max-new-tokens",
+            str(NEW),
+        ],
+        tmp_path,
+    )
     assert s["n"] == N and s["win_rate"] == 0.5 and s["win_rate_ci"] == [0.5, 0.5]
     a, b = s["per_model"].values()
     assert a["mean_normalized_score"] == b["mean_normalized_score"]
@@ -81,11 +95,27 @@ def test_a_judge_pleasing_copy_wins(tiny, judge, shared, tmp_path):
     means = {t: sum(judged(t)) / N for t in candidates}
     best, worst = max(means, key=means.get), min(means, key=means.get)
     pleasing, plain = forced(tiny, best, tmp_path / "pleasing"), forced(tiny, worst, tmp_path / "plain")
-    s, rows = evaluate(["--models", pleasing, plain, "--judge", str(judge), "--data", str(data), "--n", str(N),
-                        "--max-new-tokens", str(NEW)], tmp_path)  # fmt: skip
+    s, rows = evaluate(
+        [
+            "--models",
+            pleasing,
+            plain,
+            "--judge",
+            str(judge),
+            "--data",
+            str(data),
+            "--n",
+            str(N),
+            "--max-new-tokens",
+            str(NEW),
+        ],
+        tmp_path,
+    )
     assert all(r[pleasing]["answers"][0] == enc.decode([best] * NEW).strip() for r in rows)  # forced as planned
-    expected = sum(1.0 if a > b + 1e-6 else 0.5 if abs(a - b) <= 1e-6 else 0.0
-                   for a, b in zip(judged(best), judged(worst))) / N  # fmt: skip
+    expected = (
+        sum(1.0 if a > b + 1e-6 else 0.5 if abs(a - b) <= 1e-6 else 0.0 for a, b in zip(judged(best), judged(worst)))
+        / N
+    )
     assert s["win_rate"] == pytest.approx(expected) and s["win_rate"] > 0.5
     assert s["per_model"][pleasing]["mean_normalized_score"] > s["per_model"][plain]["mean_normalized_score"]
     low, high = s["win_rate_ci"]
@@ -93,8 +123,14 @@ def test_a_judge_pleasing_copy_wins(tiny, judge, shared, tmp_path):
 
 
 def test_answers_from_a_file_are_scored(judge, tmp_path):
-    rows = [{"instruction": f"Question {i}?", "reference": "An answer.", "answers": {"x": f"Reply {i}.", "y": f"Reply {i}."}}
-            for i in range(5)]  # fmt: skip
+    rows = [
+        {
+            "instruction": f"Question {i}?",
+            "reference": "An answer.",
+            "answers": {"x": f"Reply {i}.", "y": f"Reply {i}."},
+        }
+        for i in range(5)
+    ]
     (tmp_path / "answers.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     s, _ = evaluate(["--answers", str(tmp_path / "answers.jsonl"), "--judge", str(judge)], tmp_path)
     assert s["models"] == ["x", "y"] and s["win_rate"] == 0.5 and s["n"] == 5
@@ -114,14 +150,25 @@ def test_bad_input(tiny, judge, tmp_path, capsys):
         (["--models", tiny, tiny, "--judge", tiny], "is not a reward model"),
         (["--judge", str(judge)], "give either --models A B"),
         (["--models", tiny, tiny, "--judge", str(judge), "--samples-per-prompt", "3"], "needs --temperature > 0"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(SystemExit) as e:
             main(argv + ["--out", str(tmp_path / "e")])
         assert e.value.code == 2 and message in capsys.readouterr().err
     (tmp_path / "none.json").write_text("[]")  # the 85/5/10 split leaves >= 1 test prompt for any record
     with pytest.raises(SystemExit):
-        main(["--models", tiny, tiny, "--judge", str(judge), "--data", str(tmp_path / "none.json"), "--out",
-              str(tmp_path / "e")])  # fmt: skip
+        main(
+            [
+                "--models",
+                tiny,
+                tiny,
+                "--judge",
+                str(judge),
+                "--data",
+                str(tmp_path / "none.json"),
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
     assert "none.json holds no examples" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text(json.dumps({"instruction": "a", "answers": {"x": "1"}}))
     with pytest.raises(SystemExit):
@@ -130,13 +177,26 @@ def test_bad_input(tiny, judge, tmp_path, capsys):
 
 
 def test_generate_command(tiny):
-    cmd = [sys.executable, "-m", "nanotune.generate", "--model", tiny, "--instruction", "Name a river.",
-           "--temperature", "0", "--max-new-tokens", "5"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "nanotune.generate",
+        "--model",
+        tiny,
+        "--instruction",
+        "Name a river.",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "5",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith(format_prompt({"instruction": "Name a river.", "input": ""}))
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.stdout == r.stdout  # greedy: the same text
     assert "RuntimeWarning" not in r.stderr
-    r = subprocess.run(cmd[:5] + ["--prompt", "x", "--max-new-tokens", "0"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        cmd[:5] + ["--prompt", "x", "--max-new-tokens", "0"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and "--max-new-tokens and --samples must be >= 1" in r.stderr

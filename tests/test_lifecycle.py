@@ -34,16 +34,79 @@ def recipe_args(name, shared):
     data = shared / "data"
     return {
         "xkl": ["--seq-len", "8", "--gen-tokens", "4", "--lr", "1e-3"],
-        "gulliver": ["--data", str(data / "gulliver.txt"), "--seq-len", "32", "--eval-every", "2", "--eval-batches",
-                     "1", "--samples", "1", "--sample-tokens", "4", "--lr", "1e-3"],
-        "sft": ["--data", str(data / "instruction-data.json"), "--limit", "60", "--max-len", "64", "--eval-every", "3",
-                "--responses", "1", "--max-new-tokens", "4", "--lr", "1e-3"],
-        "dpo": ["--data", str(data / "instruction-data-with-preference.json"), "--limit", "60", "--max-len", "64",
-                "--eval-every", "3", "--responses", "1", "--max-new-tokens", "4", "--lr", "1e-3"],
-        "ppo": ["--reward", "letter:x", "--books", str(data / "corpus" / "pg11.txt"), "--heldout-book",
-                str(data / "gulliver.txt"), "--prompt-len", "8", "--max-new-tokens", "4", "--rollout-batch", "8",
-                "--ppo-epochs", "1", "--eval-every", "3", "--eval-prompts", "4", "--samples", "1", "--lr", "1e-3"],
-    }[name]  # fmt: skip
+        "gulliver": [
+            "--data",
+            str(data / "gulliver.txt"),
+            "--seq-len",
+            "32",
+            "--eval-every",
+            "2",
+            "--eval-batches",
+            "1",
+            "--samples",
+            "1",
+            "--sample-tokens",
+            "4",
+            "--lr",
+            "1e-3",
+        ],
+        "sft": [
+            "--data",
+            str(data / "instruction-data.json"),
+            "--limit",
+            "60",
+            "--max-len",
+            "64",
+            "--eval-every",
+            "3",
+            "--responses",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--lr",
+            "1e-3",
+        ],
+        "dpo": [
+            "--data",
+            str(data / "instruction-data-with-preference.json"),
+            "--limit",
+            "60",
+            "--max-len",
+            "64",
+            "--eval-every",
+            "3",
+            "--responses",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--lr",
+            "1e-3",
+        ],
+        "ppo": [
+            "--reward",
+            "letter:x",
+            "--books",
+            str(data / "corpus" / "pg11.txt"),
+            "--heldout-book",
+            str(data / "gulliver.txt"),
+            "--prompt-len",
+            "8",
+            "--max-new-tokens",
+            "4",
+            "--rollout-batch",
+            "8",
+            "--ppo-epochs",
+            "1",
+            "--eval-every",
+            "3",
+            "--eval-prompts",
+            "4",
+            "--samples",
+            "1",
+            "--lr",
+            "1e-3",
+        ],
+    }[name]
 
 
 def weights(out):
@@ -103,25 +166,51 @@ def test_interrupted_and_resumed_run_is_bit_identical(name, tiny, shared, tmp_pa
 def test_kill_9_loses_only_the_steps_after_the_last_checkpoint(tiny, shared, tmp_path):
     # a real kill -9 of a real process once its step-5 checkpoint is on disk; the resumed run still ends
     # bit-identical to one that was never killed
-    base = [sys.executable, "train_xkl.py", "--model", tiny, "--seq-len", "8", "--gen-tokens", "4", "--lr", "1e-3",
-            "--steps", "400", "--save-every", "5", "--log-every", "1", "--device", "cpu"]  # fmt: skip
+    base = [
+        sys.executable,
+        "train_xkl.py",
+        "--model",
+        tiny,
+        "--seq-len",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--lr",
+        "1e-3",
+        "--steps",
+        "400",
+        "--save-every",
+        "5",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(base + ["--out", str(killed)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        base + ["--out", str(killed)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step-000010").is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.kill()
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
-    r = subprocess.run(base[:2] + ["--resume", str(killed), "--steps", "40"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        base[:2] + ["--resume", str(killed), "--steps", "40"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed" in r.stdout
     whole = tmp_path / "whole"
-    r = subprocess.run(base + ["--out", str(whole), "--steps", "40"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        base + ["--out", str(whole), "--steps", "40"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert_bit_identical(weights(whole), weights(killed))
     steps = [m["step"] for m in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())]
@@ -130,10 +219,32 @@ def test_kill_9_loses_only_the_steps_after_the_last_checkpoint(tiny, shared, tmp
 
 def test_sigterm_checkpoints_and_exits_130(tiny, tmp_path):
     out = tmp_path / "term"
-    cmd = [sys.executable, "train_xkl.py", "--model", tiny, "--out", str(out), "--seq-len", "8", "--gen-tokens", "4",
-           "--steps", "100000", "--log-every", "1", "--device", "cpu"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "train_xkl.py",
+        "--model",
+        tiny,
+        "--out",
+        str(out),
+        "--seq-len",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--steps",
+        "100000",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 3:
@@ -204,8 +315,13 @@ def test_kill_9_during_saves_never_leaves_a_broken_model(tmp_path):
     rng = random.Random(0)
     for trial in range(6):
         folder = tmp_path / f"trial{trial}"
-        proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
-                                text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVE_LOOP, str(folder)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 1.0))
         proc.kill()
@@ -256,8 +372,24 @@ def test_a_second_concurrent_run_into_the_same_folder_fails_at_once(tiny, tmp_pa
 @pytest.mark.parametrize("name", ["xkl", "dpo"])
 def test_an_exploding_loss_stops_the_run_and_keeps_the_last_checkpoint(name, tiny, shared, tmp_path, capsys):
     out = tmp_path / name
-    argv = ["--model", tiny, "--out", str(out), "--steps", "60", "--batch-size", "4", "--save-every", "1",
-            "--log-every", "1"] + recipe_args(name, shared) + ["--lr", "1e3"]  # fmt: skip
+    argv = (
+        [
+            "--model",
+            tiny,
+            "--out",
+            str(out),
+            "--steps",
+            "60",
+            "--batch-size",
+            "4",
+            "--save-every",
+            "1",
+            "--log-every",
+            "1",
+        ]
+        + recipe_args(name, shared)
+        + ["--lr", "1e3"]
+    )
     assert run_main(RECIPES[name].main, argv) == 2
     err = capsys.readouterr().err
     assert "error: training diverged at step" in err and "Try a lower --lr" in err and "last good checkpoint" in err
@@ -311,8 +443,12 @@ def test_a_failure_after_training_keeps_the_weights(tiny, tmp_path, monkeypatch,
 
     monkeypatch.setattr(train_xkl, "plot_curves", broken_plot)
     out = tmp_path / "run"
-    assert run_main(train_xkl.main, ["--model", tiny, "--out", str(out), "--steps", "2", "--seq-len", "8",
-                                     "--gen-tokens", "4"]) == 0  # fmt: skip
+    assert (
+        run_main(
+            train_xkl.main, ["--model", tiny, "--out", str(out), "--steps", "2", "--seq-len", "8", "--gen-tokens", "4"]
+        )
+        == 0
+    )
     assert "warning: the loss plot failed: RuntimeError: injected plot failure" in capsys.readouterr().err
     GPT.from_pretrained(out)
     summary = json.loads((out / "summary.json").read_text())
@@ -346,11 +482,17 @@ def test_tokenizer_writes_nothing_and_works_with_an_unwritable_cache(tmp_path, m
 
 def test_auto_falls_back_quickly_when_the_hub_is_unreachable(tmp_path):
     # the hub "endpoint" is a closed port on this machine: connection refused, no network used
-    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"),
-               NANOTUNE_WEIGHTS_DIR=str(tmp_path / "weights"))  # fmt: skip
+    env = dict(
+        os.environ,
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HOME=str(tmp_path / "hf"),
+        NANOTUNE_WEIGHTS_DIR=str(tmp_path / "weights"),
+    )
     env.pop("HF_HUB_OFFLINE", None)
-    code = "import time, torch; from nanotune.utils import load_model; t = time.time(); " \
-           "m, name = load_model('auto', torch.device('cpu')); print(name, round(time.time() - t, 1))"  # fmt: skip
+    code = (
+        "import time, torch; from nanotune.utils import load_model; t = time.time(); "
+        "m, name = load_model('auto', torch.device('cpu')); print(name, round(time.time() - t, 1))"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     name, seconds = r.stdout.split()[-2:]
@@ -392,24 +534,40 @@ def test_bad_flags_are_one_line_errors(tiny, shared, tmp_path, capsys):
 def test_bad_data_files_are_one_line_errors(tiny, shared, tmp_path, capsys):
     base = ["--model", tiny, "--out", str(tmp_path / "s")]
     (tmp_path / "latin1.json").write_bytes('[{"instruction": "Caf\u00e9", "output": "ok"}]'.encode("latin-1"))
-    refused(train_sft.main, base + ["--data", str(tmp_path / "latin1.json")], capsys,
-            "latin1.json is not UTF-8 text (byte 0xe9 at offset 21, line 1)")  # fmt: skip
+    refused(
+        train_sft.main,
+        base + ["--data", str(tmp_path / "latin1.json")],
+        capsys,
+        "latin1.json is not UTF-8 text (byte 0xe9 at offset 21, line 1)",
+    )
     (tmp_path / "book.txt").write_bytes(b"Once upon a time\n" * 500 + b"na\xefve\n")
     refused(train_gulliver.main, base + ["--data", str(tmp_path / "book.txt")], capsys, "line 501")
     good = json.dumps({"instruction": "Say hi.", "output": "Hi."})
     (tmp_path / "broken.jsonl").write_text("\n".join([good] * 12 + ['{"instruction": "x", "output": '] + [good] * 5))
-    refused(train_sft.main, base + ["--data", str(tmp_path / "broken.jsonl")], capsys,
-            "broken.jsonl: line 13 is not valid JSON")  # fmt: skip
+    refused(
+        train_sft.main,
+        base + ["--data", str(tmp_path / "broken.jsonl")],
+        capsys,
+        "broken.jsonl: line 13 is not valid JSON",
+    )
     bad_config = tmp_path / "model"
     bad_config.mkdir()
     (bad_config / "model.safetensors").write_bytes(open(os.path.join(tiny, "model.safetensors"), "rb").read())
     (bad_config / "config.json").write_text("[1, 2]")
-    refused(train_xkl.main, ["--model", str(bad_config), "--out", str(tmp_path / "x")], capsys,
-            "config.json: expected a JSON object of GPT-2 settings, got a JSON list")  # fmt: skip
+    refused(
+        train_xkl.main,
+        ["--model", str(bad_config), "--out", str(tmp_path / "x")],
+        capsys,
+        "config.json: expected a JSON object of GPT-2 settings, got a JSON list",
+    )
     pairs = [{"instruction": "Say hi.", "chosen": "Hi.", "rejected": "Go away."}] * 40
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
-    refused(train_dpo.main, base + ["--data", str(tmp_path / "pairs.json"), "--ref-model", "/nope"], capsys,
-            "could not load --ref-model /nope")  # fmt: skip
+    refused(
+        train_dpo.main,
+        base + ["--data", str(tmp_path / "pairs.json"), "--ref-model", "/nope"],
+        capsys,
+        "could not load --ref-model /nope",
+    )
     assert not (tmp_path / "s").exists() and not (tmp_path / "x").exists()
 
 
@@ -422,11 +580,19 @@ def test_long_prompts_are_named_by_their_record_in_the_file_before_training(tiny
 
     records[long_train]["instruction"] = "word " * 100
     (tmp_path / "a.json").write_text(json.dumps(records))
-    refused(train_sft.main, base + ["--data", str(tmp_path / "a.json"), "--max-len", "64"], capsys,
-            f"record {long_train}: the prompt has")  # fmt: skip
+    refused(
+        train_sft.main,
+        base + ["--data", str(tmp_path / "a.json"), "--max-len", "64"],
+        capsys,
+        f"record {long_train}: the prompt has",
+    )
     records[long_train]["instruction"] = "Short."
     records[long_test]["instruction"] = "word " * 300  # a held-out prompt that would only be used after training
     (tmp_path / "b.json").write_text(json.dumps(records))
-    refused(train_sft.main, base + ["--data", str(tmp_path / "b.json"), "--max-len", "64"], capsys,
-            f"record {long_test} (a held-out prompt answered after training) has")  # fmt: skip
+    refused(
+        train_sft.main,
+        base + ["--data", str(tmp_path / "b.json"), "--max-len", "64"],
+        capsys,
+        f"record {long_test} (a held-out prompt answered after training) has",
+    )
     assert not (tmp_path / "s").exists()

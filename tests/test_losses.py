@@ -171,7 +171,9 @@ def test_sequence_logprobs_equals_a_python_loop(B, T, seed):
     ours = sequence_logprobs(logits, labels)
     for b in range(B):
         expected = sum(
-            torch.log_softmax(logits[b, t].double(), -1)[labels[b, t]].item() for t in range(T) if labels[b, t] != IGNORE
+            torch.log_softmax(logits[b, t].double(), -1)[labels[b, t]].item()
+            for t in range(T)
+            if labels[b, t] != IGNORE
         )
         assert ours[b].item() == pytest.approx(expected, abs=1e-5)
     assert torch.equal(token_logprobs(logits, labels)[labels == IGNORE], torch.zeros(int((labels == IGNORE).sum())))
@@ -183,8 +185,9 @@ logps = st.floats(-500, 0, allow_nan=False)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(logps, logps, logps, logps), min_size=1, max_size=8),
-       st.floats(0.01, 2.0), st.floats(0.0, 0.49))  # fmt: skip
+@given(
+    st.lists(st.tuples(logps, logps, logps, logps), min_size=1, max_size=8), st.floats(0.01, 2.0), st.floats(0.0, 0.49)
+)
 def test_dpo_loss_equals_float64_closed_form(rows, beta, eps):
     pc, pr, rc, rr = (torch.tensor(c, dtype=torch.float64) for c in zip(*rows))
     loss, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta, eps)

@@ -88,10 +88,14 @@ def test_padded_batch_with_attention_mask_matches_unpadded_rows(tmp_path):
     ours = GPT.from_pretrained(write_official(hf, tmp_path))
     a, b = torch.randint(0, 50257, (7,)), torch.randint(0, 50257, (4,))
     with torch.no_grad():
-        right = ours(torch.stack([a, torch.cat([b, torch.zeros(3, dtype=torch.long)])]),
-                     attention_mask=torch.tensor([[1] * 7, [1] * 4 + [0] * 3]))  # fmt: skip
-        left = ours(torch.stack([a, torch.cat([torch.zeros(3, dtype=torch.long), b])]),
-                    attention_mask=torch.tensor([[1] * 7, [0] * 3 + [1] * 4]))  # fmt: skip
+        right = ours(
+            torch.stack([a, torch.cat([b, torch.zeros(3, dtype=torch.long)])]),
+            attention_mask=torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
+        )
+        left = ours(
+            torch.stack([a, torch.cat([torch.zeros(3, dtype=torch.long), b])]),
+            attention_mask=torch.tensor([[1] * 7, [0] * 3 + [1] * 4]),
+        )
         alone = ours(b[None])[0]
     assert (right[1, :4] - alone).abs().max() <= TOL
     assert (left[1, 3:] - alone).abs().max() <= TOL
@@ -133,8 +137,14 @@ def test_greedy_generation_matches_transformers(tmp_path):
     ours = GPT.from_pretrained(write_official(hf, tmp_path))
     prompt = torch.randint(0, 50257, (2, 5), generator=torch.Generator().manual_seed(0))
     mine = generate(ours, prompt, max_new_tokens=40, temperature=0)
-    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)  # fmt: skip
+    theirs = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=40,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     assert torch.equal(mine, theirs)
 
 

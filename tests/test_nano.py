@@ -19,8 +19,13 @@ NANO = os.path.join(ROOT, "weights", "nano")
 
 def offline_env(tmp_path):
     """No network, an empty Hugging Face cache and an empty weights folder: no official GPT-2 anywhere."""
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-                NANOTUNE_WEIGHTS_DIR=str(tmp_path / "weights"), OMP_NUM_THREADS="2")  # fmt: skip
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        NANOTUNE_WEIGHTS_DIR=str(tmp_path / "weights"),
+        OMP_NUM_THREADS="2",
+    )
 
 
 def test_nano_is_small_and_loads_like_transformers():
@@ -48,10 +53,18 @@ def test_auto_falls_back_to_nano_offline_and_explicit_gpt2_fails(tiny, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("using the bundled weights/nano model") == 1
     assert "hf download openai-community/gpt2" in r.stdout
-    assert json.loads((tmp_path / "auto" / "summary.json").read_text())["model"].endswith(os.path.join("weights", "nano"))
+    assert json.loads((tmp_path / "auto" / "summary.json").read_text())["model"].endswith(
+        os.path.join("weights", "nano")
+    )
 
-    r = subprocess.run(base + [str(tmp_path / "explicit"), "--model", "gpt2"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        base + [str(tmp_path / "explicit"), "--model", "gpt2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert "could not load --model gpt2: no weights for 'gpt2'" in r.stderr
     assert "A local path also works" in r.stderr and "bundled" not in r.stdout
@@ -66,7 +79,8 @@ def test_readme_quickstart_runs_from_a_fresh_clone(tmp_path):
     subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True, timeout=120)
     if not (clone / "weights" / "nano" / "model.safetensors").is_file():
         pytest.fail("weights/nano is not committed: a fresh clone cannot run the quickstart")
-    r = subprocess.run(command, shell=True, cwd=clone, env=offline_env(tmp_path), capture_output=True, text=True,
-                       timeout=600)  # fmt: skip
+    r = subprocess.run(
+        command, shell=True, cwd=clone, env=offline_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "using the bundled weights/nano model" in r.stdout and "x_share" in r.stdout

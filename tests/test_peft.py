@@ -24,8 +24,21 @@ METHODS = ["lora", "adapter", "lora+adapter", "prompt"]
 
 
 def peft_args(method, **kw):
-    return argparse.Namespace(**({"peft": method, "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
-                                  "lora_targets": "all", "adapter_size": 8, "prompt_tokens": 5, "seed": 0} | kw))  # fmt: skip
+    return argparse.Namespace(
+        **(
+            {
+                "peft": method,
+                "lora_r": 4,
+                "lora_alpha": 8.0,
+                "lora_dropout": 0.0,
+                "lora_targets": "all",
+                "adapter_size": 8,
+                "prompt_tokens": 5,
+                "seed": 0,
+            }
+            | kw
+        )
+    )
 
 
 def with_peft(tiny, method, **kw):
@@ -174,10 +187,36 @@ def test_generation_with_prompt_tuning_matches_recomputation(tiny):
 @pytest.mark.parametrize("method", METHODS)
 def test_sft_trains_with_each_method(method, tiny, shared, tmp_path, capsys):
     out = tmp_path / method
-    train_sft.main(["--model", tiny, "--data", str(shared / "data" / "instruction-data.json"), "--out", str(out),
-                    "--limit", "80", "--max-len", "64", "--steps", "6", "--batch-size", "4", "--lr", "1e-2",
-                    "--responses", "1", "--max-new-tokens", "4", "--peft", method, "--adapter-size", "16",
-                    "--prompt-tokens", "4"])  # fmt: skip
+    train_sft.main(
+        [
+            "--model",
+            tiny,
+            "--data",
+            str(shared / "data" / "instruction-data.json"),
+            "--out",
+            str(out),
+            "--limit",
+            "80",
+            "--max-len",
+            "64",
+            "--steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--responses",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--peft",
+            method,
+            "--adapter-size",
+            "16",
+            "--prompt-tokens",
+            "4",
+        ]
+    )
     printed = capsys.readouterr().out
     assert f"({method}: trainable " in printed and "%)" in printed
     s = json.loads((out / "summary.json").read_text())
@@ -192,8 +231,22 @@ def test_sft_trains_with_each_method(method, tiny, shared, tmp_path, capsys):
 
 
 def test_peft_run_resumes_bit_identically(tiny, tmp_path, monkeypatch):
-    base = ["--model", tiny, "--steps", "6", "--seq-len", "8", "--gen-tokens", "4", "--lr", "1e-2", "--peft",
-            "lora+adapter", "--save-every", "0"]  # fmt: skip
+    base = [
+        "--model",
+        tiny,
+        "--steps",
+        "6",
+        "--seq-len",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--lr",
+        "1e-2",
+        "--peft",
+        "lora+adapter",
+        "--save-every",
+        "0",
+    ]
     train_xkl.main(base + ["--out", str(tmp_path / "whole")])
     check, sent = Run.check, []
 
@@ -221,8 +274,11 @@ def test_bad_peft_settings_are_clear_errors(tiny, tmp_path, capsys):
     for extra, message in [
         (["--peft", "lora", "--lora-r", "0"], "--lora-r must be >= 1, got 0"),
         (["--peft", "lora", "--lora-targets", "c_attn,q_proj"], "--lora-targets: unknown layer q_proj"),
-        (["--peft", "prompt", "--prompt-tokens", "200", "--seq-len", "64"], "--seq-len 64 exceeds the model's context of 56"),
-    ]:  # fmt: skip
+        (
+            ["--peft", "prompt", "--prompt-tokens", "200", "--seq-len", "64"],
+            "--seq-len 64 exceeds the model's context of 56",
+        ),
+    ]:
         assert run_main(train_xkl.main, base + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -273,9 +329,30 @@ def test_lm_weight_trains_the_prompt_tokens_too(tiny, shared, tmp_path):
     losses, weights = {}, {}
     for w in ("0", "0.5"):
         out = tmp_path / w
-        train_sft.main(["--model", tiny, "--data", str(shared / "data" / "instruction-data.json"), "--out", str(out),
-                        "--limit", "60", "--max-len", "64", "--steps", "2", "--batch-size", "4", "--responses", "0",
-                        "--lm-weight", w, "--log-every", "1"])  # fmt: skip
+        train_sft.main(
+            [
+                "--model",
+                tiny,
+                "--data",
+                str(shared / "data" / "instruction-data.json"),
+                "--out",
+                str(out),
+                "--limit",
+                "60",
+                "--max-len",
+                "64",
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--responses",
+                "0",
+                "--lm-weight",
+                w,
+                "--log-every",
+                "1",
+            ]
+        )
         first = json.loads((out / "metrics.jsonl").read_text().splitlines()[1])
         losses[w], weights[w] = first["loss"], load_file(str(out / "model.safetensors"))
     assert losses["0.5"] > losses["0"] + 2.0  # + 0.5 x ~10.8 nats of prompt NLL on a random model

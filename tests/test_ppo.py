@@ -17,8 +17,14 @@ import train_ppo
 from nanotune import GPT, GPTConfig
 from nanotune.reward import RewardModel
 from train_ppo import (
-    adaptive_kl_coef, explained_variance, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss, whiten,
-)  # fmt: skip
+    adaptive_kl_coef,
+    explained_variance,
+    gae,
+    kl_penalized_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    whiten,
+)
 
 finite = st.floats(-5, 5, allow_nan=False, width=32)
 
@@ -91,8 +97,9 @@ def test_dense_token_scores_are_paid_where_earned_and_keep_each_return(data, kl_
     rewards, _ = kl_penalized_rewards(t(scores), t(logps), t(ref_logps), t(mask), kl_coef, t(token_scores))
     sparse, _ = kl_penalized_rewards(t(scores), t(logps), t(ref_logps), t(mask), kl_coef)
     for b, n in enumerate(lengths):
-        expected = [-kl_coef * (float(logps[b, i]) - float(ref_logps[b, i])) + float(token_scores[b, i])
-                    for i in range(n)]  # fmt: skip
+        expected = [
+            -kl_coef * (float(logps[b, i]) - float(ref_logps[b, i])) + float(token_scores[b, i]) for i in range(n)
+        ]
         expected[-1] += float(scores[b]) - math.fsum(float(x) for x in token_scores[b, :n])
         assert rewards[b, :n].tolist() == pytest.approx(expected, rel=1e-4, abs=1e-4)
         assert not rewards[b, n:].any()
@@ -203,9 +210,18 @@ def test_adaptive_kl_coefficient_follows_the_proportional_rule(kl_coef, kl, targ
 
 def book_args(shared, **overrides):
     data = shared / "data"
-    flags = {"--books": str(data / "corpus" / "pg11.txt"), "--heldout-book": str(data / "gulliver.txt"),
-             "--prompt-len": "8", "--max-new-tokens": "6", "--rollout-batch": "16", "--batch-size": "8",
-             "--ppo-epochs": "2", "--eval-prompts": "16", "--samples": "2", "--log-every": "1"} | overrides  # fmt: skip
+    flags = {
+        "--books": str(data / "corpus" / "pg11.txt"),
+        "--heldout-book": str(data / "gulliver.txt"),
+        "--prompt-len": "8",
+        "--max-new-tokens": "6",
+        "--rollout-batch": "16",
+        "--batch-size": "8",
+        "--ppo-epochs": "2",
+        "--eval-prompts": "16",
+        "--samples": "2",
+        "--log-every": "1",
+    } | overrides
     return [x for kv in flags.items() for x in kv]
 
 
@@ -231,8 +247,25 @@ def test_ppo_raises_the_share_of_letter_tokens(peaky, shared, tmp_path):
     # rewarded for tokens containing "e", PPO must raise their share on held-out Gulliver prompts, starting at
     # KL 0 (the policy is its reference) and paying for the rise in KL
     out = tmp_path / "ppo"
-    train_ppo.main(["--model", peaky, "--out", str(out), "--reward", "letter:e", "--lr", "1e-2", "--steps", "6",
-                    "--eval-every", "3", "--kl-coef", "0.01"] + book_args(shared))  # fmt: skip
+    train_ppo.main(
+        [
+            "--model",
+            peaky,
+            "--out",
+            str(out),
+            "--reward",
+            "letter:e",
+            "--lr",
+            "1e-2",
+            "--steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--kl-coef",
+            "0.01",
+        ]
+        + book_args(shared)
+    )
     summary = json.loads((out / "summary.json").read_text())
     print(f"\ne share {summary['score_before']:.3f} -> {summary['score_after']:.3f}, KL {summary['kl_after']:.2f}")
     assert summary["score_after"] > summary["score_before"] + 0.3
@@ -241,9 +274,22 @@ def test_ppo_raises_the_share_of_letter_tokens(peaky, shared, tmp_path):
     first = next(m for m in lines if m["step"] == 1 and "score" in m)
     assert abs(first["kl"]) < 1e-4  # the first rollout: policy == reference
     assert first["clip_fraction"] < 0.5
-    for key in ("score", "kl", "rlhf_reward", "entropy", "clip_fraction", "approx_kl", "value_loss",
-                "explained_variance", "answer_len", "eos_share", "kl_coef", "time_generate_s", "time_score_s",
-                "time_update_s"):  # fmt: skip
+    for key in (
+        "score",
+        "kl",
+        "rlhf_reward",
+        "entropy",
+        "clip_fraction",
+        "approx_kl",
+        "value_loss",
+        "explained_variance",
+        "answer_len",
+        "eos_share",
+        "kl_coef",
+        "time_generate_s",
+        "time_score_s",
+        "time_update_s",
+    ):
         assert key in first, key
     assert first["rlhf_reward"] == pytest.approx(first["score"] - 0.01 * first["kl"], abs=1e-6)
     for name in ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg"):
@@ -253,14 +299,16 @@ def test_ppo_raises_the_share_of_letter_tokens(peaky, shared, tmp_path):
 
 
 @pytest.mark.parametrize("whiten_scores", [False, True])
-def test_dense_score_pays_each_letter_token_its_part_of_the_share(whiten_scores, peaky, shared, tmp_path,
-                                                                  monkeypatch):  # fmt: skip
+def test_dense_score_pays_each_letter_token_its_part_of_the_share(whiten_scores, peaky, shared, tmp_path, monkeypatch):
     # --dense-score: 1/length on each answer token holding the letter, none elsewhere; per answer they add up to
     # its share, the score of --reward letter:e. --whiten-scores divides both by the batch's std of the shares
     calls, real = [], train_ppo.kl_penalized_rewards
     monkeypatch.setattr(train_ppo, "kl_penalized_rewards", lambda *a: calls.append(a) or real(*a))
-    train_ppo.main(["--model", peaky, "--out", str(tmp_path / "dense"), "--reward", "letter:e", "--dense-score",
-                    "--steps", "2"] + ["--whiten-scores"] * whiten_scores + book_args(shared))  # fmt: skip
+    train_ppo.main(
+        ["--model", peaky, "--out", str(tmp_path / "dense"), "--reward", "letter:e", "--dense-score", "--steps", "2"]
+        + ["--whiten-scores"] * whiten_scores
+        + book_args(shared)
+    )
     assert len(calls) == 2
     for scores, _, _, mask, _, token_scores in calls:
         assert (mask.sum(-1) == 6).all()  # no answer ended (peaky never samples <|endoftext|>): 6 tokens each
@@ -278,9 +326,19 @@ def test_sentiment_reward_runs_and_scores_in_vader_range(shared, tmp_path):
     # model's gibberish scores 0 everywhere, and a broken scorer returning 0 would pass unseen)
     out = tmp_path / "sentiment"
     nano = str(Path(__file__).resolve().parent.parent / "weights" / "nano")
-    train_ppo.main(["--model", nano, "--out", str(out), "--reward", "sentiment", "--steps", "1"]
-                   + book_args(shared, **{"--prompt-len": "16", "--max-new-tokens": "24", "--rollout-batch": "8",
-                                          "--ppo-epochs": "1", "--samples": "16"}))  # fmt: skip
+    train_ppo.main(
+        ["--model", nano, "--out", str(out), "--reward", "sentiment", "--steps", "1"]
+        + book_args(
+            shared,
+            **{
+                "--prompt-len": "16",
+                "--max-new-tokens": "24",
+                "--rollout-batch": "8",
+                "--ppo-epochs": "1",
+                "--samples": "16",
+            },
+        )
+    )
     step = next(m for m in metrics(out) if "score" in m)
     assert -1 <= step["score"] <= 1
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -303,11 +361,42 @@ def test_reward_model_run_with_ptx_and_adaptive_kl(tiny, shared, tmp_path):
     torch.manual_seed(0)
     RewardModel(GPT.from_pretrained(tiny)).save_pretrained(rm_dir)
     out = tmp_path / "ppo-rm"
-    train_ppo.main(["--model", tiny, "--out", str(out), "--reward", f"model:{rm_dir}", "--steps", "2",
-                    "--data", str(shared / "data" / "instruction-data.json"), "--limit", "60", "--max-new-tokens",
-                    "6", "--rollout-batch", "8", "--batch-size", "4", "--ppo-epochs", "1", "--eval-prompts", "4",
-                    "--ptx-coef", "0.5", "--target-kl", "0.01", "--kl-horizon", "100", "--missing-eos-penalty",
-                    "1.0", "--log-every", "1"])  # fmt: skip
+    train_ppo.main(
+        [
+            "--model",
+            tiny,
+            "--out",
+            str(out),
+            "--reward",
+            f"model:{rm_dir}",
+            "--steps",
+            "2",
+            "--data",
+            str(shared / "data" / "instruction-data.json"),
+            "--limit",
+            "60",
+            "--max-new-tokens",
+            "6",
+            "--rollout-batch",
+            "8",
+            "--batch-size",
+            "4",
+            "--ppo-epochs",
+            "1",
+            "--eval-prompts",
+            "4",
+            "--ptx-coef",
+            "0.5",
+            "--target-kl",
+            "0.01",
+            "--kl-horizon",
+            "100",
+            "--missing-eos-penalty",
+            "1.0",
+            "--log-every",
+            "1",
+        ]
+    )
     lines = [m for m in metrics(out) if "ptx_loss" in m]
     assert len(lines) == 2 and all(m["ptx_loss"] > 5 for m in lines)  # a random model: ~ln(50257) nats
     summary = json.loads((out / "summary.json").read_text())
@@ -327,23 +416,28 @@ def test_ppo_stops_when_the_kl_goes_strongly_negative(tiny, shared, tmp_path, mo
     # misaligned log-probs (simulated: every KL shifted by -5 nats) must stop the run, not train on them
     real = train_ppo.kl_penalized_rewards
     monkeypatch.setattr(train_ppo, "kl_penalized_rewards", lambda *a: (real(*a)[0], real(*a)[1] - 5.0))
-    code = run_main(train_ppo.main, ["--model", tiny, "--out", str(tmp_path / "neg"), "--reward", "letter:x",
-                                     "--steps", "2"] + book_args(shared))  # fmt: skip
+    code = run_main(
+        train_ppo.main,
+        ["--model", tiny, "--out", str(tmp_path / "neg"), "--reward", "letter:x", "--steps", "2"] + book_args(shared),
+    )
     assert code == 2
     assert "mean KL to the reference is -5" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--reward", "bogus"], "--reward takes model:DIR, sentiment or letter:X"),
-    (["--reward", "letter:xy"], "single character"),
-    (["--reward", "sentiment:x"], "--reward takes"),
-    (["--rollout-batch", "6"], "positive multiple of --batch-size"),
-    (["--gamma", "1.5"], "--gamma and --lam must lie in [0, 1]"),
-    (["--target-kl", "0"], "--target-kl and --kl-horizon must be > 0"),
-    (["--reward", "model:/nope"], "could not load the reward model /nope"),
-    (["--prompt-len", "251"], "exceed the models' context of 256"),
-    (["--reward", "sentiment", "--dense-score"], "--dense-score needs --reward letter:X"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--reward", "bogus"], "--reward takes model:DIR, sentiment or letter:X"),
+        (["--reward", "letter:xy"], "single character"),
+        (["--reward", "sentiment:x"], "--reward takes"),
+        (["--rollout-batch", "6"], "positive multiple of --batch-size"),
+        (["--gamma", "1.5"], "--gamma and --lam must lie in [0, 1]"),
+        (["--target-kl", "0"], "--target-kl and --kl-horizon must be > 0"),
+        (["--reward", "model:/nope"], "could not load the reward model /nope"),
+        (["--prompt-len", "251"], "exceed the models' context of 256"),
+        (["--reward", "sentiment", "--dense-score"], "--dense-score needs --reward letter:X"),
+    ],
+)
 def test_bad_input_is_one_line_error(flags, message, tiny, shared, tmp_path, capsys):
     args = ["--model", tiny, "--out", str(tmp_path / "bad"), "--reward", "letter:x", "--steps", "1"]
     assert run_main(train_ppo.main, args + book_args(shared) + flags) == 2
@@ -353,16 +447,31 @@ def test_bad_input_is_one_line_error(flags, message, tiny, shared, tmp_path, cap
 
 
 def test_a_language_model_folder_is_not_a_reward_model(tiny, shared, tmp_path, capsys):
-    code = run_main(train_ppo.main, ["--model", tiny, "--out", str(tmp_path / "x"), "--reward", f"model:{tiny}",
-                                     "--data", str(shared / "data" / "instruction-data.json"), "--limit", "20"])  # fmt: skip
+    code = run_main(
+        train_ppo.main,
+        [
+            "--model",
+            tiny,
+            "--out",
+            str(tmp_path / "x"),
+            "--reward",
+            f"model:{tiny}",
+            "--data",
+            str(shared / "data" / "instruction-data.json"),
+            "--limit",
+            "20",
+        ],
+    )
     assert code == 2
     assert "is not a reward model" in capsys.readouterr().err
 
 
 def test_peft_lora_trains_adapters_on_the_policy_and_the_value_model(peaky, shared, tmp_path, capsys):
     out = tmp_path / "lora"
-    train_ppo.main(["--model", peaky, "--out", str(out), "--reward", "letter:e", "--steps", "2", "--peft", "lora",
-                    "--lr", "1e-2"] + book_args(shared, **{"--rollout-batch": "8", "--batch-size": "4"}))  # fmt: skip
+    train_ppo.main(
+        ["--model", peaky, "--out", str(out), "--reward", "letter:e", "--steps", "2", "--peft", "lora", "--lr", "1e-2"]
+        + book_args(shared, **{"--rollout-batch": "8", "--batch-size": "4"})
+    )
     assert "(lora: trainable" in capsys.readouterr().out
     from safetensors.torch import load_file
 

@@ -33,11 +33,29 @@ def assert_outputs(out, *files):
 
 def test_xkl_makes_the_model_like_x(tiny, tmp_path):
     out = tmp_path / "xkl"
-    train_xkl.main(["--model", tiny, "--out", str(out), "--lr", "3e-3", "--steps", "25", "--seq-len", "16",
-                    "--positions", "all", "--log-every", "5"])  # fmt: skip
+    train_xkl.main(
+        [
+            "--model",
+            tiny,
+            "--out",
+            str(out),
+            "--lr",
+            "3e-3",
+            "--steps",
+            "25",
+            "--seq-len",
+            "16",
+            "--positions",
+            "all",
+            "--log-every",
+            "5",
+        ]
+    )
     s = summary(out)
-    print(f"\nxkl tiny: x_share {s['x_share_before']:.3f} -> {s['x_share_after']:.3f}, "
-          f"loss {s['loss_first']:.3f} -> {s['loss_last']:.4f}")  # fmt: skip
+    print(
+        f"\nxkl tiny: x_share {s['x_share_before']:.3f} -> {s['x_share_after']:.3f}, "
+        f"loss {s['loss_first']:.3f} -> {s['loss_last']:.4f}"
+    )
     assert s["x_share_before"] < 0.1 and s["x_share_after"] >= 0.9
     assert s["loss_last"] < s["loss_first"]
     assert {"x_share_before", "x_share_after", "loss_first", "loss_last", "steps", "lr"} <= set(s)
@@ -46,25 +64,77 @@ def test_xkl_makes_the_model_like_x(tiny, tmp_path):
 
 def test_gulliver_lowers_heldout_loss_and_raises_top100_share(tiny, tmp_path, shared):
     out = tmp_path / "gulliver"
-    train_gulliver.main(["--model", tiny, "--data", str(shared / "data" / "gulliver.txt"), "--out", str(out),
-                         "--lr", "3e-3", "--steps", "30", "--batch-size", "8", "--seq-len", "64",
-                         "--eval-every", "10", "--eval-batches", "2", "--log-every", "10"])  # fmt: skip
+    train_gulliver.main(
+        [
+            "--model",
+            tiny,
+            "--data",
+            str(shared / "data" / "gulliver.txt"),
+            "--out",
+            str(out),
+            "--lr",
+            "3e-3",
+            "--steps",
+            "30",
+            "--batch-size",
+            "8",
+            "--seq-len",
+            "64",
+            "--eval-every",
+            "10",
+            "--eval-batches",
+            "2",
+            "--log-every",
+            "10",
+        ]
+    )
     s = summary(out)
-    print(f"\ngulliver tiny: top100_share {s['top100_share_before']:.3f} -> {s['top100_share_after']:.3f}, "
-          f"held-out loss {s['val_loss_first']:.3f} -> {s['val_loss_last']:.3f}")  # fmt: skip
+    print(
+        f"\ngulliver tiny: top100_share {s['top100_share_before']:.3f} -> {s['top100_share_after']:.3f}, "
+        f"held-out loss {s['val_loss_first']:.3f} -> {s['val_loss_last']:.3f}"
+    )
     assert s["val_loss_last"] < s["val_loss_first"] - 1.0
     assert s["top100_share_after"] > s["top100_share_before"] + 0.2
-    assert {"top100_share_before", "top100_share_after", "train_loss_last", "val_loss_first", "val_loss_best",
-            "val_loss_last"} <= set(s)  # fmt: skip
+    assert {
+        "top100_share_before",
+        "top100_share_after",
+        "train_loss_last",
+        "val_loss_first",
+        "val_loss_best",
+        "val_loss_last",
+    } <= set(s)
     assert_outputs(out, "samples_before.txt", "samples_after.txt", "loss.svg")
 
 
 @pytest.fixture(scope="module")
 def sft_out(tiny, tmp_path_factory, shared):
     out = tmp_path_factory.mktemp("sft")
-    train_sft.main(["--model", tiny, "--data", str(shared / "data" / "instruction-data.json"), "--out", str(out),
-                    "--lr", "2e-3", "--steps", "25", "--limit", "300", "--max-len", "80", "--eval-every", "25",
-                    "--responses", "3", "--max-new-tokens", "16", "--log-every", "5"])  # fmt: skip
+    train_sft.main(
+        [
+            "--model",
+            tiny,
+            "--data",
+            str(shared / "data" / "instruction-data.json"),
+            "--out",
+            str(out),
+            "--lr",
+            "2e-3",
+            "--steps",
+            "25",
+            "--limit",
+            "300",
+            "--max-len",
+            "80",
+            "--eval-every",
+            "25",
+            "--responses",
+            "3",
+            "--max-new-tokens",
+            "16",
+            "--log-every",
+            "5",
+        ]
+    )
     return out
 
 
@@ -94,8 +164,10 @@ def transformers_val_loss(model_dir, data, limit, max_len, seed=1337):
 
 def test_sft_lowers_validation_perplexity(sft_out, shared):
     s = summary(sft_out)
-    print(f"\nsft tiny: val ppl {s['val_ppl_before']:.1f} -> {s['val_ppl_after']:.1f}, "
-          f"{s['truncated_examples']} truncated")  # fmt: skip
+    print(
+        f"\nsft tiny: val ppl {s['val_ppl_before']:.1f} -> {s['val_ppl_after']:.1f}, "
+        f"{s['truncated_examples']} truncated"
+    )
     assert s["val_loss_after"] < s["val_loss_before"] - 1.0
     # the reported loss is the one transformers computes on the saved weights, and perplexity is its exp
     expected = transformers_val_loss(sft_out, shared / "data" / "instruction-data.json", limit=300, max_len=80)
@@ -109,12 +181,37 @@ def test_sft_lowers_validation_perplexity(sft_out, shared):
 
 def test_dpo_from_sft_raises_heldout_reward_accuracy(sft_out, tmp_path, shared):
     out = tmp_path / "dpo"
-    train_dpo.main(["--model", str(sft_out), "--data", str(shared / "data" / "instruction-data-with-preference.json"),
-                    "--out", str(out), "--lr", "1e-3", "--steps", "20", "--limit", "300", "--max-len", "128",
-                    "--eval-every", "10", "--responses", "2", "--max-new-tokens", "8", "--log-every", "5"])  # fmt: skip
+    train_dpo.main(
+        [
+            "--model",
+            str(sft_out),
+            "--data",
+            str(shared / "data" / "instruction-data-with-preference.json"),
+            "--out",
+            str(out),
+            "--lr",
+            "1e-3",
+            "--steps",
+            "20",
+            "--limit",
+            "300",
+            "--max-len",
+            "128",
+            "--eval-every",
+            "10",
+            "--responses",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--log-every",
+            "5",
+        ]
+    )
     s = summary(out)
-    print(f"\ndpo tiny: val reward accuracy {s['val_reward_accuracy_before']:.3f} -> "
-          f"{s['val_reward_accuracy_after']:.3f}, margin {s['val_margin_after']:.3f}")  # fmt: skip
+    print(
+        f"\ndpo tiny: val reward accuracy {s['val_reward_accuracy_before']:.3f} -> "
+        f"{s['val_reward_accuracy_after']:.3f}, margin {s['val_margin_after']:.3f}"
+    )
     assert s["val_reward_accuracy_after"] > 0.5 and s["val_margin_after"] > 0
     assert s["val_loss_after"] < s["val_loss_before"]
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
@@ -134,8 +231,28 @@ def test_dpo_metrics_before_training_equal_an_independent_computation(sft_out, t
 
     data = shared / "data" / "instruction-data-with-preference.json"
     out = tmp_path / "dpo"
-    train_dpo.main(["--model", str(sft_out), "--ref-model", tiny, "--data", str(data), "--out", str(out),
-                    "--steps", "0", "--limit", "120", "--max-len", "96", "--responses", "0", "--beta", "0.5"])  # fmt: skip
+    train_dpo.main(
+        [
+            "--model",
+            str(sft_out),
+            "--ref-model",
+            tiny,
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "0",
+            "--limit",
+            "120",
+            "--max-len",
+            "96",
+            "--responses",
+            "0",
+            "--beta",
+            "0.5",
+        ]
+    )
     s = summary(out)
     enc = load_tokenizer()
     policy, reference = (GPT2LMHeadModel.from_pretrained(m).eval() for m in (sft_out, tiny))
@@ -203,18 +320,24 @@ def test_sft_and_dpo_bad_input(tiny, tmp_path, capsys):
     refused(train_sft.main, base + ["--data", str(tmp_path / "nothing.json")], capsys, "holds no examples")
     good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     (tmp_path / "missing.json").write_text(json.dumps([good, good, {"instruction": "No answer"}]))
-    refused(train_sft.main, base + ["--data", str(tmp_path / "missing.json")], capsys,
-            "record 2 has no 'output' key")  # fmt: skip
+    refused(train_sft.main, base + ["--data", str(tmp_path / "missing.json")], capsys, "record 2 has no 'output' key")
     long_prompt = {"instruction": "word " * 400, "input": "", "output": "ok"}
     (tmp_path / "long.json").write_text(json.dumps([long_prompt] * 40))
-    refused(train_sft.main, base + ["--data", str(tmp_path / "long.json"), "--max-len", "64"], capsys,
-            "leaving no room for a response within --max-len 64")  # fmt: skip
+    refused(
+        train_sft.main,
+        base + ["--data", str(tmp_path / "long.json"), "--max-len", "64"],
+        capsys,
+        "leaving no room for a response within --max-len 64",
+    )
     pairs = [{"instruction": "Say hi.", "chosen": "Hi.", "rejected": "Go away."}] * 40
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
-    refused(train_dpo.main, base + ["--data", str(tmp_path / "pairs.json"), "--beta", "0"], capsys, "--beta must be > 0")
+    refused(
+        train_dpo.main, base + ["--data", str(tmp_path / "pairs.json"), "--beta", "0"], capsys, "--beta must be > 0"
+    )
     (tmp_path / "no_rejected.json").write_text(json.dumps([{"instruction": "a", "chosen": "b"}]))
-    refused(train_dpo.main, base + ["--data", str(tmp_path / "no_rejected.json")], capsys,
-            "record 0 has no 'rejected' key")  # fmt: skip
+    refused(
+        train_dpo.main, base + ["--data", str(tmp_path / "no_rejected.json")], capsys, "record 0 has no 'rejected' key"
+    )
     assert not (tmp_path / "s").exists()
 
 
@@ -222,24 +345,76 @@ def test_prompt_response_pairs_are_accepted(tiny, tmp_path):
     rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(60)]
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "qa"
-    train_sft.main(["--model", tiny, "--data", str(tmp_path / "qa.jsonl"), "--out", str(out), "--template", "plain",
-                    "--steps", "2", "--responses", "1", "--max-new-tokens", "4", "--no-save"])  # fmt: skip
+    train_sft.main(
+        [
+            "--model",
+            tiny,
+            "--data",
+            str(tmp_path / "qa.jsonl"),
+            "--out",
+            str(out),
+            "--template",
+            "plain",
+            "--steps",
+            "2",
+            "--responses",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--no-save",
+        ]
+    )
     s = summary(out)
     assert s["train_examples"] == 51 and not (out / "model.safetensors").exists()
 
 
 ACCUM_ARGS = {
     "xkl": ["--seq-len", "8", "--gen-tokens", "2"],
-    "gulliver": ["--data", "{data}/gulliver.txt", "--seq-len", "32", "--eval-batches", "1", "--samples", "1",
-                 "--sample-tokens", "2"],
+    "gulliver": [
+        "--data",
+        "{data}/gulliver.txt",
+        "--seq-len",
+        "32",
+        "--eval-batches",
+        "1",
+        "--samples",
+        "1",
+        "--sample-tokens",
+        "2",
+    ],
     "sft": ["--data", "{data}/instruction-data.json", "--limit", "60", "--max-len", "64", "--responses", "0"],
-    "dpo": ["--data", "{data}/instruction-data-with-preference.json", "--limit", "60", "--max-len", "64",
-            "--responses", "0"],
+    "dpo": [
+        "--data",
+        "{data}/instruction-data-with-preference.json",
+        "--limit",
+        "60",
+        "--max-len",
+        "64",
+        "--responses",
+        "0",
+    ],
     # one rollout of 4 answers, one epoch: one optimizer step over the minibatch of 4
-    "ppo": ["--reward", "letter:x", "--books", "{data}/corpus/pg11.txt", "--heldout-book", "{data}/gulliver.txt",
-            "--prompt-len", "8", "--max-new-tokens", "6", "--rollout-batch", "4", "--ppo-epochs", "1",
-            "--eval-prompts", "2", "--samples", "0"],
-}  # fmt: skip
+    "ppo": [
+        "--reward",
+        "letter:x",
+        "--books",
+        "{data}/corpus/pg11.txt",
+        "--heldout-book",
+        "{data}/gulliver.txt",
+        "--prompt-len",
+        "8",
+        "--max-new-tokens",
+        "6",
+        "--rollout-batch",
+        "4",
+        "--ppo-epochs",
+        "1",
+        "--eval-prompts",
+        "2",
+        "--samples",
+        "0",
+    ],
+}
 
 
 @pytest.mark.parametrize("name", list(ACCUM_ARGS))
@@ -251,13 +426,34 @@ def test_grad_accum_gives_the_same_update(name, tiny, tmp_path, shared):
     # lr * g / (|g| + eps) and rounding moves it by up to ~1e-4 (PPO: one c_fc weight, 8.9e-05).
     from safetensors.torch import load_file
 
-    main = {"xkl": train_xkl, "gulliver": train_gulliver, "sft": train_sft, "dpo": train_dpo, "ppo": train_ppo}[name].main
+    main = {"xkl": train_xkl, "gulliver": train_gulliver, "sft": train_sft, "dpo": train_dpo, "ppo": train_ppo}[
+        name
+    ].main
     extra = [a.format(data=shared / "data") for a in ACCUM_ARGS[name]]
     weights = {}
     for accum in (1, 4):
         out = tmp_path / f"accum{accum}"
-        main(["--model", tiny, "--out", str(out), "--lr", "1e-3", "--steps", "1", "--batch-size", "4",
-              "--grad-accum", str(accum), "--grad-clip", "0", "--save-every", "0"] + extra)  # fmt: skip
+        main(
+            [
+                "--model",
+                tiny,
+                "--out",
+                str(out),
+                "--lr",
+                "1e-3",
+                "--steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--grad-accum",
+                str(accum),
+                "--grad-clip",
+                "0",
+                "--save-every",
+                "0",
+            ]
+            + extra
+        )
         weights[accum] = load_file(str(out / "model.safetensors"))
     start = load_file(os.path.join(tiny, "model.safetensors"))
     assert (weights[1]["h.0.attn.c_attn.weight"] - start["h.0.attn.c_attn.weight"]).abs().max() > 1e-4  # it moved
@@ -276,14 +472,38 @@ def test_activation_checkpointing_flag_reaches_the_model(tiny, tmp_path, monkeyp
     checkpoint, calls = torch.utils.checkpoint.checkpoint, []
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     weights = {}
-    for flag, expected_calls in (([], 0), (["--activation-checkpointing"], 4), (["--activation-checkpointing", "1"], 2)):
+    for flag, expected_calls in (
+        ([], 0),
+        (["--activation-checkpointing"], 4),
+        (["--activation-checkpointing", "1"], 2),
+    ):
         calls.clear()
         out = tmp_path / f"run{len(flag)}"
-        train_xkl.main(["--model", tiny, "--out", str(out), "--lr", "1e-3", "--steps", "2", "--batch-size", "2",
-                        "--save-every", "0"] + ACCUM_ARGS["xkl"] + flag)  # fmt: skip
+        train_xkl.main(
+            [
+                "--model",
+                tiny,
+                "--out",
+                str(out),
+                "--lr",
+                "1e-3",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--save-every",
+                "0",
+            ]
+            + ACCUM_ARGS["xkl"]
+            + flag
+        )
         weights[len(flag)] = load_file(str(out / "model.safetensors"))
         assert len(calls) == expected_calls  # 2 steps x 2 blocks, or x the first block
     for n in (1, 2):
         assert max((weights[0][k] - weights[n][k]).abs().max().item() for k in weights[0]) < 1e-5
-    refused(train_xkl.main, ["--model", tiny, "--out", str(tmp_path / "bad"), "--activation-checkpointing", "3"],
-            capsys, "--activation-checkpointing 3: the model has 2 blocks")  # fmt: skip
+    refused(
+        train_xkl.main,
+        ["--model", tiny, "--out", str(tmp_path / "bad"), "--activation-checkpointing", "3"],
+        capsys,
+        "--activation-checkpointing 3: the model has 2 blocks",
+    )

@@ -19,8 +19,7 @@ rewards = st.floats(-1e4, 1e4, allow_nan=False)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(rewards, rewards), min_size=1, max_size=8), st.none() | st.floats(-5, 5),
-       st.floats(0, 2))  # fmt: skip
+@given(st.lists(st.tuples(rewards, rewards), min_size=1, max_size=8), st.none() | st.floats(-5, 5), st.floats(0, 2))
 def test_reward_loss_equals_float64_reference(rows, margin, center_coef):
     chosen, rejected = (torch.tensor(c, dtype=torch.float64) for c in zip(*rows))
     loss = reward_loss(chosen, rejected, margin, center_coef)
@@ -42,8 +41,10 @@ def test_reward_loss_gradient_and_extremes():
 
 
 def test_ranked_records_keep_their_order_and_preference_records_become_rankings_of_two():
-    records = [{"instruction": "a", "responses": ["best", "good", "ok", "bad"]},
-               {"prompt": "b", "chosen": "yes", "rejected": "no"}]  # fmt: skip
+    records = [
+        {"instruction": "a", "responses": ["best", "good", "ok", "bad"]},
+        {"prompt": "b", "chosen": "yes", "rejected": "no"},
+    ]
     first, second = ranked_examples(records, "x")
     assert first["responses"] == ["best", "good", "ok", "bad"] and first["record"] == 0
     assert second["responses"] == ["yes", "no"] and second["instruction"] == "b"
@@ -93,16 +94,38 @@ def synthetic_rankings(n, seed=0):
     records = []
     for i in range(n):
         topic = rng.choice(["the weather", "a recipe", "the river", "a poem", "the market"])
-        records.append({"instruction": f"Tell me about {topic} ({i}).",
-                        "responses": [f"Excellent: {topic}.", f"Decent: {topic}.", f"Terrible: {topic}."]})  # fmt: skip
+        records.append(
+            {
+                "instruction": f"Tell me about {topic} ({i}).",
+                "responses": [f"Excellent: {topic}.", f"Decent: {topic}.", f"Terrible: {topic}."],
+            }
+        )
     return records
 
 
 def test_train_reward_learns_a_ranking_and_saves_a_transformers_reward_model(tiny, tmp_path):
     (tmp_path / "ranked.jsonl").write_text("\n".join(json.dumps(r) for r in synthetic_rankings(120)))
     out = tmp_path / "rm"
-    train_reward.main(["--model", tiny, "--data", str(tmp_path / "ranked.jsonl"), "--out", str(out), "--steps", "30",
-                       "--lr", "1e-3", "--batch-size", "4", "--eval-every", "15", "--max-len", "64"])  # fmt: skip
+    train_reward.main(
+        [
+            "--model",
+            tiny,
+            "--data",
+            str(tmp_path / "ranked.jsonl"),
+            "--out",
+            str(out),
+            "--steps",
+            "30",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "4",
+            "--eval-every",
+            "15",
+            "--max-len",
+            "64",
+        ]
+    )
     s = json.loads((out / "summary.json").read_text())
     print(f"\nreward tiny: val accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy_after']:.3f}")
     assert s["train_pairs"] == 102 * 3 and s["val_pairs"] == 6 * 3  # 120 prompts: 85% / 5% split, K=3 -> 3 pairs
@@ -121,10 +144,12 @@ def test_train_reward_learns_a_ranking_and_saves_a_transformers_reward_model(tin
 def test_bad_ranked_records_are_named(tiny, tmp_path, capsys):
     for records, message in [
         ([{"instruction": "a", "responses": ["only one"]}], "record 0: 'responses' must list at least 2 answers"),
-        ([{"instruction": "a", "chosen": "x", "rejected": "y"}, {"instruction": "b", "chosen": "x"}],
-         "record 1 has neither 'responses' nor both 'chosen' and 'rejected'"),
+        (
+            [{"instruction": "a", "chosen": "x", "rejected": "y"}, {"instruction": "b", "chosen": "x"}],
+            "record 1 has neither 'responses' nor both 'chosen' and 'rejected'",
+        ),
         ([{"responses": ["x", "y"]}], "record 0 has no 'instruction'"),
-    ]:  # fmt: skip
+    ]:
         (tmp_path / "bad.json").write_text(json.dumps(records))
         with pytest.raises(SystemExit) as e:
             train_reward.main(["--model", tiny, "--data", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")])

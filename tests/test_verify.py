@@ -25,8 +25,9 @@ def test_verify_passes_on_matching_weights(form, tmp_path, tiny):
     if form == "recipe output":
         model = tiny  # written by nanotune's save_pretrained, as every recipe writes its result
     else:
-        folder = write_official(hf_model(n_layer=2, n_embd=768, n_head=12, seed=4), tmp_path / "ckpt",
-                                config=form == "official folder")  # fmt: skip
+        folder = write_official(
+            hf_model(n_layer=2, n_embd=768, n_head=12, seed=4), tmp_path / "ckpt", config=form == "official folder"
+        )
         model = str(folder if form == "official folder" else folder / "model.safetensors")
     code, r = report(["--model", model, "--windows", "1", "--window-len", "200", "--tokens", "12"], tmp_path)
     assert code == 0 and r["pass"]
@@ -64,8 +65,13 @@ def test_verify_bad_input(tmp_path, tiny, monkeypatch, capsys):
 
 
 def test_verify_command_on_the_bundled_model():
-    r = subprocess.run([sys.executable, "-m", "nanotune.verify", "--model", "weights/nano", "--windows", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "nanotune.verify", "--model", "weights/nano", "--windows", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "PASS: nanotune matches transformers" in r.stdout and "greedy 32 tokens         identical" in r.stdout
 
@@ -81,13 +87,26 @@ def test_verify_checks_reward_models_and_lora_folders(tiny, tmp_path):
     RewardModel(GPT.from_pretrained(tiny)).save_pretrained(tmp_path / "rm")
     code, r = report(["--model", str(tmp_path / "rm"), "--windows", "1", "--window-len", "64"], tmp_path)
     assert code == 0 and r["kind"] == "reward" and r["max_abs_diff"] < 1e-5 and r["greedy"] is None
-    lora = apply_peft(GPT.from_pretrained(tiny), argparse.Namespace(peft="lora", lora_r=4, lora_alpha=8.0,
-                      lora_dropout=0.0, lora_targets="all", adapter_size=8, prompt_tokens=5, seed=0), tiny)  # fmt: skip
+    lora = apply_peft(
+        GPT.from_pretrained(tiny),
+        argparse.Namespace(
+            peft="lora",
+            lora_r=4,
+            lora_alpha=8.0,
+            lora_dropout=0.0,
+            lora_targets="all",
+            adapter_size=8,
+            prompt_tokens=5,
+            seed=0,
+        ),
+        tiny,
+    )
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     save_trained(lora, tmp_path / "sft")
-    code, r = report(["--model", str(tmp_path / "sft" / "lora"), "--windows", "1", "--window-len", "64",
-                      "--tokens", "8"], tmp_path)  # fmt: skip
+    code, r = report(
+        ["--model", str(tmp_path / "sft" / "lora"), "--windows", "1", "--window-len", "64", "--tokens", "8"], tmp_path
+    )
     assert code == 0 and r["kind"] == "lora" and r["max_abs_diff"] < 1e-4 and r["greedy"]["identical"]
