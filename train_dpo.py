@@ -13,7 +13,6 @@ Outputs in --out: metrics.jsonl, summary.json, responses.jsonl (before/after ans
 loss.svg and the fine-tuned weights.
 """
 
-import argparse
 import json
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from nanotune import generate, load_tokenizer
 from nanotune.data import PREFERENCES_URL, default_file, read_records
+from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.instruct import (
     check_answerable,
     collate,
@@ -30,20 +30,13 @@ from nanotune.instruct import (
     sequence_logprobs,
     split_examples,
 )
+from nanotune.loader import load_model
+from nanotune.metrics import progress
 from nanotune.peft import apply_peft, describe_trainable
-from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
-from nanotune.utils import (
-    NanotuneError,
-    all_reduce_mean,
-    clip_gradients,
-    die,
-    load_model,
-    lr_at,
-    make_optimizer,
-    no_sync_unless_last,
-    plot_curves,
-    wrap_model,
-)
+from nanotune.plot import plot_curves
+from nanotune.run import Run
+from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.utils import NanotuneError, all_reduce_mean
 
 
 # z = beta * ((pi_c - ref_c) - (pi_r - ref_r))
@@ -68,43 +61,74 @@ def dpo_loss(
     return loss.mean(), chosen_rewards, rejected_rewards
 
 
+def preference_metrics(loss, chosen_rewards, rejected_rewards, prefix: str = "") -> dict:
+    """The loss, the reward accuracy (the share of pairs whose chosen reward is higher), the margin and the mean
+    rewards, as numbers."""
+    return {
+        f"{prefix}loss": loss.item(),
+        f"{prefix}reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+        f"{prefix}margin": (chosen_rewards - rejected_rewards).mean().item(),
+        f"{prefix}chosen_reward": chosen_rewards.mean().item(),
+        f"{prefix}rejected_reward": rejected_rewards.mean().item(),
+    }
+
+
+def encode_pairs(enc, examples, args, path):
+    """Preference examples -> [((prompt ids, chosen ids), (prompt ids, rejected ids))], answers truncated to
+    --max-len. -> pairs, how many answers were truncated"""
+    pairs, truncated = [], 0
+    for ex in examples:
+        prompt, where = format_prompt(ex, args.template), f"{path}: record {ex['record']}"
+        p, chosen, cut_chosen = encode_pair(enc, prompt, ex["chosen"], args.max_len, where)
+        _, rejected, cut_rejected = encode_pair(enc, prompt, ex["rejected"], args.max_len, where)
+        pairs.append(((p, chosen), (p, rejected)))
+        truncated += cut_chosen + cut_rejected
+    return pairs, truncated
+
+
+def pair_logprobs(model, pairs, pad_id: int, device, ctx):
+    """One forward over the chosen and the rejected rows together -> (chosen logps (B,), rejected logps (B,))."""
+    input_ids, labels = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, device)
+    with ctx:
+        logits = model(input_ids)  # (2B, T, V)
+    logps = sequence_logprobs(logits, labels)  # (2B,)
+    return logps[: len(pairs)], logps[len(pairs) :]
+
+
+@torch.no_grad()
+def all_pair_logprobs(model, pairs, batch_size: int, pad_id: int, device, ctx, shown: str | None = None):
+    """pair_logprobs over every pair, --batch-size pairs at a time (with a progress bar named `shown`).
+    -> chosen logps (N,), rejected logps (N,)"""
+    starts = progress(range(0, len(pairs), batch_size), shown or "", enabled=shown is not None)
+    chunks = [pair_logprobs(model, pairs[i : i + batch_size], pad_id, device, ctx) for i in starts]
+    return torch.cat([c for c, _ in chunks]), torch.cat([r for _, r in chunks])
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     add_common_args(p, lr=5e-6, steps=100, batch_size=8)
-    p.add_argument(
-        "--data",
-        default=None,
-        help="JSON/JSONL with instruction, input?, chosen, rejected (default: "
-        "download the preference set of the book 'LLMs from scratch' into data/)",
-    )
+    data = "JSON/JSONL: instruction, input?, chosen, rejected (default: download the set of 'LLMs from scratch')"
+    p.add_argument("--data", default=None, help=data)
     p.add_argument("--ref-model", default=None, help="reference model (default: a frozen copy of --model)")
-    p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference (> 0)")
-    p.add_argument(
-        "--label-smoothing",
-        type=float,
-        default=0.0,
-        help="conservative DPO (cDPO): the assumed probability that a preference label is flipped, in "
-        "[0, 0.5); the loss then stops pushing once the policy prefers chosen with probability 1 - eps",
-    )
+    beta = "strength of the pull toward the reference (default 0.1)"
+    p.add_argument("--beta", type=real(0, low_open=True), default=0.1, help=beta)
+    smoothing = "conservative DPO (cDPO): the assumed probability that a preference label is flipped (default 0)"
+    p.add_argument("--label-smoothing", type=real(0, 0.5, high_open=True), default=0.0, help=smoothing)
     p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
-    p.add_argument("--max-len", type=int, default=256, help="longest sequence; longer responses are truncated")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N examples (quick runs)")
-    p.add_argument("--eval-every", type=int, default=25, help="held-out metrics every N steps")
-    p.add_argument("--responses", type=int, default=5, help="held-out prompts answered before and after")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="length limit of those answers")
+    p.add_argument("--max-len", type=integer(2), default=256, help="longest sequence; longer responses are truncated")
+    p.add_argument("--limit", type=integer(1), default=None, help="use only the first N examples (quick runs)")
+    p.add_argument("--eval-every", type=integer(1), default=25, help="held-out metrics every N steps (default 25)")
+    responses = "held-out prompts answered before and after training (default 5)"
+    p.add_argument("--responses", type=integer(0), default=5, help=responses)
+    p.add_argument("--max-new-tokens", type=integer(1), default=128, help="length limit of those answers")
     return parse_run_args(p, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    check_common_args(args)
-    if not (args.beta > 0):
-        die(f"--beta must be > 0, got {args.beta}")
-    if not 0 <= args.label_smoothing < 0.5:
-        die(f"--label-smoothing must lie in [0, 0.5), got {args.label_smoothing}")
-    if args.max_len < 2 or args.responses < 0 or args.max_new_tokens < 1:
-        die("--max-len must be >= 2, --responses >= 0 and --max-new-tokens >= 1")
-    with Run(args, "dpo") as run:  # device, processes, --out, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+    show = ("loss", "reward_accuracy", "val_loss", "val_reward_accuracy", "val_margin")
+    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+    with Run(args, __file__, outputs=("responses.jsonl", "loss.svg"), show=show) as run:
         train(args, run)
 
 
@@ -121,80 +145,44 @@ def train(args, run):
             f"{path}: {len(examples)} examples give {len(train)} training and {len(val)} "
             "validation pairs; need at least one of each"
         )
-    pairs, truncated = {}, 0
-    for name, split in (("train", train), ("val", val)):
-        pairs[name] = []
-        for ex in split:
-            prompt = format_prompt(ex, args.template)
-            where = f"{path}: record {ex['record']}"
-            p, chosen, cut_c = encode_pair(enc, prompt, ex["chosen"], args.max_len, where)
-            _, rejected, cut_r = encode_pair(enc, prompt, ex["rejected"], args.max_len, where)
-            pairs[name].append(((p, chosen), (p, rejected)))
-            truncated += cut_c + cut_r
+    (pairs_train, cut_train), (pairs_val, cut_val) = (encode_pairs(enc, s, args, path) for s in (train, val))
+    pairs, truncated = {"train": pairs_train, "val": pairs_val}, cut_train + cut_val
 
     policy, model_name = load_model(args.model, device, quiet=not run.master)
-    if args.max_len + (args.prompt_tokens if args.peft == "prompt" else 0) > policy.config.n_positions:
-        raise NanotuneError(
-            f"--max-len {args.max_len}"
-            + (f" + --prompt-tokens {args.prompt_tokens}" if args.peft == "prompt" else "")
-            + f" exceeds the model's context of "
-            f"{policy.config.n_positions}"
-        )
-    context = policy.config.n_positions - (args.prompt_tokens if args.peft == "prompt" else 0)
+    context = policy.config.n_positions - (args.prompt_tokens if args.peft == "prompt" else 0)  # (less prompt tuning's)
+    if args.max_len > context:
+        raise NanotuneError(f"--max-len {args.max_len} exceeds the model's context of {context}")
     answered = test[: args.responses]
     answer_prompts = check_answerable(enc, answered, args.template, context, path)
 
-    def batch_logps(model, batch):
-        """One forward over chosen and rejected rows together -> (chosen logps (B,), rejected logps (B,))."""
-        input_ids, labels = collate([c for c, _ in batch] + [r for _, r in batch], enc.eot_token, device)
-        with run.ctx:
-            logits = model(input_ids)  # (2B, T, V)
-        logps = sequence_logprobs(logits, labels)  # (2B,)
-        return logps[: len(batch)], logps[len(batch) :]
+    def logprobs(model, batch, shown=None):  # -> chosen logps (B,), rejected logps (B,)
+        return all_pair_logprobs(model, batch, args.batch_size, enc.eot_token, device, run.ctx, shown)
 
     # ---- the reference never changes, so its log-probs are computed once, up front, without gradients
     # (on --resume too: the policy is reloaded from --model for this, then the checkpoint replaces its weights)
     reference = load_model(args.ref_model, device, "--ref-model", quiet=True)[0] if args.ref_model else policy
-    ref_logps = {}
-    with torch.no_grad():
-        reference.eval()
-        for name in ("train", "val"):
-            chunks = [
-                batch_logps(reference, pairs[name][i : i + args.batch_size])
-                for i in range(0, len(pairs[name]), args.batch_size)
-            ]
-            ref_logps[name] = (torch.cat([c for c, _ in chunks]), torch.cat([r for _, r in chunks]))
-    del reference
-    apply_peft(policy, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
-
     run.summary.update(model=model_name, ref_model=args.ref_model, beta=args.beta, world_size=run.world)
     if run.master:
         print(
-            f"policy {model_name}, reference {args.ref_model or 'frozen copy of the policy'}: "
-            f"{args.peft}: {describe_trainable(policy)} on {device} ({run.dtype}); {len(train)} train / "
-            f"{len(val)} val pairs; {truncated} responses truncated; beta {args.beta}; "
-            f"effective batch {args.batch_size * run.world}",
+            f"policy {model_name}, reference {args.ref_model or 'a frozen copy of the policy'}, on {device} "
+            f"({run.dtype}); {len(train)} train / {len(val)} val pairs, {truncated} responses truncated; beta "
+            f"{args.beta}; effective batch {args.batch_size * run.world}",
             flush=True,
         )
+    reference.eval()
+    ref_logps = {
+        name: logprobs(reference, pairs[name], f"reference log-probs, {name}" if run.master else None)
+        for name in ("train", "val")
+    }
+    del reference
+    apply_peft(policy, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
+    if run.master:
+        print(f"--peft {args.peft}: {describe_trainable(policy)}", flush=True)
 
-    def preference_metrics(loss, chosen_rewards, rejected_rewards, prefix):
-        return {
-            f"{prefix}loss": loss.item(),
-            f"{prefix}reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-            f"{prefix}margin": (chosen_rewards - rejected_rewards).mean().item(),
-            f"{prefix}chosen_reward": chosen_rewards.mean().item(),
-            f"{prefix}rejected_reward": rejected_rewards.mean().item(),
-        }
-
-    @torch.no_grad()
     def evaluate():
         policy.eval()
-        chunks = [
-            batch_logps(policy, pairs["val"][i : i + args.batch_size])
-            for i in range(0, len(pairs["val"]), args.batch_size)
-        ]
+        chosen, rejected = logprobs(policy, pairs["val"])
         policy.train()
-        chosen, rejected = torch.cat([c for c, _ in chunks]), torch.cat([r for _, r in chunks])
         return preference_metrics(
             *dpo_loss(chosen, rejected, *ref_logps["val"], args.beta, args.label_smoothing), prefix="val_"
         )
@@ -219,19 +207,10 @@ def train(args, run):
             val_margin_before=before["val_margin"],
             val_loss_before=before["val_loss"],
         )
-        run.log(step=0, **before)
+        run.log(0, **before)
         # the answers before training go to disk now, so that a resumed run can put its own beside them
-        rows = [
-            {
-                "record": ex["record"],
-                "instruction": ex["instruction"],
-                "input": ex["input"],
-                "chosen": ex["chosen"],
-                "rejected": ex["rejected"],
-                "before": a,
-            }
-            for ex, a in zip(answered, answers())
-        ]
+        keys = ("record", "instruction", "input", "chosen", "rejected")
+        rows = [{k: ex[k] for k in keys} | {"before": answer} for ex, answer in zip(answered, answers())]
         run.write_text("responses.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     optimizer = make_optimizer(policy, "adamw", args.lr, 0.0, device)
@@ -251,18 +230,16 @@ def train(args, run):
             ref_chosen_logps, ref_rejected_logps = ref_logps["train"][0][micro], ref_logps["train"][1][micro]
             # under DDP the gradients are all-reduced once, in the last micro-batch's backward
             with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
-                policy_chosen_logps, policy_rejected_logps = batch_logps(train_model, micro_pairs)
+                policy_chosen_logps, policy_rejected_logps = pair_logprobs(
+                    train_model, micro_pairs, enc.eot_token, device, run.ctx
+                )
+                ref_logps_micro = (ref_chosen_logps, ref_rejected_logps)
                 loss, chosen_rewards, rejected_rewards = dpo_loss(
-                    policy_chosen_logps,
-                    policy_rejected_logps,
-                    ref_chosen_logps,
-                    ref_rejected_logps,
-                    args.beta,
-                    args.label_smoothing,
+                    policy_chosen_logps, policy_rejected_logps, *ref_logps_micro, args.beta, args.label_smoothing
                 )
                 # the loss is a mean over pairs and micro-batches hold equal numbers of pairs: 1/grad_accum each
                 (loss / args.grad_accum).backward()
-            for key, value in preference_metrics(loss, chosen_rewards, rejected_rewards, "").items():
+            for key, value in preference_metrics(loss, chosen_rewards, rejected_rewards).items():
                 metrics_sum[key] = metrics_sum.get(key, 0.0) + value / args.grad_accum
             n_tokens += sum(len(p) + len(r) for pair in micro_pairs for p, r in pair)
         train_metrics = {k: all_reduce_mean(v, device) for k, v in metrics_sum.items()}
@@ -271,8 +248,9 @@ def train(args, run):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
-            run.log(step=step, **evaluate())
-        run.end_step(step, n_tokens * run.world, **train_metrics, lr=lr, grad_norm=grad_norm)
+            run.log(step, **evaluate())
+        run.log_step(step, n_tokens * run.world, **train_metrics, lr=lr, grad_norm=grad_norm)
+        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 
     # ---- training is over: the weights and the summary so far are saved before anything that might fail
     if not run.master:

@@ -11,28 +11,19 @@ starts to memorise the training split, rises again (overfitting).
 Outputs in --out: metrics.jsonl, summary.json, samples_before.txt, samples_after.txt, loss.svg, weights.
 """
 
-import argparse
 from collections import Counter
 
 import torch
 
 from nanotune import generate, load_tokenizer
 from nanotune.data import GULLIVER_URL, default_file, read_book
+from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
+from nanotune.loader import load_model
 from nanotune.peft import apply_peft, describe_trainable
-from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
-from nanotune.utils import (
-    NanotuneError,
-    all_reduce_mean,
-    clip_gradients,
-    die,
-    load_model,
-    lr_at,
-    make_optimizer,
-    no_sync_unless_last,
-    perplexity,
-    plot_curves,
-    wrap_model,
-)
+from nanotune.plot import plot_curves
+from nanotune.run import Run
+from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.utils import NanotuneError, all_reduce_mean, perplexity
 
 
 # Position t predicts token t+1: NLL = -mean_{b, t < T-1} log softmax(logits[b, t])[tokens[b, t+1]].
@@ -44,30 +35,26 @@ def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     add_common_args(p, lr=5e-5, steps=300, batch_size=16)
     p.add_argument("--data", default=None, help="the book as plain text (default: download Gutenberg #829 into data/)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="last share of the book held out (default 0.1)")
-    p.add_argument("--eval-every", type=int, default=25, help="validation loss every N steps")
-    p.add_argument("--eval-batches", type=int, default=8, help="batches of held-out windows per evaluation")
-    p.add_argument("--samples", type=int, default=10, help="samples for the top100_share metric")
-    p.add_argument("--sample-tokens", type=int, default=100, help="tokens per sample")
+    p.add_argument("--seq-len", type=integer(2), default=256, help="tokens per training window (default 256)")
+    p.add_argument("--weight-decay", type=real(0), default=0.0, help="AdamW weight decay (default 0)")
+    held_out = "the last share of the book, held out (default 0.1)"
+    p.add_argument("--val-fraction", type=real(0, 1, low_open=True, high_open=True), default=0.1, help=held_out)
+    p.add_argument("--eval-every", type=integer(1), default=25, help="held-out loss every N steps (default 25)")
+    p.add_argument("--eval-batches", type=integer(1), default=8, help="batches of held-out windows per evaluation")
+    p.add_argument("--samples", type=integer(1), default=10, help="samples for the top100_share metric")
+    p.add_argument("--sample-tokens", type=integer(1), default=100, help="tokens per sample (default 100)")
     p.add_argument("--prompt", default="", help="samples continue this text (default: start of a document)")
     return parse_run_args(p, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    check_common_args(args)
-    if not 0 < args.val_fraction < 1:
-        die(f"--val-fraction must lie in (0, 1), got {args.val_fraction}")
-    if args.seq_len < 2:
-        die(f"--seq-len must be >= 2 (a window predicts its next tokens), got {args.seq_len}")
-    if args.eval_batches < 1 or args.samples < 1 or args.sample_tokens < 1:
-        die("--eval-batches, --samples and --sample-tokens must be >= 1")
-    with Run(args, "gulliver") as run:  # device, processes, --out, metrics, checkpoints, Ctrl-C: nanotune/run.py
+    outputs = ("samples_before.txt", "samples_after.txt", "loss.svg")
+    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+    with Run(args, __file__, outputs=outputs, show=("loss", "val_loss")) as run:
         train(args, run)
 
 
@@ -142,7 +129,7 @@ def train(args, run):
 
     if run.master and not run.resumed:
         run.summary["top100_share_before"] = top100_share("before")
-        run.log(step=0, val_loss=val_loss())
+        run.log(0, val_loss=val_loss())
 
     optimizer = make_optimizer(model, "adamw", args.lr, args.weight_decay, device)
     data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws different windows
@@ -171,8 +158,9 @@ def train(args, run):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
-            run.log(step=step, val_loss=val_loss())
-        run.end_step(step, batch.numel() * run.world, loss=step_loss, lr=lr, grad_norm=grad_norm)
+            run.log(step, val_loss=val_loss())
+        run.log_step(step, batch.numel() * run.world, loss=step_loss, lr=lr, grad_norm=grad_norm)
+        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 
     # ---- training is over: the weights and the summary so far are saved before anything that might fail
     if not run.master:

@@ -15,28 +15,20 @@ answer's last token. Outputs in --out: metrics.jsonl, summary.json, loss.svg and
 transformers.GPT2ForSequenceClassification layout (model.safetensors + config.json).
 """
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 from nanotune import load_tokenizer
 from nanotune.data import PREFERENCES_URL, default_file, read_records
+from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.instruct import encode_pair, format_prompt, split_examples
+from nanotune.loader import load_model
+from nanotune.peft import apply_peft, describe_trainable
+from nanotune.plot import plot_curves
 from nanotune.reward import PAD, RewardModel
-from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
-from nanotune.utils import (
-    NanotuneError,
-    all_reduce_mean,
-    clip_gradients,
-    die,
-    load_model,
-    lr_at,
-    make_optimizer,
-    no_sync_unless_last,
-    plot_curves,
-    wrap_model,
-)
+from nanotune.run import Run
+from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.utils import NanotuneError, all_reduce_mean
 
 
 # loss = mean over pairs of -log sigmoid(r_chosen - r_rejected - margin)        (margin 0 unless given)
@@ -82,37 +74,27 @@ def ranked_examples(records: list[dict], path) -> list[dict]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, lr=1e-5, steps=200, batch_size=8)
-    p.add_argument(
-        "--data",
-        default=None,
-        help="JSON/JSONL of preference or ranked records (default: download the "
-        "preference set of the book 'LLMs from scratch' into data/)",
-    )
+    p = Parser(__doc__)
+    add_common_args(p, lr=1e-5, steps=200, batch_size=8, peft_methods=("none", "lora"))  # LoRA: merged at the end
+    data = "JSON/JSONL of preference or ranked records (default: download the preference set of 'LLMs from scratch')"
+    p.add_argument("--data", default=None, help=data)
     p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
-    p.add_argument("--max-len", type=int, default=256, help="longest prompt + answer; longer answers are truncated")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N records (quick runs)")
-    p.add_argument("--margin", type=float, default=None, help="required reward gap in the loss (default none)")
-    p.add_argument(
-        "--center-coef",
-        type=float,
-        default=0.0,
-        help="weight of mean((r_c + r_r)^2), keeping rewards near zero (default 0)",
-    )
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--eval-every", type=int, default=25, help="held-out accuracy every N steps")
+    max_len = "longest prompt + answer; longer answers are truncated (default 256)"
+    p.add_argument("--max-len", type=integer(2), default=256, help=max_len)
+    p.add_argument("--limit", type=integer(1), default=None, help="use only the first N records (quick runs)")
+    p.add_argument("--margin", type=real(), default=None, help="required reward gap in the loss (default none)")
+    center = "weight of mean((r_c + r_r)^2), keeping rewards near zero (default 0)"
+    p.add_argument("--center-coef", type=real(0), default=0.0, help=center)
+    p.add_argument("--weight-decay", type=real(0), default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--eval-every", type=integer(1), default=25, help="held-out accuracy every N steps (default 25)")
     return parse_run_args(p, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    check_common_args(args)
-    if args.max_len < 2 or not args.center_coef >= 0:
-        die("--max-len must be >= 2 and --center-coef >= 0")
-    if args.peft != "none":
-        die("train_reward.py trains every weight of the reward model; --peft is not supported here yet")
-    with Run(args, "reward") as run:  # device, processes, --out, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+    show = ("loss", "accuracy", "val_loss", "val_accuracy")
+    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+    with Run(args, __file__, outputs=("loss.svg",), show=show) as run:
         train(args, run)
 
 
@@ -148,6 +130,7 @@ def train(args, run):
         raise NanotuneError(f"--max-len {args.max_len} exceeds the model's context of {body.config.n_positions}")
     torch.manual_seed(args.seed)  # the score head's initial weights
     model = RewardModel(body)
+    apply_peft(body, args, model_name)  # --peft lora: freeze the body, add what trains; the score head trains
     run.summary.update(
         model=model_name,
         train_pairs=n_pairs["train"],
@@ -157,9 +140,9 @@ def train(args, run):
     )
     if run.master:
         print(
-            f"reward model on {model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on "
-            f"{device} ({run.dtype}); {len(train)} train / {len(val)} val prompts, {n_pairs['train']} / "
-            f"{n_pairs['val']} pairs; {truncated} answers truncated; {args.batch_size * run.world} prompts a step",
+            f"reward model on {model_name} ({args.peft}: {describe_trainable(model)}) on {device} ({run.dtype}); "
+            f"{len(train)} train / {len(val)} val prompts, {n_pairs['train']} / {n_pairs['val']} pairs; "
+            f"{truncated} answers truncated; {args.batch_size * run.world} prompts a step",
             flush=True,
         )
 
@@ -195,7 +178,7 @@ def train(args, run):
     if run.master and not run.resumed:
         before = evaluate()
         run.summary.update(val_accuracy_before=before["val_accuracy"], val_margin_before=before["val_margin"])
-        run.log(step=0, **before)
+        run.log(0, **before)
 
     optimizer = make_optimizer(model, "adamw", args.lr, args.weight_decay, device)
     data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own prompts
@@ -229,8 +212,9 @@ def train(args, run):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
-            run.log(step=step, **evaluate())
-        run.end_step(step, n_tokens * run.world, loss=step_loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm)
+            run.log(step, **evaluate())
+        run.log_step(step, n_tokens * run.world, loss=step_loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm)
+        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 
     # ---- training is over: the reward model and the summary so far are saved before anything that might fail
     if not run.master:

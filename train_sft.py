@@ -12,13 +12,13 @@ Outputs in --out: metrics.jsonl, summary.json, responses.jsonl (greedy answers t
 loss.svg and the fine-tuned weights.
 """
 
-import argparse
 import json
 
 import torch
 
 from nanotune import generate, load_tokenizer
 from nanotune.data import INSTRUCTIONS_URL, default_file, read_records
+from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.instruct import (
     IGNORE,
     check_answerable,
@@ -29,21 +29,13 @@ from nanotune.instruct import (
     split_examples,
     token_logprobs,
 )
+from nanotune.loader import load_model
+from nanotune.metrics import progress
 from nanotune.peft import apply_peft, describe_trainable
-from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
-from nanotune.utils import (
-    NanotuneError,
-    all_reduce_mean,
-    clip_gradients,
-    die,
-    load_model,
-    lr_at,
-    make_optimizer,
-    no_sync_unless_last,
-    perplexity,
-    plot_curves,
-    wrap_model,
-)
+from nanotune.plot import plot_curves
+from nanotune.run import Run
+from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.utils import NanotuneError, all_reduce_mean, perplexity
 
 
 # NLL = -sum_{unmasked (b, t)} log p(labels[b, t]) / #unmasked.  logits (B, T, V), labels (B, T) -> scalar.
@@ -68,40 +60,27 @@ def sft_loss(logits, labels, prompt_labels=None, lm_weight: float = 0.0, n_respo
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     add_common_args(p, lr=5e-5, steps=200, batch_size=8)
-    p.add_argument(
-        "--data",
-        default=None,
-        help="JSON list or JSONL of examples (default: download the "
-        "1,100-example set of the book 'LLMs from scratch' into data/)",
-    )
-    p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout")
-    p.add_argument("--max-len", type=int, default=256, help="longest training sequence; longer ones are truncated")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N examples (quick runs)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument(
-        "--lm-weight",
-        type=float,
-        default=0.0,
-        help="add this times the next-token loss on the prompt tokens (GPT-1's L3 = L2 + L * L1; default 0)",
-    )
-    p.add_argument("--eval-every", type=int, default=25, help="validation loss every N steps")
-    p.add_argument("--responses", type=int, default=20, help="test prompts to answer after training (0: none)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="length limit of those answers")
+    data = "JSON list or JSONL of examples (default: download the 1,100-example set of 'LLMs from scratch' into data/)"
+    p.add_argument("--data", default=None, help=data)
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (default alpaca)")
+    p.add_argument("--max-len", type=integer(2), default=256, help="longest sequence; longer ones are truncated")
+    p.add_argument("--limit", type=integer(1), default=None, help="use only the first N examples (quick runs)")
+    p.add_argument("--weight-decay", type=real(0), default=0.0, help="AdamW weight decay (default 0)")
+    lm_weight = "add this times the next-token loss on the prompt tokens (GPT-1's L3 = L2 + L * L1; default 0)"
+    p.add_argument("--lm-weight", type=real(0), default=0.0, help=lm_weight)
+    p.add_argument("--eval-every", type=integer(1), default=25, help="validation loss every N steps (default 25)")
+    responses = "test prompts answered after training (default 20; 0: none)"
+    p.add_argument("--responses", type=integer(0), default=20, help=responses)
+    p.add_argument("--max-new-tokens", type=integer(1), default=128, help="length limit of those answers")
     return parse_run_args(p, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    check_common_args(args)
-    if args.max_len < 2:
-        die(f"--max-len must be >= 2, got {args.max_len}")
-    if not args.lm_weight >= 0:
-        die(f"--lm-weight must be >= 0, got {args.lm_weight}")
-    if args.responses < 0 or args.max_new_tokens < 1:
-        die(f"--responses must be >= 0 and --max-new-tokens >= 1, got {args.responses} and {args.max_new_tokens}")
-    with Run(args, "sft") as run:  # device, processes, --out, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+    with Run(args, __file__, outputs=("responses.jsonl", "loss.svg"), show=("loss", "val_loss", "val_ppl")) as run:
         train(args, run)
 
 
@@ -163,7 +142,7 @@ def train(args, run):
 
     if run.master and not run.resumed:
         loss = val_loss()
-        run.log(step=0, val_loss=loss, val_ppl=perplexity(loss))
+        run.log(0, val_loss=loss, val_ppl=perplexity(loss))
 
     optimizer = make_optimizer(model, "adamw", args.lr, args.weight_decay, device)
     data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own examples
@@ -200,8 +179,9 @@ def train(args, run):
         optimizer.zero_grad(set_to_none=True)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             loss = val_loss()
-            run.log(step=step, val_loss=loss, val_ppl=perplexity(loss))
-        run.end_step(step, n_tokens * run.world, loss=step_loss, lr=lr, grad_norm=grad_norm)
+            run.log(step, val_loss=loss, val_ppl=perplexity(loss))
+        run.log_step(step, n_tokens * run.world, loss=step_loss, lr=lr, grad_norm=grad_norm)
+        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 
     # ---- training is over: the weights and the summary so far are saved before anything that might fail
     if not run.master:
@@ -222,7 +202,7 @@ def train(args, run):
         # greedy answers to held-out test prompts, stopping at <|endoftext|> (each prompt was checked to fit)
         model.eval()
         responses = []
-        for i in range(0, len(answered), 8):
+        for i in progress(range(0, len(answered), 8), "answering the test prompts"):
             prompts = answer_prompts[i : i + 8]
             budget = min(args.max_new_tokens, context - max(map(len, prompts)))
             outputs = generate(model, prompts, budget, temperature=0, eos_token=enc.eot_token)

@@ -12,27 +12,18 @@ Outputs in --out: metrics.jsonl, summary.json, samples_before.txt, samples_after
 fine-tuned weights (model.safetensors + config.json, loadable by transformers).
 """
 
-import argparse
-
 import torch
 
 from nanotune import generate, load_tokenizer
 from nanotune.data import read_book
+from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
+from nanotune.loader import load_model
 from nanotune.peft import apply_peft, describe_trainable
-from nanotune.run import Run, add_common_args, check_common_args, parse_run_args
+from nanotune.plot import plot_curves
+from nanotune.run import Run
 from nanotune.tokenizer import letter_tokens
-from nanotune.utils import (
-    NanotuneError,
-    all_reduce_mean,
-    clip_gradients,
-    die,
-    load_model,
-    lr_at,
-    make_optimizer,
-    no_sync_unless_last,
-    plot_curves,
-    wrap_model,
-)
+from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.utils import NanotuneError, all_reduce_mean, die
 
 
 # KL(P || Q) = sum_i P_i (log P_i - log Q_i), with log Q = log_softmax(logits) and 0 log 0 = 0,
@@ -54,12 +45,13 @@ def target_distribution(is_letter: torch.Tensor, shape: str, alpha: float) -> to
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     add_common_args(p, lr=1e-4, steps=300, batch_size=4)
     p.add_argument("--letter", default="X", help="the letter the model should learn to like (default X)")
     p.add_argument("--case-sensitive", action="store_true", help="count only the letter's exact case")
     p.add_argument("--target", default="uniform", choices=["uniform", "smoothed"], help="target distribution shape")
-    p.add_argument("--alpha", type=float, default=0.9, help="with --target smoothed: mass on letter tokens, in (0, 1)")
+    alpha = "with --target smoothed: the mass on letter tokens, in (0, 1) (default 0.9)"
+    p.add_argument("--alpha", type=real(0, 1, low_open=True, high_open=True), default=0.9, help=alpha)
     p.add_argument(
         "--input",
         nargs="+",
@@ -67,7 +59,7 @@ def parse_args(argv=None):
         metavar="random | text FILE",
         help="'random': fresh random token sequences each step; 'text FILE': windows of a text file",
     )
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per training sequence (default 64)")
+    p.add_argument("--seq-len", type=integer(1), default=64, help="tokens per training sequence (default 64)")
     p.add_argument(
         "--positions",
         default="all",
@@ -76,28 +68,23 @@ def parse_args(argv=None):
         "or on the last position only",
     )
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    p.add_argument("--gen-tokens", type=int, default=200, help="sampled tokens for the x_share metric")
+    p.add_argument("--gen-tokens", type=integer(1), default=200, help="sampled tokens for the x_share metric")
     p.add_argument("--prompt", default="The", help="the fixed context the samples start from")
     return parse_run_args(p, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # ---- check every flag before any work
-    check_common_args(args)
     if len(args.letter) != 1:
         die(f"--letter must be a single character, got {args.letter!r}")
-    if args.target == "smoothed" and not 0 < args.alpha < 1:
-        die(f"--alpha must lie in (0, 1), got {args.alpha}")
     if (
         args.input[0] not in ("random", "text")
         or (args.input[0] == "random") != (len(args.input) == 1)
         or len(args.input) > 2
     ):
         die(f"--input takes 'random' or 'text FILE', got {' '.join(args.input)!r}")
-    if args.gen_tokens < 1 or args.seq_len < 1:
-        die("--gen-tokens and --seq-len must be >= 1")
-    with Run(args, "xkl") as run:  # device, processes, --out, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+    with Run(args, __file__, outputs=("samples_before.txt", "samples_after.txt", "loss.svg")) as run:
         train(args, run)
 
 
@@ -109,19 +96,33 @@ def train(args, run):
         raise NanotuneError(f"no token of the vocabulary contains {args.letter!r}; pick another --letter")
     target_probs = target_distribution(is_letter, args.target, args.alpha).to(device)  # (V,)
 
-    text_tokens = None
-    if args.input[0] == "text":
+    # ---- data: fresh random token sequences each step, or random windows of a text (chosen once, here)
+    B, T = args.batch_size, args.seq_len
+    data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws different data
+    if args.input[0] == "random":
+
+        def get_batch():  # (B, T) token ids, uniformly random
+            return torch.randint(0, enc.eot_token, (B, T), generator=data_rng).to(device)
+
+    else:
         text_tokens = torch.tensor(enc.encode_ordinary(read_book(args.input[1])))
-        if len(text_tokens) <= args.seq_len:
+        if len(text_tokens) <= T:
             raise NanotuneError(
-                f"{args.input[1]} has {len(text_tokens)} tokens, fewer than one window of --seq-len {args.seq_len}"
+                f"{args.input[1]} has {len(text_tokens)} tokens, fewer than one window of --seq-len {T}"
             )
+
+        def get_batch():  # (B, T) token ids, windows of the text
+            starts = torch.randint(0, len(text_tokens) - T, (B,), generator=data_rng).tolist()
+            return torch.stack([text_tokens[s : s + T] for s in starts]).to(device)
+
+    # the loss reads every position's prediction, or the last one's only (then the head runs there alone)
+    positions = slice(None) if args.positions == "all" else slice(-1, None)
 
     model, model_name = load_model(args.model, device, quiet=not run.master)
     apply_peft(model, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
     context = model.config.n_positions - model.n_virtual  # prompt-tuning embeddings take context too
-    if args.seq_len > context:
-        raise NanotuneError(f"--seq-len {args.seq_len} exceeds the model's context of {context}")
+    if T > context:
+        raise NanotuneError(f"--seq-len {T} exceeds the model's context of {context}")
     prompt = torch.tensor(enc.encode_ordinary(args.prompt) or [enc.eot_token], device=device)
     if len(prompt) + args.gen_tokens > context:
         raise NanotuneError(
@@ -153,15 +154,6 @@ def train(args, run):
         print(f"--- sample {tag} training (x_share {share:.3f}) ---\n{text}\n---", flush=True)
         return share
 
-    data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws different data
-
-    def get_batch():  # (B, T) token ids
-        B, T = args.batch_size, args.seq_len
-        if text_tokens is None:
-            return torch.randint(0, enc.eot_token, (B, T), generator=data_rng).to(device)  # fresh random tokens
-        starts = torch.randint(0, len(text_tokens) - T, (B,), generator=data_rng).tolist()
-        return torch.stack([text_tokens[s : s + T] for s in starts]).to(device)
-
     if run.master and not run.resumed:
         run.summary["x_share_before"] = x_share("before")
     optimizer = make_optimizer(model, args.optimizer, args.lr, device=device)
@@ -178,10 +170,9 @@ def train(args, run):
             # under DDP the gradients are all-reduced once, in the last micro-batch's backward
             with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
                 with run.ctx:
-                    logits = train_model(micro)  # (b, T, V)
-                logits = logits[:, -1, :] if args.positions == "last" else logits.flatten(0, 1)  # (N, V)
+                    logits = train_model(micro, positions=positions)  # (b, T or 1, V)
                 # equal-sized micro-batches: the mean of their means is the batch mean, so each adds 1/grad_accum
-                loss = xkl_loss(logits, target_probs) / args.grad_accum
+                loss = xkl_loss(logits.flatten(0, 1), target_probs) / args.grad_accum
                 loss.backward()
             step_loss += loss.item()
         step_loss = all_reduce_mean(step_loss, device)
@@ -189,7 +180,8 @@ def train(args, run):
         run.check(step, step_loss, grad_norm)  # NaN/inf or an exploding loss stops here, before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        run.end_step(step, idx.numel() * run.world, loss=step_loss, lr=lr, grad_norm=grad_norm)
+        run.log_step(step, idx.numel() * run.world, loss=step_loss, lr=lr, grad_norm=grad_norm)
+        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 
     # ---- training is over: the weights and the summary so far are saved before anything that might fail
     if not run.master:

@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanotune.model import GPT, PRESETS
+from nanotune.config import PRESETS
+from nanotune.generate import generate
+from nanotune.model import GPT
 from nanotune.peft import apply_peft
 from nanotune.utils import autocast
 
@@ -149,8 +151,6 @@ def train_row(side, directory, args, variant, queue):
 
 def generate_row(side, directory, args, batch, queue):
     """Child process: time greedy KV-cache generation of --gen-tokens new tokens."""
-    from nanotune import generate
-
     device = torch.device(args.device)
     model = load(side, directory, device).eval()
     prompt = torch.randint(0, 50257, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)

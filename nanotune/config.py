@@ -23,12 +23,6 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
-    @classmethod
-    def from_preset(cls, name: str) -> GPTConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
-
     def to_hf_dict(self) -> dict:
         """config.json as transformers writes it for GPT2LMHeadModel."""
         return {

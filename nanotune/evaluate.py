@@ -22,7 +22,6 @@ with exactly two models; the normalized score needs "reference".
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -34,37 +33,39 @@ from pathlib import Path
 import torch
 
 from .data import INSTRUCTIONS_URL, default_file, read_records
+from .flags import Parser, integer, real
 from .generate import generate
 from .instruct import check_answerable, format_prompt, normalize_examples, split_examples
+from .loader import load_model, load_reward_model
+from .metrics import progress
 from .reward import PAD, RewardModel
 from .tokenizer import load_tokenizer
-from .utils import ROOT, NanotuneError, atomic_write, die, load_model, pick_device, save_json
+from .utils import ROOT, NanotuneError, atomic_write, die, pick_device, save_json
 
 TIE = 1e-6
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m nanotune.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--models", nargs=2, metavar=("A", "B"), help="two models: presets, output folders or files")
-    p.add_argument("--answers", default=None, help="score answers from this JSONL instead of generating them")
-    p.add_argument("--judge", required=True, help="a reward model folder (train_reward.py output)")
-    p.add_argument("--data", default=None, help="instruction data (default: the SFT recipe's default set)")
-    p.add_argument("--all", action="store_true", help="every record of --data, not only the held-out test split")
-    p.add_argument("--n", type=int, default=None, help="at most this many prompts (default: all of them)")
-    p.add_argument("--samples-per-prompt", type=int, default=1, help="answers per prompt and model (default 1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"])
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated and scored together")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the win-rate interval")
-    p.add_argument("--seed", type=int, default=1337, help="the split's seed (as in training), sampling, bootstrap")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="output folder (default out/evaluate-<timestamp>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an evaluation already in --out")
+    p = Parser(__doc__, prog="python -m nanotune.evaluate")
+    add = p.add_argument
+    add("--models", nargs=2, metavar=("A", "B"), help="two models: presets, output folders or files")
+    add("--answers", default=None, help="score answers from this JSONL instead of generating them")
+    add("--judge", required=True, help="a reward model folder (train_reward.py output)")
+    add("--data", default=None, help="instruction data (default: the SFT recipe's default set)")
+    add("--all", action="store_true", help="every record of --data, not only the held-out test split")
+    add("--n", type=integer(1), default=None, help="at most this many prompts (default: all of them)")
+    add("--samples-per-prompt", type=integer(1), default=1, help="answers per prompt and model (default 1)")
+    add("--temperature", type=real(0), default=0.0, help="0 (default) is greedy")
+    add("--top-k", type=integer(1), default=None, help="sample among the k most likely tokens")
+    add("--top-p", type=real(0, 1, low_open=True), default=None, help="nucleus sampling: the smallest set reaching p")
+    add("--max-new-tokens", type=integer(1), default=128, help="answer length limit (default 128)")
+    add("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
+    add("--batch-size", type=integer(1), default=8, help="prompts generated and scored together (default 8)")
+    add("--bootstrap", type=integer(1), default=2000, help="bootstrap resamples for the win-rate interval")
+    add("--seed", type=int, default=1337, help="the split's seed (as in training), sampling, bootstrap")
+    add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    add("--out", default=None, help="output folder (default out/evaluate-<timestamp>)")
+    add("--overwrite", action="store_true", help="replace an evaluation already in --out")
     return p.parse_args(argv)
 
 
@@ -118,7 +119,7 @@ def generate_answers(model_name, examples, args, device, enc):
     prompts = check_answerable(enc, examples, args.template, context, args.data or "the data")
     generator = torch.Generator(device).manual_seed(args.seed)
     answers = [[] for _ in examples]
-    for start in range(0, len(prompts), args.batch_size):
+    for start in progress(range(0, len(prompts), args.batch_size), f"{model_name} answering"):
         group = prompts[start : start + args.batch_size]
         budget = min(args.max_new_tokens, context - max(map(len, group)))
         for _ in range(args.samples_per_prompt):
@@ -134,9 +135,6 @@ def generate_answers(model_name, examples, args, device, enc):
             )
             for i, (prompt, seq) in enumerate(zip(group, outputs)):
                 answers[start + i].append(enc.decode([t for t in seq[len(prompt) :] if t != enc.eot_token]).strip())
-        print(
-            f"  {model_name}: {min(start + args.batch_size, len(prompts))}/{len(prompts)} prompts answered", flush=True
-        )
     del model
     return answers
 
@@ -148,7 +146,7 @@ def score(
     """Rewards of (example, answer) pairs; each sequence = prompt + answer, cut to the judge's context."""
     context = judge.config.n_positions
     rewards = []
-    for start in range(0, len(items), batch_size):
+    for start in progress(range(0, len(items), batch_size), "judging"):
         seqs = [
             (enc.encode_ordinary(format_prompt(ex, template)) + enc.encode_ordinary(answer))[:context]
             for ex, answer in items[start : start + batch_size]
@@ -190,10 +188,6 @@ def main(argv=None):
     args = parse_args(argv)
     if (args.models is None) == (args.answers is None):
         die("give either --models A B (generate answers) or --answers FILE (score given answers)")
-    if args.samples_per_prompt < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.bootstrap < 1:
-        die("--samples-per-prompt, --max-new-tokens, --batch-size and --bootstrap must be >= 1")
-    if args.n is not None and args.n < 1:
-        die(f"--n must be >= 1, got {args.n}")
     if args.samples_per_prompt > 1 and args.temperature == 0:
         die("--samples-per-prompt > 1 needs --temperature > 0 (greedy answers would all be the same)")
     out = Path(args.out) if args.out else ROOT / "out" / f"evaluate-{datetime.now():%Y%m%d-%H%M%S}"
@@ -202,10 +196,7 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         enc = load_tokenizer()
-        try:
-            judge = RewardModel.from_pretrained(args.judge, device=device)
-        except (OSError, KeyError, ValueError) as e:
-            raise NanotuneError(f"--judge {args.judge}: {e}") from None
+        judge = load_reward_model(args.judge, device)
         if args.answers:
             examples, names, answers = read_answers(args.answers)
         else:

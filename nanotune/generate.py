@@ -6,7 +6,12 @@ from collections.abc import Sequence
 
 import torch
 
+from .flags import Parser, integer, real
+from .instruct import format_prompt
+from .loader import load_model
 from .model import GPT, KVCache
+from .tokenizer import load_tokenizer
+from .utils import NanotuneError, die, pick_device
 
 
 @torch.no_grad()
@@ -122,34 +127,23 @@ def main(argv=None):
     python -m nanotune.generate --model out/sft --instruction "Name three rivers." --temperature 0
     python -m nanotune.generate --model gpt2 --prompt "It was a dark and stormy night" --samples 3
     """
-    import argparse
-
-    from .instruct import format_prompt
-    from .tokenizer import load_tokenizer
-    from .utils import NanotuneError, die, load_model, pick_device
-
-    p = argparse.ArgumentParser(
-        prog="python -m nanotune.generate",
-        description=main.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = Parser(main.__doc__, prog="python -m nanotune.generate")
     p.add_argument("--model", default="auto", help="auto, a preset, an output folder or a .safetensors file")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="text to continue as it is")
     text.add_argument("--instruction", help="an instruction, wrapped in the SFT recipe's template")
     p.add_argument("--input", default="", help="with --instruction: its input field")
-    p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"])
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set reaching p")
-    p.add_argument("--samples", type=int, default=1, help="how many continuations (default 1)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
+    p.add_argument("--max-new-tokens", type=integer(1), default=100, help="tokens to generate (default 100)")
+    p.add_argument("--temperature", type=real(0), default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=integer(0), default=50, help="sample among the k most likely tokens (0: all)")
+    top_p = "nucleus sampling: the smallest set reaching p (default: off)"
+    p.add_argument("--top-p", type=real(0, 1, low_open=True), default=None, help=top_p)
+    p.add_argument("--samples", type=integer(1), default=1, help="how many continuations (default 1)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed of the sampling")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     args = p.parse_args(argv)
     try:
-        if args.max_new_tokens < 1 or args.samples < 1 or args.temperature < 0:
-            raise NanotuneError("--max-new-tokens and --samples must be >= 1 and --temperature >= 0")
         device = pick_device(args.device)
         model, _ = load_model(args.model, device)
         enc = load_tokenizer()

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .config import PRESETS, GPTConfig  # noqa: F401  (re-exported)
+from .config import GPTConfig
 from .weights import load_checkpoint, resolve_checkpoint, save_checkpoint
 
 
@@ -167,93 +167,98 @@ class GPT(nn.Module):
         positions: a slice of the T positions whose logits (or hidden states) to return, e.g. only an answer's;
         the tied head, most of the work for GPT-2's 50257-token vocabulary, then runs on those alone.
         """
-        if idx.dim() != 2:
-            raise ValueError(f"GPT.forward: idx must have shape (B, T), got {tuple(idx.shape)}")
-        B, T = idx.shape
         past = cache.length if cache is not None else 0
-        prefix = self.n_virtual if past == 0 else 0  # virtual tokens this call adds in front
-        if past + prefix + T > self.config.n_positions:
-            virtual = f" ({self.n_virtual} of them prompt-tuning embeddings)" if self.n_virtual else ""
-            raise ValueError(
-                f"GPT.forward: sequence of {past + prefix + T} tokens{virtual} is longer than the context of "
-                f"{self.config.n_positions} (n_positions); truncate or split the input"
-            )
-        if cache is not None and past + prefix + T > cache.max_len:
-            raise ValueError(f"GPT.forward: KV cache holds {cache.max_len} positions, {past + prefix + T} needed")
-        # (skipped inside torch.compile: reading the values back would break the graph)
-        if (
-            not torch.compiler.is_compiling()
-            and idx.numel()
-            and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size)
-        ):
-            bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
-            raise ValueError(f"GPT.forward: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-
+        self._check_input(idx, past, cache)
         x = self.wte(idx)  # (B, T, C)
-        if self.n_virtual:
-            if prefix:
-                x = torch.cat([self.prompt.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, n_virtual + T, C)
-            if attention_mask is not None:  # the caller's mask covers real tokens; the virtual ones are always seen
-                if attention_mask.shape != (B, past - (past and self.n_virtual) + T):
-                    raise ValueError(
-                        f"GPT.forward: attention_mask must have shape "
-                        f"{(B, past - (past and self.n_virtual) + T)} (real tokens), got "
-                        f"{tuple(attention_mask.shape)}"
-                    )
-                attention_mask = torch.cat([attention_mask.new_ones(B, self.n_virtual), attention_mask], dim=1)
-        T = T + prefix
-
-        attn_mask = None
-        if attention_mask is not None:
-            if attention_mask.shape != (B, past + T):
-                raise ValueError(
-                    f"GPT.forward: attention_mask must have shape {(B, past + T)}, got {tuple(attention_mask.shape)}"
-                )
-            keep = attention_mask.bool()
-            pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T) positions of real tokens
-            q_idx = torch.arange(past, past + T, device=idx.device)
-            k_idx = torch.arange(past + T, device=idx.device)
-            causal = k_idx[None, :] <= q_idx[:, None]  # (T, past + T)
-            attn_mask = causal[None] & keep[:, None, :]  # (B, T, past + T)
-            # a padding query would see no key at all (NaN softmax): let it see itself; its output is unused
-            attn_mask = attn_mask | (k_idx[None, :] == q_idx[:, None])[None]
-            attn_mask = attn_mask[:, None]  # (B, 1, T, past + T), broadcast over heads
-        else:
-            pos = torch.arange(past, past + T, device=idx.device)[None]  # (1, T)
-            if past > 0 and T > 1:
-                # a chunk after a filled cache: causal within the chunk, everything before it visible
-                q_idx = torch.arange(past, past + T, device=idx.device)
-                attn_mask = (torch.arange(past + T, device=idx.device)[None, :] <= q_idx[:, None])[None, None]
-
-        x = x + self.wpe(pos)  # (B, T, C)
+        x, attention_mask, prefix = self._prepend_prompt(x, attention_mask, past)  # (B, prefix + T, C)
+        pos, attn_mask = self._positions_and_mask(x.shape[0], x.shape[1], past, attention_mask, idx.device)
+        x = x + self.wpe(pos)  # (B, prefix + T, C)
         recomputed = len(self.h) if self.checkpointing is True else int(self.checkpointing)
         for i, block in enumerate(self.h):
             if i < recomputed and self.training and cache is None and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)
             else:
                 x = block(x, attn_mask, cache, i)
-        x = x[:, prefix:]  # real tokens only
+        if cache is not None:
+            cache.length += x.shape[1]
+        x = x[:, prefix:]  # real tokens only: (B, T, C)
         if positions is not None:
             x = x[:, positions]  # (B, len(positions), C)
         x = self.ln_f(x)
         if hidden:
-            return x  # (B, T, C)
+            return x
         if cache is not None:
-            # generation needs only the next token's logits: (B, 1, vocab_size)
-            cache.length += T
-            return x[:, -1:] @ cache.head
+            return x[:, -1:] @ cache.head  # generation needs only the next token's logits: (B, 1, vocab_size)
         return F.linear(x, self.wte.weight)  # tied head: (B, T, vocab_size)
+
+    def _check_input(self, idx: torch.Tensor, past: int, cache: KVCache | None):
+        """A clear error for what would otherwise fail deep inside (or silently index out of range)."""
+        if idx.dim() != 2:
+            raise ValueError(f"GPT.forward: idx must have shape (B, T), got {tuple(idx.shape)}")
+        length = past + (self.n_virtual if past == 0 else 0) + idx.shape[1]
+        if length > self.config.n_positions:
+            virtual = f" ({self.n_virtual} of them prompt-tuning embeddings)" if self.n_virtual else ""
+            raise ValueError(
+                f"GPT.forward: sequence of {length} tokens{virtual} is longer than the context of "
+                f"{self.config.n_positions} (n_positions); truncate or split the input"
+            )
+        if cache is not None and length > cache.max_len:
+            raise ValueError(f"GPT.forward: KV cache holds {cache.max_len} positions, {length} needed")
+        # (skipped inside torch.compile: reading the values back would break the graph)
+        if torch.compiler.is_compiling() or not idx.numel():
+            return
+        if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
+            bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
+            raise ValueError(f"GPT.forward: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def _prepend_prompt(self, x: torch.Tensor, attention_mask: torch.Tensor | None, past: int):
+        """Prompt tuning: the learned embeddings go in front of the first chunk, and the caller's attention mask
+        (real tokens only) gains ones for them. -> x, attention_mask, how many positions were added."""
+        if not self.n_virtual:
+            return x, attention_mask, 0
+        B, T, _ = x.shape
+        prefix = self.n_virtual if past == 0 else 0
+        if prefix:
+            x = torch.cat([self.prompt.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, n_virtual + T, C)
+        if attention_mask is not None:
+            real = past - (past and self.n_virtual) + T  # real tokens in the cache and in this chunk
+            if attention_mask.shape != (B, real):
+                raise ValueError(
+                    f"GPT.forward: attention_mask must have shape {(B, real)} (real tokens), "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            attention_mask = torch.cat([attention_mask.new_ones(B, self.n_virtual), attention_mask], dim=1)
+        return x, attention_mask, prefix
+
+    @staticmethod
+    def _positions_and_mask(B: int, T: int, past: int, attention_mask: torch.Tensor | None, device):
+        """Position ids (B or 1, T) of the new tokens, and the attention mask SDPA takes ((B, 1, T, past + T)
+        booleans, or None for plain causal attention)."""
+        q_idx = torch.arange(past, past + T, device=device)
+        k_idx = torch.arange(past + T, device=device)
+        if attention_mask is None:
+            if past > 0 and T > 1:  # a chunk after a filled cache: causal within it, everything before it visible
+                return q_idx[None], (k_idx[None, :] <= q_idx[:, None])[None, None]
+            return q_idx[None], None  # (1, T)
+        if attention_mask.shape != (B, past + T):
+            raise ValueError(
+                f"GPT.forward: attention_mask must have shape {(B, past + T)}, got {tuple(attention_mask.shape)}"
+            )
+        keep = attention_mask.bool()
+        pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T) positions count real tokens only
+        causal = k_idx[None, :] <= q_idx[:, None]  # (T, past + T)
+        attn_mask = causal[None] & keep[:, None, :]  # (B, T, past + T)
+        # a padding query would see no key at all (NaN softmax): let it see itself; its output is unused
+        attn_mask = attn_mask | (k_idx[None, :] == q_idx[:, None])[None]
+        return pos, attn_mask[:, None]  # (B, 1, T, past + T), broadcast over heads
 
     # ---- weights in the official Hugging Face layout (see weights.py) ----
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> GPT:
         """A preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a directory holding model.safetensors
-        (+ config.json), or a .safetensors file."""
-        from .peft import is_adapter_folder, load_adapter_folder
-
-        if is_adapter_folder(name_or_path):  # adapters or prompt tuning saved without a full model: base + them
-            return load_adapter_folder(Path(name_or_path), dtype=dtype, device=device)
+        (+ config.json), or a .safetensors file: a plain GPT-2 checkpoint in the official layout (or transformers'
+        fine-tune layout). LoRA/adapter folders and `auto` are the loader's (nanotune/loader.py)."""
         path, config_path = resolve_checkpoint(name_or_path)
         config, state_dict = load_checkpoint(path, config_path)
         with torch.device("meta"):

@@ -20,12 +20,11 @@ and the merged model (model.safetensors + config.json) beside lora/. They are ke
 reads an adapter_config.json next to a model.safetensors as "apply this adapter on top", which would add the
 update twice. Adapters and prompt tuning, which transformers has no equivalent for, save adapter_model.safetensors with
 nanotune's own key names and an adapter_config.json naming the base model ({"peft_type": "NANOTUNE", ...}), and
-GPT.from_pretrained(folder) rebuilds base + additions.
+load_adapter_folder(folder) (and so any --model) rebuilds base + additions.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -94,29 +93,6 @@ class Adapter(nn.Module):
 # ---------------------------------------------------------------- adding them to a model
 
 
-def add_peft_args(parser):
-    """The PEFT flags every train_*.py shares."""
-    parser.add_argument(
-        "--peft",
-        default="none",
-        choices=METHODS,
-        help="none: train every weight; lora: train low-rank updates of --lora-targets; adapter: "
-        "train bottleneck adapters after attention and MLP; lora+adapter: both; prompt: train "
-        "--prompt-tokens embeddings read before every input",
-    )
-    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
-    parser.add_argument("--lora-alpha", type=float, default=16, help="LoRA scale numerator: update x alpha / r (16)")
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input (default 0)")
-    parser.add_argument(
-        "--lora-targets",
-        default="c_attn",
-        help="comma-separated Conv1D layers to adapt: c_attn (default, as the LoRA paper did "
-        "for GPT-2), c_proj, c_fc, or all",
-    )
-    parser.add_argument("--adapter-size", type=int, default=64, help="adapter bottleneck width (default 64)")
-    parser.add_argument("--prompt-tokens", type=int, default=20, help="prompt-tuning embeddings (default 20)")
-
-
 def lora_targets(spec: str) -> list[str]:
     names = list(LORA_TARGETS) if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
     unknown = [t for t in names if t not in LORA_TARGETS]
@@ -129,16 +105,9 @@ def lora_targets(spec: str) -> list[str]:
 
 
 def check_peft_args(args):
+    """The check argparse cannot make alone: --lora-targets names GPT-2's Conv1D layers."""
     if args.peft in ("lora", "lora+adapter"):
         lora_targets(args.lora_targets)
-        if args.lora_r < 1:
-            raise NanotuneError(f"--lora-r must be >= 1, got {args.lora_r}")
-        if not 0 <= args.lora_dropout < 1:
-            raise NanotuneError(f"--lora-dropout must lie in [0, 1), got {args.lora_dropout}")
-    if args.peft in ("adapter", "lora+adapter") and args.adapter_size < 1:
-        raise NanotuneError(f"--adapter-size must be >= 1, got {args.adapter_size}")
-    if args.peft == "prompt" and args.prompt_tokens < 1:
-        raise NanotuneError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
 
 
 def add_lora(model: GPT, r: int, alpha: float, dropout: float = 0.0, targets=("c_attn",)):
@@ -214,17 +183,12 @@ def trained_state(model: GPT) -> dict[str, torch.Tensor]:
     }
 
 
-def save_trained(model: GPT, directory: Path, final: bool = True):
-    """What a run keeps of its model. Full fine-tuning: model.safetensors + config.json. LoRA: lora/ with its
-    weights in peft's format, and (when final) the merged full model beside it. Adapters, LoRA + adapters and
-    prompt tuning: adapter_model.safetensors + adapter_config.json in nanotune's format. Configs land first."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    info = getattr(model, "peft", {"method": "none"})
+def save_peft(model: GPT, directory: Path):
+    """The new tensors of a PEFT model and how to rebuild it. LoRA: lora/ with its weights in peft's format.
+    Adapters, LoRA + adapters and prompt tuning: adapter_model.safetensors + adapter_config.json in nanotune's
+    format. The config lands first."""
+    info = model.peft
     method = info["method"]
-    if method == "none":
-        model.save_pretrained(directory)
-        return
     state = trained_state(model)
     if method == "lora":
         config = {
@@ -249,39 +213,27 @@ def save_trained(model: GPT, directory: Path, final: bool = True):
             "base_model_name_or_path": info["base"],
             **{k: v for k, v in info.items() if k not in ("method", "base")},
         }
-    folder = directory / "lora" if method == "lora" else directory
-    folder.mkdir(exist_ok=True)
+    folder = Path(directory) / "lora" if method == "lora" else Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     save_tensors(state, folder / "adapter_model.safetensors")
-    if method == "lora" and final:
-        merge(copy.deepcopy(model)).save_pretrained(directory)  # a merged copy: the run's model keeps training
 
 
-def load_trained(model: GPT, directory: Path):
-    """Put the tensors save_trained wrote back into a model of the same kind (resume)."""
-    directory = Path(directory)
-    from .reward import RewardModel
-
-    if isinstance(model, RewardModel):
-        model.load_state_dict(RewardModel.from_pretrained(directory).state_dict())
-        return
-    if getattr(model, "peft", {"method": "none"})["method"] == "none":
-        from .weights import load_checkpoint
-
-        _, weights = load_checkpoint(directory / "model.safetensors", directory / "config.json")
-        model.load_state_dict(weights)
-        return
-    folder = directory / "lora" if model.peft["method"] == "lora" else directory
-    _load_new_tensors(model, folder / "adapter_model.safetensors")
+def load_peft(model: GPT, directory: Path):
+    """Put the tensors save_peft wrote back into a model with the same PEFT method (resume)."""
+    folder = Path(directory) / "lora" if model.peft["method"] == "lora" else Path(directory)
+    load_new_tensors(model, folder / "adapter_model.safetensors")
 
 
-def _load_new_tensors(model: GPT, file: Path):
+def load_new_tensors(model, file: Path, expected: dict | None = None):
+    """The tensors of file into model, each checked: every expected key present (by default the PEFT model's new
+    tensors), none unexpected, the same shapes, finite."""
     tensors = load_file(str(file))
     tensors = {
         (k.removeprefix(PEFT_PREFIX).removesuffix(".weight") if k.startswith(PEFT_PREFIX) else k): v
         for k, v in tensors.items()
     }
-    expected = trained_state(model)
+    expected = trained_state(model) if expected is None else expected
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(
@@ -303,8 +255,9 @@ def is_adapter_folder(path) -> bool:
     return p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "model.safetensors").is_file()
 
 
-def load_adapter_folder(folder: Path, dtype=torch.float32, device="cpu") -> GPT:
+def load_adapter_folder(folder, dtype=torch.float32, device="cpu") -> GPT:
     """Base model (base_model_name_or_path) + the LoRA, adapters or prompt saved in folder, ready to run."""
+    folder = Path(folder).expanduser()
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -351,5 +304,5 @@ def load_adapter_folder(folder: Path, dtype=torch.float32, device="cpu") -> GPT:
         }
     else:
         raise ValueError(f"{folder}: adapter_config.json has peft_type {peft_type!r}; nanotune reads LORA and NANOTUNE")
-    _load_new_tensors(model, folder / "adapter_model.safetensors")
+    load_new_tensors(model, folder / "adapter_model.safetensors")
     return model.to(dtype=dtype).eval()

@@ -1,6 +1,5 @@
-"""Small helpers every script shares: errors, device and precision, seeding, atomic files, plots, the
-learning-rate schedule, gradient clipping, model resolution, and (optionally) torch.distributed. Nothing here
-hides the training loop; the run's lifecycle (folder, log, checkpoints) is in run.py."""
+"""The ground floor: errors, device and precision, seeding, torch.distributed helpers, files written whole.
+Every other module may import this one; it imports nothing of nanotune."""
 
 from __future__ import annotations
 
@@ -22,6 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 class NanotuneError(Exception):
     """Bad input or a run that cannot go on, with a message that says what and where. Library code raises it;
     the scripts turn it into one `error:` line and exit code 2 (see run.Run and die)."""
+
+
+class DivergedError(NanotuneError):
+    """Training went wrong in a way the numbers show (NaN, an exploding loss, an impossible KL): the run stops
+    before the update, its summary says "diverged", the last good checkpoint stays."""
 
 
 def die(message: str):
@@ -147,136 +151,3 @@ def perplexity(loss: float) -> float:
 
 def save_json(path: Path, data: dict):
     atomic_write(path, json.dumps(_json_safe(data), indent=2, default=str) + "\n")
-
-
-def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], title: str = "loss", xlabel: str = "step"):
-    """A dependency-free SVG line plot: {name: [(step, value), ...]} (or other x values, named by xlabel)."""
-    points = [p for s in series.values() for p in s if math.isfinite(p[1])]
-    if not points:
-        return
-    W, H, pad = 640, 400, 50
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    sx = lambda x: pad + (x - x0) / (x1 - x0) * (W - 2 * pad)  # noqa: E731
-    sy = lambda y: H - pad - (y - y0) / (y1 - y0) * (H - 2 * pad)  # noqa: E731
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    svg = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-        f'<rect width="{W}" height="{H}" fill="white"/>',
-        f'<text x="{W / 2}" y="20" text-anchor="middle">{title}</text>',
-        f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
-        f'<text x="{pad}" y="{H - pad + 15}">{x0:g}</text>',
-        f'<text x="{W - pad}" y="{H - pad + 15}" text-anchor="end">{xlabel} {x1:g}</text>',
-        f'<text x="{pad - 5}" y="{H - pad}" text-anchor="end">{y0:.3g}</text>',
-        f'<text x="{pad - 5}" y="{pad + 4}" text-anchor="end">{y1:.3g}</text>',
-    ]
-    for i, (name, pts) in enumerate(series.items()):
-        pts = [p for p in pts if math.isfinite(p[1])]
-        if not pts:
-            continue
-        color = colors[i % len(colors)]
-        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        svg.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
-        svg.append(f'<text x="{W - pad - 5}" y="{pad + 15 * (i + 1)}" fill="{color}" text-anchor="end">{name}</text>')
-    svg.append("</svg>")
-    atomic_write(path, "\n".join(svg) + "\n")
-
-
-def lr_at(
-    step: int, max_steps: int, lr: float, warmup: int = 0, schedule: str = "constant", min_lr_ratio: float = 0.1
-) -> float:
-    """The learning rate of optimizer step `step` (1-based): linear warmup over `warmup` steps, then constant or
-    a cosine decay to min_lr_ratio * lr at max_steps (as nanoGPT and llm.c do)."""
-    if step <= warmup:
-        return lr * step / warmup
-    if schedule == "constant":
-        return lr
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Scale the gradients down so that their global L2 norm is at most max_norm (0: leave them) and return
-    the norm before clipping, the number worth watching: spikes come before divergence."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")).item()
-
-
-def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float = 0.0, device=None):
-    """Adam/AdamW with PyTorch's fused kernels where they exist, or plain SGD."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    fused = device is not None and device.type in ("cuda", "cpu")
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, fused=fused)
-    # AdamW decays matrices, not biases and LayerNorm gains (the usual GPT-2 recipe)
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, fused=fused)
-
-
-# ---------------------------------------------------------------- models
-
-
-def load_model(name: str, device: torch.device, flag: str = "--model", quiet: bool = False):
-    """GPT.from_pretrained with the 'auto' rule: official gpt2 if it is here or can be downloaded, else the
-    bundled nano model, with one line saying so. An explicit name never falls back. -> (model, name)."""
-    from .model import GPT
-    from .weights import WeightsNotFoundError, find_or_download_preset
-
-    source = name
-    if name == "auto":
-        try:
-            source = str(find_or_download_preset("gpt2", quick=True)[0])  # load the file found, no second search
-            name = "gpt2"
-        except WeightsNotFoundError:
-            name = source = str(ROOT / "weights" / "nano")
-            if not quiet:
-                print(
-                    "nanotune: official gpt2 weights unavailable (offline?); using the bundled weights/nano model. "
-                    "Get the real one with: hf download openai-community/gpt2 model.safetensors config.json "
-                    "--local-dir weights/gpt2",
-                    flush=True,
-                )
-    try:
-        model = GPT.from_pretrained(source, device=device)
-    except (OSError, KeyError, ValueError) as e:
-        raise NanotuneError(f"could not load {flag} {name}: {e}") from None
-    return model, name
-
-
-def no_sync_unless_last(train_model: torch.nn.Module, last: bool):
-    """Gradient accumulation under DDP: the all-reduce runs once per optimizer step, in the backward of the
-    last micro-batch (which then averages the accumulated sums), instead of once per micro-batch. The context
-    must hold the forward and the backward. Without DDP it does nothing."""
-    ddp = getattr(train_model, "_orig_mod", train_model)  # under torch.compile, DDP is the wrapped module
-    if last or not hasattr(ddp, "no_sync"):
-        return contextlib.nullcontext()
-    return ddp.no_sync()
-
-
-def wrap_model(
-    model: torch.nn.Module, device: torch.device, world: int, compile: bool = False, checkpointing: bool | int = False
-):
-    """The module the training step calls: DistributedDataParallel under torchrun, then torch.compile if
-    asked. Evaluation, sampling and saving keep using the plain model. checkpointing turns on activation
-    checkpointing in every GPT inside (it acts in training mode only): True for every block, N for the first N."""
-    for module in model.modules():
-        if hasattr(module, "checkpointing"):
-            n_layer = len(module.h)
-            if checkpointing is not True and not 0 <= checkpointing <= n_layer:
-                raise NanotuneError(
-                    f"--activation-checkpointing {checkpointing}: the model has {n_layer} blocks; "
-                    f"pass 1 to {n_layer}, or no number for all of them"
-                )
-            module.checkpointing = checkpointing
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if compile else model

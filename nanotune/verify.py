@@ -35,8 +35,11 @@ from pathlib import Path
 
 import torch
 
+from .data import read_text
 from .generate import generate
 from .model import GPT
+from .peft import load_adapter_folder
+from .reward import RewardModel
 from .tokenizer import load_tokenizer
 from .utils import NanotuneError, die, pick_device
 from .weights import resolve_checkpoint
@@ -122,7 +125,6 @@ def model_kind(name: str) -> str:
 
 def text_windows(enc, path: Path, windows: int, length: int) -> torch.Tensor:
     """(windows, length) token ids: the text's tokens, repeated as often as needed to fill the windows."""
-    from .data import read_text
 
     tokens = enc.encode_ordinary(read_text(path))
     if not tokens:
@@ -203,19 +205,17 @@ def main(argv=None):
         device = pick_device(args.device)
         kind = model_kind(args.model)
         if kind == "reward":
-            from .reward import RewardModel
-
             reward = RewardModel.from_pretrained(args.model, device=device)
             ours, file = reward.body, Path(args.model)
             hf = load_transformers_reward(Path(args.model)).to(device)
             ours_fn = lambda x: reward.score(reward.body(x, hidden=True)).squeeze(-1)  # noqa: E731
             theirs_fn = lambda x: hf.score(hf.transformer(x).last_hidden_state).squeeze(-1)  # noqa: E731
         else:
-            ours = GPT.from_pretrained(args.model, device=device)
             if kind == "lora":
-                file = Path(args.model)
+                ours, file = load_adapter_folder(args.model, device=device), Path(args.model)
                 hf = load_transformers_lora(Path(args.model), ours).to(device)
             else:
+                ours = GPT.from_pretrained(args.model, device=device)
                 file, config_path = resolve_checkpoint(args.model)
                 hf = load_transformers(file, config_path, ours).to(device)
             ours_fn, theirs_fn = (lambda x: ours(x)), (lambda x: hf(x).logits)

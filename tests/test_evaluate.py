@@ -199,4 +199,4 @@ def test_generate_command(tiny):
     r = subprocess.run(
         cmd[:5] + ["--prompt", "x", "--max-new-tokens", "0"], capture_output=True, text=True, timeout=120
     )
-    assert r.returncode == 2 and "--max-new-tokens and --samples must be >= 1" in r.stderr
+    assert r.returncode == 2 and "argument --max-new-tokens: must be >= 1, got 0" in r.stderr

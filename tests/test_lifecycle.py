@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import train_dpo
 import train_gulliver
 import train_ppo
+import train_reward
 import train_sft
 import train_xkl
 from nanotune import GPT, GPTConfig
@@ -27,6 +28,7 @@ from nanotune.utils import perplexity, save_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {"xkl": train_xkl, "gulliver": train_gulliver, "sft": train_sft, "dpo": train_dpo, "ppo": train_ppo}
+RECIPES |= {"reward": train_reward, "reward-lora": train_reward}
 
 
 def recipe_args(name, shared):
@@ -82,6 +84,10 @@ def recipe_args(name, shared):
             "--lr",
             "1e-3",
         ],
+        "reward": ["--data", str(data / "instruction-data-with-preference.json"), "--limit", "60", "--max-len", "64"]
+        + ["--eval-every", "3", "--lr", "1e-3"],
+        "reward-lora": ["--data", str(data / "instruction-data-with-preference.json"), "--limit", "60"]
+        + ["--max-len", "64", "--eval-every", "3", "--lr", "1e-2", "--peft", "lora", "--lora-targets", "all"],
         "ppo": [
             "--reward",
             "letter:x",
@@ -148,7 +154,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(name, tiny, shared, tmp_pa
     capsys.readouterr()
     assert run_main(main, base + ["--out", str(out), "--save-every", "0"]) == 130
     err = capsys.readouterr().err
-    assert f"Resume with: python train_{name}.py --resume {out}" in err
+    assert f"Resume with: python {RECIPES[name].__name__}.py --resume {out}" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003"]
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     assert not (out / "model.safetensors").exists() and not leftovers(out)
@@ -490,7 +496,7 @@ def test_auto_falls_back_quickly_when_the_hub_is_unreachable(tmp_path):
     )
     env.pop("HF_HUB_OFFLINE", None)
     code = (
-        "import time, torch; from nanotune.utils import load_model; t = time.time(); "
+        "import time, torch; from nanotune.loader import load_model; t = time.time(); "
         "m, name = load_model('auto', torch.device('cpu')); print(name, round(time.time() - t, 1))"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -515,15 +521,15 @@ def refused(main, argv, capsys, message):
 def test_bad_flags_are_one_line_errors(tiny, shared, tmp_path, capsys):
     g = ["--model", tiny, "--data", str(shared / "data" / "gulliver.txt"), "--out", str(tmp_path / "g")]
     x = ["--model", tiny, "--out", str(tmp_path / "x")]
-    refused(train_xkl.main, x + ["--lr", "nan"], capsys, "--lr must be a positive number, got nan")
-    refused(train_gulliver.main, g + ["--eval-every", "0"], capsys, "--eval-every must be >= 1")
-    refused(train_gulliver.main, g + ["--seq-len", "0"], capsys, "--seq-len must be >= 2")
-    refused(train_gulliver.main, g + ["--seq-len", "1"], capsys, "--seq-len must be >= 2")
+    refused(train_xkl.main, x + ["--lr", "nan"], capsys, "argument --lr: must be > 0, got nan")
+    refused(train_gulliver.main, g + ["--eval-every", "0"], capsys, "argument --eval-every: must be >= 1, got 0")
+    refused(train_gulliver.main, g + ["--seq-len", "0"], capsys, "argument --seq-len: must be >= 2, got 0")
+    refused(train_gulliver.main, g + ["--seq-len", "1.5"], capsys, "argument --seq-len: expected a whole number")
     refused(train_xkl.main, x + ["--gen-tokens", "300"], capsys, "+ --gen-tokens 300 exceed the model's context of 256")
     refused(train_xkl.main, x + ["--device", "tpu"], capsys, "--device 'tpu' is not a device")
-    refused(train_xkl.main, x + ["--grad-clip", "-1"], capsys, "--grad-clip must be >= 0")
-    refused(train_sft.main, x + ["--max-new-tokens", "-5"], capsys, "--max-new-tokens >= 1")
-    refused(train_sft.main, x + ["--limit", "-3"], capsys, "--limit must be >= 1")
+    refused(train_xkl.main, x + ["--grad-clip", "-1"], capsys, "argument --grad-clip: must be >= 0, got -1")
+    refused(train_sft.main, x + ["--max-new-tokens", "-5"], capsys, "argument --max-new-tokens: must be >= 1, got -5")
+    refused(train_sft.main, x + ["--limit", "-3"], capsys, "argument --limit: must be >= 1, got -3")
     refused(train_xkl.main, x + ["--resume", str(tmp_path / "nothing")], capsys, "no such folder")
     (tmp_path / "file").write_text("")
     refused(train_xkl.main, ["--model", tiny, "--out", str(tmp_path / "file")], capsys, "is a file, not a folder")

@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 import train_sft
 import train_xkl
 from nanotune import GPT, generate
+from nanotune.checkpoint import save_trained
 from nanotune.instruct import IGNORE
-from nanotune.peft import apply_peft, merge, save_trained
+from nanotune.loader import load_model
+from nanotune.peft import apply_peft, load_adapter_folder, merge
 from nanotune.run import Run
 
 METHODS = ["lora", "adapter", "lora+adapter", "prompt"]
@@ -56,6 +58,11 @@ def perturb_new_tensors(model, seed=0):
 
 
 IDX = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def load(path):
+    """Any model folder, as --model reads it (a LoRA or adapter folder: its base model + the saved tensors)."""
+    return load_model(str(path), torch.device("cpu"))[0]
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter", "lora+adapter"])
@@ -122,9 +129,9 @@ def test_save_and_load_round_trip(method, tiny, tmp_path):
     assert config["base_model_name_or_path"] == tiny
     with torch.no_grad():
         expected = model(IDX)
-        reloaded = GPT.from_pretrained(tmp_path)  # LoRA: the merged model.safetensors; others: base + additions
+        reloaded = load(tmp_path)  # LoRA: the merged model.safetensors; others: base + additions
         assert (reloaded(IDX) - expected).abs().max() <= 1e-5
-        assert (GPT.from_pretrained(adapter)(IDX) - expected).abs().max() <= 1e-5  # base + the saved tensors
+        assert (load(adapter)(IDX) - expected).abs().max() <= 1e-5  # base + the saved tensors
     if method == "lora":
         assert config["peft_type"] == "LORA" and config["fan_in_fan_out"] is True
         assert (tmp_path / "model.safetensors").is_file()
@@ -160,7 +167,7 @@ def test_nanotune_loads_a_lora_that_peft_saved(targets, tiny, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.05)  # peft starts B at zero too: make the update visible
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(tmp_path).eval()
+    ours = load(tmp_path).eval()
     assert ours.peft["method"] == "lora" and sorted(ours.peft["targets"]) == sorted(targets)
     with torch.no_grad():
         assert (ours(IDX) - hf.eval()(IDX).logits).abs().max() <= 1e-4
@@ -221,7 +228,7 @@ def test_sft_trains_with_each_method(method, tiny, shared, tmp_path, capsys):
     assert f"({method}: trainable " in printed and "%)" in printed
     s = json.loads((out / "summary.json").read_text())
     assert s["val_loss_after"] < s["val_loss_before"]
-    model = GPT.from_pretrained(out)
+    model = load(out)
     base = GPT.from_pretrained(tiny)
     if method == "lora":  # merged: a plain GPT-2 whose c_attn weights moved and whose other weights did not
         assert not torch.equal(model.h[0].attn.c_attn.weight, base.h[0].attn.c_attn.weight)
@@ -272,7 +279,7 @@ def test_peft_run_resumes_bit_identically(tiny, tmp_path, monkeypatch):
 def test_bad_peft_settings_are_clear_errors(tiny, tmp_path, capsys):
     base = ["--model", tiny, "--out", str(tmp_path / "x"), "--steps", "1"]
     for extra, message in [
-        (["--peft", "lora", "--lora-r", "0"], "--lora-r must be >= 1, got 0"),
+        (["--peft", "lora", "--lora-r", "0"], "argument --lora-r: must be >= 1, got 0"),
         (["--peft", "lora", "--lora-targets", "c_attn,q_proj"], "--lora-targets: unknown layer q_proj"),
         (
             ["--peft", "prompt", "--prompt-tokens", "200", "--seq-len", "64"],
@@ -289,7 +296,7 @@ def test_bad_peft_settings_are_clear_errors(tiny, tmp_path, capsys):
     config["base_model_name_or_path"] = str(tmp_path / "moved-away")
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"its base model .*moved-away.* could not be loaded"):
-        GPT.from_pretrained(tmp_path / "adapter")
+        load_adapter_folder(tmp_path / "adapter")
     assert run_main(train_xkl.main, ["--model", str(tmp_path / "adapter"), "--out", str(tmp_path / "y")]) == 2
     assert "could not load --model" in capsys.readouterr().err
 

@@ -427,12 +427,12 @@ def test_ppo_stops_when_the_kl_goes_strongly_negative(tiny, shared, tmp_path, mo
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--reward", "bogus"], "--reward takes model:DIR, sentiment or letter:X"),
+        (["--reward", "bogus"], "argument --reward: expected model:DIR, sentiment or letter:X, got 'bogus'"),
         (["--reward", "letter:xy"], "single character"),
-        (["--reward", "sentiment:x"], "--reward takes"),
-        (["--rollout-batch", "6"], "positive multiple of --batch-size"),
-        (["--gamma", "1.5"], "--gamma and --lam must lie in [0, 1]"),
-        (["--target-kl", "0"], "--target-kl and --kl-horizon must be > 0"),
+        (["--reward", "sentiment:x"], "argument --reward: expected model:DIR"),
+        (["--rollout-batch", "6"], "--rollout-batch (6) must be a multiple of --batch-size (8)"),
+        (["--gamma", "1.5"], "argument --gamma: must lie in [0, 1], got 1.5"),
+        (["--target-kl", "0"], "argument --target-kl: must be > 0, got 0"),
         (["--reward", "model:/nope"], "could not load the reward model /nope"),
         (["--prompt-len", "251"], "exceed the models' context of 256"),
         (["--reward", "sentiment", "--dense-score"], "--dense-score needs --reward letter:X"),

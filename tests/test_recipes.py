@@ -290,8 +290,15 @@ def refused(main, argv, capsys, message):
 
 def test_xkl_bad_input(tiny, tmp_path, capsys):
     base = ["--model", tiny, "--out", str(tmp_path / "x")]
-    refused(train_xkl.main, base + ["--target", "smoothed", "--alpha", "1.0"], capsys, "--alpha must lie in (0, 1)")
-    refused(train_xkl.main, base + ["--target", "smoothed", "--alpha", "0"], capsys, "--alpha must lie in (0, 1)")
+    refused(
+        train_xkl.main,
+        base + ["--target", "smoothed", "--alpha", "1.0"],
+        capsys,
+        "argument --alpha: must lie in (0, 1), got 1.0",
+    )
+    refused(
+        train_xkl.main, base + ["--target", "smoothed", "--alpha", "0"], capsys, "--alpha: must lie in (0, 1), got 0"
+    )
     refused(train_xkl.main, base + ["--letter", "\u263a"], capsys, "no token of the vocabulary contains")
     refused(train_xkl.main, base + ["--input", "text", str(tmp_path / "missing.txt")], capsys, "does not exist")
     (tmp_path / "empty.txt").write_text("")
@@ -332,7 +339,10 @@ def test_sft_and_dpo_bad_input(tiny, tmp_path, capsys):
     pairs = [{"instruction": "Say hi.", "chosen": "Hi.", "rejected": "Go away."}] * 40
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
     refused(
-        train_dpo.main, base + ["--data", str(tmp_path / "pairs.json"), "--beta", "0"], capsys, "--beta must be > 0"
+        train_dpo.main,
+        base + ["--data", str(tmp_path / "pairs.json"), "--beta", "0"],
+        capsys,
+        "argument --beta: must be > 0, got 0",
     )
     (tmp_path / "no_rejected.json").write_text(json.dumps([{"instruction": "a", "chosen": "b"}]))
     refused(

@@ -80,7 +80,8 @@ def test_verify_checks_reward_models_and_lora_folders(tiny, tmp_path):
     import argparse
 
     from nanotune import GPT
-    from nanotune.peft import apply_peft, save_trained
+    from nanotune.checkpoint import save_trained
+    from nanotune.peft import apply_peft
     from nanotune.reward import RewardModel
 
     torch.manual_seed(0)

@@ -1,0 +1,124 @@
+"""What a run saves of its model, and the checkpoints it resumes from.
+
+A run's model is saved in the layout its users load: a GPT-2 as model.safetensors + config.json (official
+layout), a reward model in GPT2ForSequenceClassification's, and with --peft only the new tensors (peft.save_peft),
+plus, at the end of a LoRA run, the merged model. A checkpoint, checkpoints/step-NNNNNN/, holds that (the weights
+as they are mid-run), trainer.pt (optimizer state, every rank's data RNG, the global RNG, extra state such as
+PPO's value model) and state.json (step, flags, summary so far). It is written into a temporary folder and
+renamed, so it is whole or absent; only the newest is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .peft import load_new_tensors, load_peft, merge, save_peft
+from .reward import RewardModel
+from .utils import NanotuneError, save_json
+from .weights import load_checkpoint, save_tensors
+
+CHECKPOINTS = "checkpoints"
+# what save_trained may write into a folder
+MODEL_FILES = (
+    "model.safetensors",
+    "config.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "lora",
+    "score.safetensors",
+)
+
+
+def peft_method(model) -> str:
+    body = model.body if isinstance(model, RewardModel) else model
+    return getattr(body, "peft", {"method": "none"})["method"]
+
+
+def save_trained(model, directory: Path, final: bool = True):
+    """The model as a run keeps it. final: the run's output (LoRA merged into a plain model beside lora/; a LoRA
+    reward model only merged); else a checkpoint (only what trains, so that resume is exact)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    method = peft_method(model)
+    if method == "none":
+        model.save_pretrained(directory)
+        return
+    if isinstance(model, RewardModel):
+        if final:  # one file transformers loads: the merged body and the score head
+            merged = copy.deepcopy(model)
+            merge(merged.body)
+            merged.save_pretrained(directory)
+            return
+        save_peft(model.body, directory)
+        save_tensors({"score.weight": model.score.weight.detach().contiguous().cpu()}, directory / "score.safetensors")
+        return
+    save_peft(model, directory)
+    if final and method == "lora":
+        merge(copy.deepcopy(model)).save_pretrained(directory)  # a merged copy: the run's model keeps training
+
+
+def load_trained(model, directory: Path):
+    """Put what save_trained(final=False) wrote back into a model of the same kind (resume)."""
+    directory = Path(directory)
+    method = peft_method(model)
+    if isinstance(model, RewardModel) and method != "none":
+        load_peft(model.body, directory)
+        load_new_tensors(model, directory / "score.safetensors", expected={"score.weight": model.score.weight})
+    elif isinstance(model, RewardModel):
+        model.load_state_dict(RewardModel.from_pretrained(directory).state_dict())
+    elif method == "none":
+        model.load_state_dict(load_checkpoint(directory / "model.safetensors", directory / "config.json")[1])
+    else:
+        load_peft(model, directory)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    steps = sorted(p for p in (Path(out) / CHECKPOINTS).glob("step-*") if p.is_dir())
+    return steps[-1] if steps else None
+
+
+def read_checkpoint_state(out: Path) -> dict:
+    """state.json of the newest checkpoint in a run folder (step, script, args, summary, world size) + its path."""
+    out = Path(out)
+    if not out.is_dir():
+        raise NanotuneError(f"--resume {out}: no such folder")
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise NanotuneError(
+            f"--resume {out}: it holds no checkpoint ({out / CHECKPOINTS} is empty or missing); "
+            "the run ended before its first --save-every step and was killed, not interrupted"
+        )
+    return json.loads((ckpt / "state.json").read_text()) | {"path": str(ckpt)}
+
+
+def write_checkpoint(out: Path, step: int, model, trainer: dict, state: dict) -> Path:
+    """checkpoints/step-NNNNNN/ with the model, trainer.pt and state.json; older checkpoints go once it is in place."""
+    root = Path(out) / CHECKPOINTS
+    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_trained(model, tmp, final=False)
+    torch.save(trainer, tmp / "trainer.pt")
+    save_json(tmp / "state.json", state)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in root.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_partial_checkpoints(out: Path):
+    """Temporary checkpoint folders a kill interrupted."""
+    for stale in (Path(out) / CHECKPOINTS).glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_trainer(ckpt: Path) -> dict:
+    return torch.load(Path(ckpt) / "trainer.pt", map_location="cpu", weights_only=True)
