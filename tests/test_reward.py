@@ -157,3 +157,24 @@ def test_bad_ranked_records_are_named(tiny, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "bad.json: " + message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_lora_reward_model_trains_adapters_and_head_on_a_frozen_body_and_saves_it_merged(tiny, tmp_path):
+    (tmp_path / "ranked.jsonl").write_text("\n".join(json.dumps(r) for r in synthetic_rankings(120)))
+    out = tmp_path / "rm"
+    argv = ["--model", tiny, "--data", str(tmp_path / "ranked.jsonl"), "--out", str(out), "--steps", "30"]
+    argv += ["--lr", "1e-2", "--batch-size", "4", "--eval-every", "15", "--max-len", "64", "--peft", "lora"]
+    train_reward.main(argv)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["val_accuracy_after"] == 1.0 and s["val_margin_after"] > s["val_margin_before"] + 0.5
+    # one file, the merged model: the adapted layer (c_attn) moved, every other body weight is the base's
+    assert not (out / "lora").exists() and not (out / "score.safetensors").exists()
+    model, base = RewardModel.from_pretrained(out), GPT.from_pretrained(tiny)
+    assert not torch.equal(model.body.h[0].attn.c_attn.weight, base.h[0].attn.c_attn.weight)
+    assert all(torch.equal(model.body.state_dict()[k], v) for k, v in base.state_dict().items() if "c_attn" not in k)
+    from transformers import GPT2ForSequenceClassification
+
+    hf = GPT2ForSequenceClassification.from_pretrained(out).eval()
+    idx = torch.randint(0, 50000, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits.squeeze(-1)).abs().max() <= 1e-4
