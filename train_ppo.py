@@ -274,7 +274,7 @@ def train(args, run):
     # ---- the models: the policy (trains), the reference (frozen), the value model (trains) and the reward
     policy, model_name = load_model(args.model, device, quiet=not run.master)
     reference = load_model(args.ref_model, device, "--ref-model", quiet=True)[0] if args.ref_model else None
-    reference = (reference or copy.deepcopy(policy)).eval().requires_grad_(False)
+    reference = (copy.deepcopy(policy) if reference is None else reference).eval().requires_grad_(False)
     score = make_reward(args.reward, enc, device, run.ctx)  # (prompt_ids, answers) -> (B,)
     # a GPT-2 with a scalar head: from the reward model when there is one (as InstructGPT did), else the policy
     value_model = load_reward_model(target, device) if kind == "model" else RewardModel(copy.deepcopy(policy))

@@ -285,14 +285,17 @@ class Run:
             eta = self._bar.eta() if self._bar is not None else None
             line += f" | {fmt(metrics['tokens_per_s'])} tok/s | {clock(metrics['elapsed_s'])}"
             line += f", eta {clock(eta)}" if eta is not None else ""
-        (self._bar.write if self._bar else print)(line)
+        if self._bar is not None:
+            self._bar.write(line)  # above the bar of the steps
+        else:
+            print(line, flush=True)
 
     def log_step(self, step: int, tokens: int, **metrics):
         """After the optimizer step: count throughput (tokens over all processes); every --log-every steps (and
         at the first and last) record the step's metrics and print its progress line."""
         self._tokens += tokens
         if self._bar is not None:
-            self._bar.update(step - (self.args.steps - self._bar.total))
+            self._bar.update()  # one more step done
         if step % self.args.log_every == 0 or step in (1, self.args.steps):
             tokens_per_s = self._tokens / max(time.time() - self._t_log, 1e-9)
             self.log(step, **metrics, tokens_per_s=tokens_per_s)
