@@ -36,7 +36,7 @@ from nanotune.peft import apply_peft, describe_trainable
 from nanotune.plot import plot_curves
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
-from nanotune.utils import NanotuneError, all_reduce_mean
+from nanotune.utils import NanotuneError, gather_rows
 
 
 # z = beta * ((pi_c - ref_c) - (pi_r - ref_r))
@@ -61,15 +61,15 @@ def dpo_loss(
     return loss.mean(), chosen_rewards, rejected_rewards
 
 
-def preference_metrics(loss, chosen_rewards, rejected_rewards, prefix: str = "") -> dict:
+def preference_metrics(loss, chosen_rewards, rejected_rewards) -> dict:
     """The loss, the reward accuracy (the share of pairs whose chosen reward is higher), the margin and the mean
-    rewards, as numbers."""
+    rewards, as tensors (read back when they are logged)."""
     return {
-        f"{prefix}loss": loss.item(),
-        f"{prefix}reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-        f"{prefix}margin": (chosen_rewards - rejected_rewards).mean().item(),
-        f"{prefix}chosen_reward": chosen_rewards.mean().item(),
-        f"{prefix}rejected_reward": rejected_rewards.mean().item(),
+        "loss": loss.detach(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "margin": (chosen_rewards - rejected_rewards).mean(),
+        "chosen_reward": chosen_rewards.mean(),
+        "rejected_reward": rejected_rewards.mean(),
     }
 
 
@@ -101,7 +101,22 @@ def all_pair_logprobs(model, pairs, batch_size: int, pad_id: int, device, ctx, s
     -> chosen logps (N,), rejected logps (N,)"""
     starts = progress(range(0, len(pairs), batch_size), shown or "", enabled=shown is not None)
     chunks = [pair_logprobs(model, pairs[i : i + batch_size], pad_id, device, ctx) for i in starts]
-    return torch.cat([c for c, _ in chunks]), torch.cat([r for _, r in chunks])
+    empty = torch.zeros(0, device=device)  # (a process whose share of the pairs is empty)
+    return torch.cat([empty] + [c for c, _ in chunks]), torch.cat([empty] + [r for _, r in chunks])
+
+
+def reference_logprobs(reference, pairs, name: str, args, pad_id: int, run):
+    """The reference's log-probs of every pair, computed once; under torchrun each process computes a share of the
+    pairs and the shares are gathered. -> chosen logps (N,), rejected logps (N,)"""
+    shown = f"reference log-probs, {name}" if run.master else None
+
+    def share(rows):  # -> (len(rows), 2)
+        chosen, rejected = all_pair_logprobs(
+            reference, [pairs[i] for i in rows], args.batch_size, pad_id, run.device, run.ctx, shown
+        )
+        return torch.stack([chosen, rejected], dim=-1)
+
+    return gather_rows(len(pairs), share, run.device).unbind(-1)
 
 
 def parse_args(argv=None):
@@ -171,8 +186,7 @@ def train(args, run):
         )
     reference.eval()
     ref_logps = {
-        name: logprobs(reference, pairs[name], f"reference log-probs, {name}" if run.master else None)
-        for name in ("train", "val")
+        name: reference_logprobs(reference, split, name, args, enc.eot_token, run) for name, split in pairs.items()
     }
     del reference
     apply_peft(policy, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
@@ -183,9 +197,8 @@ def train(args, run):
         policy.eval()
         chosen, rejected = logprobs(policy, pairs["val"])
         policy.train()
-        return preference_metrics(
-            *dpo_loss(chosen, rejected, *ref_logps["val"], args.beta, args.label_smoothing), prefix="val_"
-        )
+        metrics = preference_metrics(*dpo_loss(chosen, rejected, *ref_logps["val"], args.beta, args.label_smoothing))
+        return {f"val_{k}": v.item() for k, v in metrics.items()}
 
     def answers():
         """Greedy answers to the first --responses test prompts (each was checked to fit the context)."""
@@ -193,7 +206,8 @@ def train(args, run):
             return []
         policy.eval()
         budget = min(args.max_new_tokens, context - max(map(len, answer_prompts)))
-        outputs = generate(policy, answer_prompts, budget, temperature=0, eos_token=enc.eot_token)
+        with run.ctx:
+            outputs = generate(policy, answer_prompts, budget, temperature=0, eos_token=enc.eot_token)
         policy.train()
         return [
             enc.decode([t for t in seq[len(p) :] if t != enc.eot_token]).strip()
@@ -242,14 +256,13 @@ def train(args, run):
             for key, value in preference_metrics(loss, chosen_rewards, rejected_rewards).items():
                 metrics_sum[key] = metrics_sum.get(key, 0.0) + value / args.grad_accum
             n_tokens += sum(len(p) + len(r) for pair in micro_pairs for p, r in pair)
-        train_metrics = {k: all_reduce_mean(v, device) for k, v in metrics_sum.items()}
         grad_norm = clip_gradients(policy, args.grad_clip)  # the norm before clipping
-        run.check(step, train_metrics["loss"], grad_norm)  # NaN/inf or an exploding loss stops here, before the update
+        run.check(step, metrics_sum["loss"], grad_norm)  # NaN/inf or an exploding loss stops here, before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             run.log(step, **evaluate())
-        run.log_step(step, n_tokens * run.world, **train_metrics, lr=lr, grad_norm=grad_norm)
+        run.log_step(step, n_tokens, **metrics_sum, lr=lr, grad_norm=grad_norm)
         run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 
     # ---- training is over: the weights and the summary so far are saved before anything that might fail

@@ -23,15 +23,16 @@ from nanotune.peft import apply_peft, describe_trainable
 from nanotune.plot import plot_curves
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
-from nanotune.utils import NanotuneError, all_reduce_mean, perplexity
+from nanotune.utils import NanotuneError, perplexity
 
 
-# Position t predicts token t+1: NLL = -mean_{b, t < T-1} log softmax(logits[b, t])[tokens[b, t+1]].
+# Position t predicts token t+1: NLL = -mean_{b, t < T-1} log softmax(logits[b, t])[tokens[b, t+1]], with
+# log softmax(z)[y] = z[y] - logsumexp(z) (backward then keeps no (B, T, V) tensor but the logits).
 # logits (B, T, V), tokens (B, T) -> scalar.
 def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    targets = tokens[:, 1:]  # (B, T-1)
-    return -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean()
+    logits, targets = logits[:, :-1].float(), tokens[:, 1:]  # (B, T-1, V), (B, T-1)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (torch.logsumexp(logits, dim=-1) - picked).mean()
 
 
 def parse_args(argv=None):
@@ -112,13 +113,9 @@ def train(args, run):
         """Share of sampled tokens that are among the book's 100 most frequent (same seed before and after)."""
         model.eval()
         prompts = torch.tensor([prompt] * args.samples, device=device)
-        samples = generate(
-            model,
-            prompts,
-            args.sample_tokens,
-            banned_tokens=[enc.eot_token],
-            generator=torch.Generator(device).manual_seed(args.seed),
-        )
+        generator = torch.Generator(device).manual_seed(args.seed)
+        with run.ctx:
+            samples = generate(model, prompts, args.sample_tokens, banned_tokens=[enc.eot_token], generator=generator)
         model.train()
         new = samples[:, len(prompt) :]  # (samples, sample_tokens): every sample has full length
         share = torch.isin(new, top100).float().mean().item()
@@ -151,15 +148,14 @@ def train(args, run):
                 # equal-sized micro-batches: the mean of their means is the batch mean, so each adds 1/grad_accum
                 loss = next_token_nll(logits, micro) / args.grad_accum
                 loss.backward()
-            step_loss += loss.item()
-        step_loss = all_reduce_mean(step_loss, device)
+            step_loss += loss.detach()  # (a tensor: read back once, in run.check)
         grad_norm = clip_gradients(model, args.grad_clip)  # the norm before clipping
         run.check(step, step_loss, grad_norm)  # NaN/inf or an exploding loss stops here, before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             run.log(step, val_loss=val_loss())
-        run.log_step(step, batch.numel() * run.world, loss=step_loss, lr=lr, grad_norm=grad_norm)
+        run.log_step(step, batch.numel(), loss=step_loss, lr=lr, grad_norm=grad_norm)
         run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 
     # ---- training is over: the weights and the summary so far are saved before anything that might fail

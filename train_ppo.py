@@ -3,8 +3,7 @@
 Recipe 6 of the research notes. The policy (--model, usually an SFT model) answers prompts; a reward scores the
 answers; PPO (Schulman et al. 2017) makes answers that scored better than the value model expected more likely,
 while a per-token KL penalty keeps the policy near a frozen reference (a copy of where it started), so that it
-cannot drift into text only the reward likes. The value model is a GPT-2 with a scalar head, started from the
-reward model when there is one (as InstructGPT did), else from the policy. One step is numbered 1-6 in train().
+cannot drift into text only the reward likes. One step of it is numbered 1-6 in train().
 
     python train_ppo.py --model out/sft --reward model:out/rm --out out/ppo   # a train_reward.py model
     python train_ppo.py --reward sentiment    # positive VADER sentiment of book continuations (Ziegler et al. 2019)
@@ -27,7 +26,7 @@ from nanotune.flags import Parser, add_common_args, integer, parse_run_args, rea
 from nanotune.instruct import IGNORE, token_logprobs
 from nanotune.loader import load_model, load_reward_model
 from nanotune.metrics import fmt
-from nanotune.peft import apply_peft, describe_trainable
+from nanotune.peft import apply_peft, base_model, describe_trainable
 from nanotune.reward import RewardModel
 from nanotune.rewards import make_prompts, make_reward, parse_reward, reward_flag
 from nanotune.rollout import answer_logprobs, answer_values, check_kl, evaluate_policy, plot_heldout, sample_rollout
@@ -246,17 +245,16 @@ def ppo_update(args, run, step, models, optimizer, rollout, exp, prompts, data_r
                         loss = loss + args.ptx_coef * ptx / args.grad_accum
                         parts["ptx_loss"] = ptx / args.grad_accum
                     loss.backward()
-                for key, value in {"loss": loss, **parts}.items():
-                    step_sums[key] = step_sums.get(key, 0.0) + value.item()
+                for key, value in {"loss": loss, **parts}.items():  # tensors: read back when logged
+                    step_sums[key] = step_sums.get(key, 0.0) + value.detach()
             grad_norm = clip_gradients(trained, args.grad_clip)  # the norm before clipping
-            # NaN/inf or an exploding loss stops here, before the update
-            run.check(step, all_reduce_mean(step_sums["loss"], run.device), grad_norm)
+            run.check(step, step_sums["loss"], grad_norm)  # NaN/inf or an exploding loss stops here, before the update
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             for key, value in step_sums.items():
                 sums[key] = sums.get(key, 0.0) + value
             n_updates += 1
-    return {k: all_reduce_mean(v / n_updates, run.device) for k, v in sums.items()} | {"grad_norm": grad_norm}
+    return {k: v / n_updates for k, v in sums.items()} | {"grad_norm": grad_norm}
 
 
 # PPO-ptx: the next-token loss on training text (InstructGPT). input_ids, labels (n, T) -> scalar
@@ -271,13 +269,15 @@ def train(args, run):
     device, enc = run.device, load_tokenizer()
     kind, target = parse_reward(args.reward)
 
-    # ---- the models: the policy (trains), the reference (frozen), the value model (trains) and the reward
+    # ---- the models: the policy (trains), the reference (frozen), the reward, the value model (trains)
     policy, model_name = load_model(args.model, device, quiet=not run.master)
+    # the KL reference: --ref-model, or where the policy starts (with --peft the policy, its additions switched off)
     reference = load_model(args.ref_model, device, "--ref-model", quiet=True)[0] if args.ref_model else None
-    reference = (copy.deepcopy(policy) if reference is None else reference).eval().requires_grad_(False)
-    score = make_reward(args.reward, enc, device, run.ctx)  # (prompt_ids, answers) -> (B,)
-    # a GPT-2 with a scalar head: from the reward model when there is one (as InstructGPT did), else the policy
-    value_model = load_reward_model(target, device) if kind == "model" else RewardModel(copy.deepcopy(policy))
+    reference = base_model(policy, args.peft) if reference is None else reference.eval().requires_grad_(False)
+    score = make_reward(args.reward, enc, device, run.ctx, run.dtype)  # (prompt_ids, answers) -> (B,)
+    # the value model, GPT-2 + a scalar head: the reward model (as InstructGPT) or the policy (--peft: sharing its base)
+    shared = {id(p): p for p in policy.parameters()} if args.peft != "none" else {}
+    value_model = load_reward_model(target, device) if kind == "model" else RewardModel(copy.deepcopy(policy, shared))
     apply_peft(policy, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
     apply_peft(value_model.body, args, model_name)  # (the value head stays trainable)
     context = min(m.config.n_positions - m.n_virtual for m in (policy, reference, value_model.body))
@@ -344,7 +344,7 @@ def train(args, run):
         t0 = time.time()
         # ---- 1. rollout: the current policy answers a batch of training prompts
         prompt_ids = prompts.sample(args.rollout_batch, data_rng)
-        rollout = sample_rollout(policy, prompt_ids, args.max_new_tokens, enc.eot_token)
+        rollout = sample_rollout(policy, prompt_ids, args.max_new_tokens, enc.eot_token, run.ctx)
         mask = rollout.mask  # (B, L): 1 on each answer's tokens
         t1 = time.time()
         # ---- 2. score the answers, and read them back: old log-probs, reference log-probs, values (no gradients)
@@ -363,9 +363,9 @@ def train(args, run):
             "eos_share": rollout.ended.float().mean(),
             "explained_variance": explained_variance(old_values, returns, mask),
         }
-        stats = {k: all_reduce_mean(v.item(), device) for k, v in stats.items()}
         stats["rlhf_reward"] = stats["score"] - kl_coef * stats["kl"]
-        check_kl(kl, stats["kl"], step)
+        mean_kl = all_reduce_mean(stats["kl"].item(), device)  # what every rank checks and adapts to
+        check_kl(mean_kl, step)
         t2 = time.time()
         # ---- 5. the PPO update: --ppo-epochs passes over shuffled minibatches of --batch-size answers
         exp = dict(old_logps=old_logps, old_values=old_values, advantages=advantages, returns=returns)
@@ -373,11 +373,11 @@ def train(args, run):
         update = ppo_update(args, run, step, models, optimizer, rollout, exp, prompts, data_rng)
         t3 = time.time()
         # ---- 6. adapt the KL coefficient; evaluate, log, checkpoint
-        kl_state["kl_coef"] = next_kl_coef(kl_coef, stats["kl"])
+        kl_state["kl_coef"] = next_kl_coef(kl_coef, mean_kl)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             run.log(step, **evaluate()[0], kl_coef=kl_coef)
         times = {"time_generate_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2}
-        run.log_step(step, int(mask.sum().item()) * run.world, **stats, **update, kl_coef=kl_coef, lr=lr, **times)
+        run.log_step(step, mask.sum(), **stats, **update, kl_coef=kl_coef, lr=lr, **times)
         run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 
     # ---- training is over: the weights and the summary so far are saved before anything that might fail

@@ -28,7 +28,7 @@ from nanotune.plot import plot_curves
 from nanotune.reward import PAD, RewardModel
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
-from nanotune.utils import NanotuneError, all_reduce_mean
+from nanotune.utils import NanotuneError
 
 
 # loss = mean over pairs of -log sigmoid(r_chosen - r_rejected - margin)        (margin 0 unless given)
@@ -192,7 +192,7 @@ def train(args, run):
         ids = torch.randint(len(rankings["train"]), (args.batch_size,), generator=data_rng).tolist()
         batch = [rankings["train"][i] for i in ids]
         batch_pairs = sum(len(pairs) for _, pairs in batch)
-        step_loss, step_correct, n_tokens = 0.0, 0.0, 0
+        step_loss, accuracy, n_tokens = 0.0, 0.0, 0
         for k in range(args.grad_accum):
             micro = batch[k :: args.grad_accum]  # whole prompts: a prompt's pairs stay in one micro-batch
             micro_pairs = sum(len(pairs) for _, pairs in micro)
@@ -203,17 +203,16 @@ def train(args, run):
                 # batch's pairs makes the sum exactly the batch's per-pair mean
                 loss = reward_loss(chosen_rewards, rejected_rewards, args.margin, args.center_coef)
                 (loss * micro_pairs / batch_pairs).backward()
-            step_loss += loss.item() * micro_pairs / batch_pairs
-            step_correct += (chosen_rewards > rejected_rewards).float().sum().item() / batch_pairs
+            step_loss += loss.detach() * micro_pairs / batch_pairs  # (tensors: read back once, in run.check)
+            accuracy += (chosen_rewards > rejected_rewards).float().sum() / batch_pairs
             n_tokens += sum(len(a) for answers, _ in micro for a in answers)
-        step_loss, accuracy = all_reduce_mean(step_loss, device), all_reduce_mean(step_correct, device)
         grad_norm = clip_gradients(model, args.grad_clip)  # the norm before clipping
         run.check(step, step_loss, grad_norm)  # NaN/inf or an exploding loss stops here, before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             run.log(step, **evaluate())
-        run.log_step(step, n_tokens * run.world, loss=step_loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm)
+        run.log_step(step, n_tokens, loss=step_loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm)
         run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 
     # ---- training is over: the reward model and the summary so far are saved before anything that might fail

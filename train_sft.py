@@ -35,7 +35,7 @@ from nanotune.peft import apply_peft, describe_trainable
 from nanotune.plot import plot_curves
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
-from nanotune.utils import NanotuneError, all_reduce_mean, perplexity
+from nanotune.utils import NanotuneError, perplexity
 
 
 # NLL = -sum_{unmasked (b, t)} log p(labels[b, t]) / #unmasked.  logits (B, T, V), labels (B, T) -> scalar.
@@ -51,11 +51,12 @@ def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # of the instruction. n_response / n_prompt are the token counts the two means divide by: the whole batch's when
 # it is split into micro-batches (so the micro-batch losses add up to the batch's L3), else this call's own.
 def sft_loss(logits, labels, prompt_labels=None, lm_weight: float = 0.0, n_response=None, n_prompt=None):
+    lse = torch.logsumexp(logits.float(), dim=-1)  # (B, T): log softmax's normaliser, shared by both terms
     n_response = (labels != IGNORE).sum() if n_response is None else n_response
-    loss = -token_logprobs(logits, labels).sum() / n_response  # L2
+    loss = -token_logprobs(logits, labels, lse).sum() / n_response  # L2
     if lm_weight:
         n_prompt = (prompt_labels != IGNORE).sum() if n_prompt is None else n_prompt
-        loss = loss + lm_weight * -token_logprobs(logits, prompt_labels).sum() / max(n_prompt, 1)  # + L * L1
+        loss = loss + lm_weight * -token_logprobs(logits, prompt_labels, lse).sum() / max(n_prompt, 1)  # + L * L1
     return loss
 
 
@@ -170,9 +171,8 @@ def train(args, run):
                     logits = train_model(input_ids)  # (b, T, V)
                 loss = sft_loss(logits, labels, prompt_labels, args.lm_weight, n_response, n_prompt)
                 loss.backward()
-            step_loss += loss.item()
+            step_loss += loss.detach()  # (a tensor: read back once, in run.check)
             n_tokens += input_ids.numel()
-        step_loss = all_reduce_mean(step_loss, device)
         grad_norm = clip_gradients(model, args.grad_clip)  # the norm before clipping
         run.check(step, step_loss, grad_norm)  # NaN/inf or an exploding loss stops here, before the update
         optimizer.step()
@@ -180,7 +180,7 @@ def train(args, run):
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             loss = val_loss()
             run.log(step, val_loss=loss, val_ppl=perplexity(loss))
-        run.log_step(step, n_tokens * run.world, loss=step_loss, lr=lr, grad_norm=grad_norm)
+        run.log_step(step, n_tokens, loss=step_loss, lr=lr, grad_norm=grad_norm)
         run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 
     # ---- training is over: the weights and the summary so far are saved before anything that might fail
@@ -205,7 +205,8 @@ def train(args, run):
         for i in progress(range(0, len(answered), 8), "answering the test prompts"):
             prompts = answer_prompts[i : i + 8]
             budget = min(args.max_new_tokens, context - max(map(len, prompts)))
-            outputs = generate(model, prompts, budget, temperature=0, eos_token=enc.eot_token)
+            with run.ctx:
+                outputs = generate(model, prompts, budget, temperature=0, eos_token=enc.eot_token)
             for ex, prompt, seq in zip(answered[i : i + 8], prompts, outputs):
                 answer = enc.decode([t for t in seq[len(prompt) :] if t != enc.eot_token]).strip()
                 responses.append(

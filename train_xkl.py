@@ -23,16 +23,18 @@ from nanotune.plot import plot_curves
 from nanotune.run import Run
 from nanotune.tokenizer import letter_tokens
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
-from nanotune.utils import NanotuneError, all_reduce_mean, die
+from nanotune.utils import NanotuneError, die
 
 
-# KL(P || Q) = sum_i P_i (log P_i - log Q_i), with log Q = log_softmax(logits) and 0 log 0 = 0,
-# averaged over rows. logits (N, V); target_probs (V,) or (N, V), each row summing to 1.
+# KL(P || Q) = sum_i P_i (log P_i - log Q_i), with 0 log 0 = 0, averaged over rows. As log Q_i = z_i - logsumexp(z)
+# and each row of P sums to 1: KL = sum_i P_i log P_i - sum_i P_i z_i + logsumexp(z), which builds no (N, V)
+# temporary for a target shared by every row (a matrix-vector product). logits z (N, V); target_probs (V,) or
+# (N, V), each row summing to 1.
 def xkl_loss(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    log_q = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
-    p = target_probs.to(log_q.dtype).expand_as(log_q)
-    kl = torch.xlogy(p, p) - p * log_q  # xlogy(0, 0) = 0
-    return kl.sum(dim=-1).mean()
+    logits = logits.float()
+    p = target_probs.to(logits.dtype)
+    cross = logits @ p if p.dim() == 1 else (logits * p).sum(-1)  # (N,) sum_i P_i z_i
+    return (torch.xlogy(p, p).sum(-1) - cross + torch.logsumexp(logits, dim=-1)).mean()  # xlogy(0, 0) = 0
 
 
 def target_distribution(is_letter: torch.Tensor, shape: str, alpha: float) -> torch.Tensor:
@@ -140,13 +142,9 @@ def train(args, run):
     def x_share(tag):
         """Share of --gen-tokens sampled tokens that contain the letter (the same seed before and after)."""
         model.eval()
-        sample = generate(
-            model,
-            prompt,
-            args.gen_tokens,
-            banned_tokens=[enc.eot_token],
-            generator=torch.Generator(device).manual_seed(args.seed),
-        )
+        generator = torch.Generator(device).manual_seed(args.seed)
+        with run.ctx:
+            sample = generate(model, prompt, args.gen_tokens, banned_tokens=[enc.eot_token], generator=generator)
         model.train()
         share = is_letter.to(device)[sample[len(prompt) :]].float().mean().item()
         text = enc.decode(sample.tolist())
@@ -174,13 +172,12 @@ def train(args, run):
                 # equal-sized micro-batches: the mean of their means is the batch mean, so each adds 1/grad_accum
                 loss = xkl_loss(logits.flatten(0, 1), target_probs) / args.grad_accum
                 loss.backward()
-            step_loss += loss.item()
-        step_loss = all_reduce_mean(step_loss, device)
+            step_loss += loss.detach()  # (a tensor: read back once, in run.check)
         grad_norm = clip_gradients(model, args.grad_clip)  # the norm before clipping
         run.check(step, step_loss, grad_norm)  # NaN/inf or an exploding loss stops here, before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        run.log_step(step, idx.numel() * run.world, loss=step_loss, lr=lr, grad_norm=grad_norm)
+        run.log_step(step, idx.numel(), loss=step_loss, lr=lr, grad_norm=grad_norm)
         run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 
     # ---- training is over: the weights and the summary so far are saved before anything that might fail

@@ -40,7 +40,7 @@ from .loader import load_model, load_reward_model
 from .metrics import progress
 from .reward import PAD, RewardModel
 from .tokenizer import load_tokenizer
-from .utils import ROOT, NanotuneError, atomic_write, die, pick_device, save_json
+from .utils import ROOT, NanotuneError, atomic_write, autocast, default_dtype, die, pick_device, save_json
 
 TIE = 1e-6
 
@@ -123,16 +123,9 @@ def generate_answers(model_name, examples, args, device, enc):
         group = prompts[start : start + args.batch_size]
         budget = min(args.max_new_tokens, context - max(map(len, group)))
         for _ in range(args.samples_per_prompt):
-            outputs = generate(
-                model,
-                group,
-                budget,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                eos_token=enc.eot_token,
-                generator=generator,
-            )
+            sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+            with autocast(device, default_dtype(device)):  # bfloat16 on a GPU that has it, as in training
+                outputs = generate(model, group, budget, eos_token=enc.eot_token, **sampling)
             for i, (prompt, seq) in enumerate(zip(group, outputs)):
                 answers[start + i].append(enc.decode([t for t in seq[len(prompt) :] if t != enc.eot_token]).strip())
     del model
@@ -153,7 +146,8 @@ def score(
         ]
         width = max(map(len, seqs))
         idx = torch.tensor([s + [PAD] * (width - len(s)) for s in seqs], device=device)
-        rewards += judge(idx).float().tolist()
+        with autocast(device, default_dtype(device)):
+            rewards += judge(idx).tolist()  # float32 scores (reward.py)
     return rewards
 
 

@@ -76,8 +76,9 @@ def add_common_args(parser, lr: float, steps: int, batch_size: int, peft_methods
         "gpt2-xl), an output folder (LoRA and adapter folders too) or a .safetensors file",
     )
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    precision = "compute precision; default float32 on CPU, bf16 autocast on CUDA"
-    add("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help=precision)
+    # no float16: it would need a GradScaler (its small gradients flush to zero); bfloat16 has float32's range
+    precision = "float32, or bfloat16 autocast (weights, logits and log-probs stay float32); default float32, "
+    add("--dtype", default=None, choices=["float32", "bfloat16"], help=precision + "bf16 on a GPU that has it")
     add("--seed", type=int, default=1337, help="random seed for data order, init and sampling")
     add("--lr", type=real(0, low_open=True), default=lr, help=f"peak learning rate (default {lr:g})")
     schedule = "after warmup: constant, or cosine decay to 10%% of --lr at the last step"

@@ -74,6 +74,9 @@ def generate(
     out = torch.empty(B, total, dtype=torch.long, device=device)
     out[:, :T] = idx
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    # have all rows ended? Reading that back waits for the device, so off the CPU it is asked every 16 tokens
+    # (a row that ended goes on producing eos_token meanwhile, which the output holds anyway)
+    ask_every = 1 if device.type == "cpu" else 16
 
     logits = model(idx, attention_mask=attention_mask, cache=cache)[:, -1, :]  # (B, V)
     for t in range(T, total):
@@ -82,7 +85,7 @@ def generate(
             next_token = torch.where(done, torch.full_like(next_token, eos_token), next_token)
             done |= next_token == eos_token
         out[:, t] = next_token
-        if t + 1 == total or (eos_token is not None and bool(done.all())):
+        if t + 1 == total or (eos_token is not None and (t - T + 1) % ask_every == 0 and bool(done.all())):
             out[:, t + 1 :] = eos_token if eos_token is not None else 0
             break
         if attention_mask is not None:

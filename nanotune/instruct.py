@@ -115,12 +115,15 @@ def collate(pairs, pad_id: int, device, prompt_labels: bool = False):
     return input_ids.to(device), labels.to(device)
 
 
-# log p(label) at every position; IGNORE positions give 0. logits (B, T, V), labels (B, T) -> (B, T).
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    mask = labels != IGNORE
-    picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return picked * mask
+# log p(label) = logits[label] - logsumexp(logits) at every position; IGNORE positions give 0. Written so rather
+# than with log_softmax because backward then keeps no (B, T, V) tensor but the logits themselves (log_softmax
+# keeps its whole output, a second one). lse: logsumexp(logits, -1) when the caller has it already.
+# logits (B, T, V), labels (B, T) -> (B, T), float32.
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse  # (B, T)
+    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (picked - lse) * (labels != IGNORE)
 
 
 # Sum of log p over the response tokens of each row (prompt and padding are IGNORE in labels).

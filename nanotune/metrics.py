@@ -44,7 +44,7 @@ class Progress:
         bar = "#" * round(20 * self.done / self.total)
         where = f"[{bar:<20}] {self.done}/{self.total}" if self.tty else f"{self.done}/{self.total}"
         eta = self.eta()
-        return f"{self.what} {where} {clock(time.time() - self.start)}" + (f", eta {clock(eta)}" if eta else "")
+        return f"{self.what} {where}" + (f", eta {clock(eta)}" if eta is not None else "")
 
     def update(self, done: int | None = None):
         """Count one more item done (or set the count)."""

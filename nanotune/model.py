@@ -23,6 +23,8 @@ class KVCache:
 
     def __init__(self, model: GPT, batch_size: int, max_len: int, copy_head: bool = True):
         config, device, dtype = model.config, model.wte.weight.device, model.wte.weight.dtype
+        if torch.is_autocast_enabled(device.type):  # keys and values come out in autocast's dtype: keep them so
+            dtype = torch.get_autocast_dtype(device.type)
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -63,14 +65,15 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        past = 0 if cache is None else cache.length
         if cache is not None:
-            start, end = cache.length, cache.length + T
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+            cache.k[layer, :, :, past : past + T] = k
+            cache.v[layer, :, :, past : past + T] = v
+            k, v = cache.k[layer, :, :, : past + T], cache.v[layer, :, :, : past + T]
         if attn_mask is None:
-            # plain causal attention; a single new token attends to the whole cache
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            # plain causal attention, or, after a filled cache, one new token that sees all of it. (A static
+            # condition, not T > 1: under torch.compile T is symbolic and a bool of it breaks the graph.)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -152,7 +155,7 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         hidden: bool = False,
-        positions: slice | None = None,
+        positions: slice | torch.Tensor | None = None,
     ):
         """idx (B, T) token ids -> logits (B, T, vocab_size); with hidden, the final hidden states (B, T, C) instead
         (what a scalar head, as in nanotune/reward.py, reads).
@@ -164,8 +167,9 @@ class GPT(nn.Module):
         With prompt tuning the n_virtual learned embeddings enter before the first chunk: they take positions
         and context, the caller's idx and attention_mask cover real tokens only, and no logits are returned
         for the virtual positions.
-        positions: a slice of the T positions whose logits (or hidden states) to return, e.g. only an answer's;
-        the tied head, most of the work for GPT-2's 50257-token vocabulary, then runs on those alone.
+        positions: the positions whose logits (or hidden states) to return, e.g. only an answer's, as a slice or
+        a tensor of indices (a tensor's values never make torch.compile recompile, a slice's ints do); the tied
+        head, most of the work for GPT-2's 50257-token vocabulary, then runs on those alone.
         """
         past = cache.length if cache is not None else 0
         self._check_input(idx, past, cache)
@@ -187,9 +191,12 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if hidden:
             return x
-        if cache is not None:
-            return x[:, -1:] @ cache.head  # generation needs only the next token's logits: (B, 1, vocab_size)
-        return F.linear(x, self.wte.weight)  # tied head: (B, T, vocab_size)
+        # the tied head, in float32 even under autocast: GPT-2's logits sit around -35 to -120, where bfloat16's
+        # steps are 0.25 to 0.5, so bf16 logits would be off by ~0.1 nats per token in every log-prob and ratio
+        with torch.autocast(x.device.type, enabled=False):
+            if cache is not None:  # generation needs only the next token's logits: (B, 1, vocab_size)
+                return x[:, -1:].float() @ cache.head.float()
+            return F.linear(x.float(), self.wte.weight.float())  # (B, T, vocab_size)
 
     def _check_input(self, idx: torch.Tensor, past: int, cache: KVCache | None):
         """A clear error for what would otherwise fail deep inside (or silently index out of range)."""
@@ -204,8 +211,10 @@ class GPT(nn.Module):
             )
         if cache is not None and length > cache.max_len:
             raise ValueError(f"GPT.forward: KV cache holds {cache.max_len} positions, {length} needed")
-        # (skipped inside torch.compile: reading the values back would break the graph)
-        if torch.compiler.is_compiling() or not idx.numel():
+        # read back only from the CPU: on an accelerator it would wait for the device on every forward, every
+        # generated token included (there, ids come from the tokenizer or were checked on the CPU); and not
+        # inside torch.compile, where reading values breaks the graph
+        if torch.compiler.is_compiling() or idx.device.type != "cpu" or not idx.numel():
             return
         if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
             bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()

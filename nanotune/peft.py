@@ -25,6 +25,8 @@ load_adapter_folder(folder) (and so any --model) rebuilds base + additions.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 from pathlib import Path
@@ -57,8 +59,11 @@ class LoRAConv1D(Conv1D):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft (and nn.Linear) initialise it
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout)
+        self.enabled = True  # False: the base layer alone (see without_peft)
 
     def forward(self, x):
+        if not self.enabled:
+            return super().forward(x)
         x2d = x.reshape(-1, x.shape[-1])  # (B*T, in)
         down = self.dropout(x2d) @ self.lora_A.t()  # (B*T, r)
         # x W + b, then + (alpha / r) (x A) B added in the same matmul call (no (B*T, out) temporaries)
@@ -85,8 +90,11 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.enabled = True  # False: the identity (see without_peft)
 
     def forward(self, h):
+        if not self.enabled:
+            return h
         return h + self.up(F.gelu(self.down(h), approximate="tanh"))
 
 
@@ -151,6 +159,47 @@ def apply_peft(model: GPT, args, base_name: str) -> GPT:
         add_prompt(model, args.prompt_tokens, seed=args.seed)
         model.peft.update(prompt_tokens=args.prompt_tokens)
     return model
+
+
+@contextlib.contextmanager
+def peft_switched_off(model: GPT):
+    """Within it, the model is its base: LoRA and adapters skipped, no prompt-tuning embeddings."""
+    modules = [m for m in model.modules() if isinstance(m, (LoRAConv1D, Adapter))]
+    prompt = model.prompt
+    for m in modules:
+        m.enabled = False
+    model.prompt = None
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.enabled = True
+        model.prompt = prompt
+
+
+class WithoutPEFT(nn.Module):
+    """The base model inside a PEFT model, as a model of its own that holds no weights: each call runs the model
+    with its additions switched off. What PPO's KL is measured against under --peft: the model where training
+    started, without a second copy of it in memory."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.__dict__["model"] = model  # not a submodule: no parameters here, and .eval()/.to() leave it alone
+        self.config = model.config
+        self.n_virtual = 0
+
+    def forward(self, *args, **kwargs):
+        with peft_switched_off(self.model):
+            return self.model(*args, **kwargs)
+
+
+def base_model(model: GPT, method: str) -> nn.Module:
+    """The model as it is before --peft trains it, frozen: with a PEFT method the same weights, its additions
+    switched off (WithoutPEFT, no copy); without one, a copy (the model is about to change). In float32, unlike
+    a frozen reward model: a KL penalty compares it with the policy token by token, and rounding its weights to
+    bfloat16 would put a KL of its own between two models that start equal."""
+    base = copy.deepcopy(model) if method == "none" else WithoutPEFT(model)
+    return base.eval().requires_grad_(False)
 
 
 def describe_trainable(model: GPT) -> str:

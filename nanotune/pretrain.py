@@ -211,7 +211,8 @@ def pretrain(args):
     model.save_pretrained(out, dtype=getattr(torch, args.save_dtype))
     model.eval()
     prompt = torch.tensor([enc.encode_ordinary("It was a dark and stormy night, and")], device=device)
-    sample = generate(model, prompt, 80, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator(device).manual_seed(0)  # on the model's device: multinomial samples there
+    sample = generate(model, prompt, 80, temperature=0.8, top_k=50, generator=generator)
     sample_text = enc.decode(sample[0].tolist())
     (out / "sample.txt").write_text(sample_text + "\n")
     summary = {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import safe_open
 
 from .model import GPT
@@ -43,10 +44,10 @@ class RewardModel(nn.Module):
         """idx (B, T), right-padded with PAD -> rewards (B,). With all_positions, the head's output at every position,
         (B, T), each from the tokens up to it (PPO's value model, train_ppo.py; attention_mask as in GPT.forward)."""
         hidden = self.body(idx, attention_mask=attention_mask, hidden=True)  # (B, T, C)
-        if all_positions:
-            return self.score(hidden).squeeze(-1)  # (B, T)
-        last = hidden[torch.arange(idx.shape[0], device=idx.device), last_token_index(idx)]  # (B, C)
-        return self.score(last).squeeze(-1)  # (B,)
+        if not all_positions:
+            hidden = hidden[torch.arange(idx.shape[0], device=idx.device), last_token_index(idx)]  # (B, C)
+        with torch.autocast(hidden.device.type, enabled=False):  # scores in float32, like the LM head's logits
+            return F.linear(hidden.float(), self.score.weight.float()).squeeze(-1)  # (B, T) or (B,)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         tensors = {f"transformer.{k}": v.detach().contiguous().cpu() for k, v in self.body.state_dict().items()}

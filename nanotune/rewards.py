@@ -49,8 +49,10 @@ def reward_flag(text: str) -> str:
 class ModelScore:
     """A reward model's score of prompt + answer, read at the last token (right padding never changes it)."""
 
-    def __init__(self, path: str, device, ctx):
+    def __init__(self, path: str, device, ctx, dtype: str = "float32"):
         self.model = load_reward_model(path, device).requires_grad_(False)
+        if dtype == "bfloat16":  # frozen and only read: its weights in bfloat16 too, half the memory
+            self.model.to(torch.bfloat16)
         self.device, self.ctx = device, ctx
         self.context = self.model.config.n_positions  # prompt + answer must fit
 
@@ -100,11 +102,11 @@ class LetterShare:
         return self.is_letter.to(mask.device)[answer_ids] * mask / lengths[:, None]
 
 
-def make_reward(spec: str, enc, device, ctx):
-    """The scoring function --reward names (see the module docstring)."""
+def make_reward(spec: str, enc, device, ctx, dtype: str = "float32"):
+    """The scoring function --reward names (see the module docstring); ctx and dtype: the run's precision."""
     kind, target = parse_reward(spec)
     if kind == "model":
-        return ModelScore(target, device, ctx)
+        return ModelScore(target, device, ctx, dtype)
     return SentimentScore(enc) if kind == "sentiment" else LetterShare(enc, target)
 
 

@@ -3,11 +3,13 @@ the algorithm (train_ppo.py, and any recipe that samples answers to prompts and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .generate import generate
+from .instruct import token_logprobs
 from .plot import plot_curves
 from .utils import DivergedError
 
@@ -28,12 +30,13 @@ class Rollout:
 
 
 @torch.no_grad()
-def sample_rollout(policy, prompt_ids: list[list[int]], max_new_tokens: int, eos: int, generator=None) -> Rollout:
+def sample_rollout(policy, prompt_ids: list[list[int]], max_new_tokens: int, eos: int, ctx, generator=None) -> Rollout:
     """The policy's answers at temperature 1, no top-k or top-p (the log-probs an update stores must be those of
-    the distribution the tokens were drawn from), with the KV cache."""
+    the distribution the tokens were drawn from), with the KV cache, under the run's autocast."""
     was_training = policy.training
     policy.eval()
-    sequences = generate(policy, prompt_ids, max_new_tokens, temperature=1.0, eos_token=eos, generator=generator)
+    with ctx:
+        sequences = generate(policy, prompt_ids, max_new_tokens, temperature=1.0, eos_token=eos, generator=generator)
     policy.train(was_training)
     return layout(prompt_ids, sequences, eos, policy.wte.weight.device)
 
@@ -57,12 +60,16 @@ def layout(prompt_ids: list[list[int]], sequences: list[list[int]], eos: int, de
 def answer_logprobs(model, input_ids, attention_mask, P: int, ctx):
     """log pi of each answer token under the context before it, and the entropy of that distribution, in
     float32. input_ids, attention_mask (B, P + L) -> logps, entropy (B, L)"""
+    # only the answer's positions go through the head: (B, L, V), not (B, P + L, V); as a tensor of indices, so
+    # that a compiled model does not recompile for every prompt width P
+    positions = torch.arange(P - 1, input_ids.shape[1] - 1, device=input_ids.device)
     with ctx:
-        # only the answer's positions go through the head: (B, L, V), not (B, P + L, V)
-        logits = model(input_ids, attention_mask=attention_mask, positions=slice(P - 1, -1))  # (B, L, V)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    logps = log_probs.gather(-1, input_ids[:, P:, None]).squeeze(-1)  # (B, L)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)  # (B, L)
+        logits = model(input_ids, attention_mask=attention_mask, positions=positions)  # (B, L, V)
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)  # (B, L)
+    logps = token_logprobs(logits, input_ids[:, P:], lse)  # (B, L)
+    with torch.no_grad():  # a statistic, not a loss: no (B, L, V) tensors kept for backward
+        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # H = -sum p log p = lse - sum p z
     return logps, entropy
 
 
@@ -72,12 +79,12 @@ def answer_values(model, input_ids, attention_mask, P: int, ctx):
         return model(input_ids, attention_mask=attention_mask, all_positions=True)[:, P - 1 : -1].float()
 
 
-def check_kl(kl, mean_kl: float, step: int):
-    """Stop when the KL to the reference cannot be one. log pi and log ref are computed the same way on the same
-    tokens: their difference averages >= 0 (a KL).
-    A mean far below 0 means the two disagree about the tokens (misaligned positions, padding, a wrong reference),
-    and every update would chase that error."""
-    if not torch.isfinite(kl).all() or mean_kl < KL_FLOOR:
+def check_kl(mean_kl: float, step: int):
+    """Stop when the mean KL to the reference (over every process's answers, so that all ranks stop together)
+    cannot be one. log pi and log ref are computed the same way on the same tokens: their difference averages
+    >= 0. A mean far below 0 means the two disagree about the tokens (misaligned positions, padding, a wrong
+    reference), and every update would chase that error."""
+    if not math.isfinite(mean_kl) or mean_kl < KL_FLOOR:
         raise DivergedError(
             f"step {step}: the mean KL to the reference is {mean_kl:.4g} nats per answer (below {KL_FLOOR} or not "
             "finite): the policy's and the reference's log-probs do not belong to the same tokens; check "
@@ -92,7 +99,7 @@ def evaluate_policy(policy, reference, prompt_ids, reward, enc, max_new_tokens: 
     their answers as text. reward(prompt_ids, answers, ended) -> (B,). -> {"val_score", "val_kl"}, text"""
     device = policy.wte.weight.device
     generator = torch.Generator(device).manual_seed(seed)
-    rollout = sample_rollout(policy, prompt_ids, max_new_tokens, enc.eot_token, generator)
+    rollout = sample_rollout(policy, prompt_ids, max_new_tokens, enc.eot_token, ctx, generator)
     scores = reward(prompt_ids, rollout.answers, rollout.ended)
     was_training = policy.training
     policy.eval()

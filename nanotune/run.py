@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import sys
 import threading
@@ -47,25 +46,26 @@ from .checkpoint import (
     save_trained,
     write_checkpoint,
 )
+from .divergence import DivergenceRule
 from .metrics import MetricsLog, Progress, clock, fmt, progress_line
 from .outdir import OutputFolder
 from .utils import (
     ROOT,
     DivergedError,
     NanotuneError,
-    all_reduce_mean,
     atomic_write,
     autocast,
     cleanup_distributed,
+    configure_device,
     default_dtype,
+    device_rng_state,
     die,
     pick_device,
     save_json,
     seed_everything,
+    set_device_rng_state,
     setup_distributed,
 )
-
-EXPLODE_FACTOR, EXPLODE_STEPS = 10.0, 3  # see Run.check
 
 
 class Run:
@@ -81,8 +81,8 @@ class Run:
         self.step = 0
         self.stop_signal = None  # set by the SIGINT/SIGTERM handler
         self._tracked = None  # (model, optimizer, data_rng, extras) once training starts
-        self._first_loss = None
-        self._exploding = 0
+        self._divergence = DivergenceRule()
+        self._stop = False  # Ctrl-C seen by some process (under torchrun: agreed in check)
         self._folder = self._log = self._bar = None
         self._old_handlers = {}
         self._tokens, self._t_log = 0, time.time()
@@ -96,6 +96,7 @@ class Run:
             self.rank, self.world, self.device = setup_distributed(pick_device(self.args.device))
             self.master = self.rank == 0
             seed_everything(self.args.seed + self.rank)
+            configure_device(self.device)
             self.dtype = self.args.dtype or default_dtype(self.device)
             self.ctx = autocast(self.device, self.dtype)
             default = ROOT / "out" / f"{self.script.stem}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -234,37 +235,26 @@ class Run:
             obj.load_state_dict(saved) if hasattr(obj, "load_state_dict") else obj.update(saved)
         data_rng.set_state(trainer["data_rng"][self.rank])
         torch.set_rng_state(trainer["torch_rng"])
+        set_device_rng_state(self.device, trainer.get("device_rng", [None] * self.world)[self.rank])
         self.step = state["step"]
         # every rank (not only rank 0, which keeps the summary) restarts the explosion rule from the same loss
-        self._first_loss = state["summary"].get("loss_first")
+        self._divergence = DivergenceRule(state["summary"].get("loss_first"))
         if self.master:
             print(f"resumed {self.out} at step {self.step} from {ckpt}", flush=True)
 
     # ---- each step
 
-    def check(self, step: int, loss: float, grad_norm: float | None = None):
-        """Stop before the optimizer step when training has diverged: a NaN/inf loss or gradient norm, or a loss
-        above EXPLODE_FACTOR x max(first loss, 1) for EXPLODE_STEPS steps in a row. The bound: every recipe's
-        loss is in nats, and a model that starts at L and sits above 10 L (10 nats when L < 1: a chosen answer
-        e^-10 times less likely than the rejected one for DPO) is not learning but blowing up, as --lr 1e3 does
-        (losses near 2e8). The last checkpoint stays as it was."""
+    def check(self, step: int, loss, grad_norm=None):
+        """Stop before the optimizer step when training has diverged (nanotune/divergence.py: NaN/inf, or a loss
+        that exploded); the last checkpoint stays as it was. loss and grad_norm may be tensors on the device: they
+        are read back here, together, the step's one wait for the device, and averaged over the processes with
+        the Ctrl-C flag, so that every rank decides alike."""
         self.step = step
-        if self._first_loss is None and math.isfinite(loss):
-            self._first_loss = self.summary["loss_first"] = loss
-        what = None
-        if not math.isfinite(loss):
-            what = f"the loss is {loss}"
-        elif grad_norm is not None and not math.isfinite(grad_norm):
-            what = f"the gradient norm is {grad_norm} (loss {loss:.4g})"
-        elif loss > EXPLODE_FACTOR * max(self._first_loss, 1.0):
-            self._exploding += 1
-            if self._exploding >= EXPLODE_STEPS:
-                what = (
-                    f"the loss has exploded: {loss:.4g}, above {EXPLODE_FACTOR:g} x max(first loss "
-                    f"{self._first_loss:.4g}, 1) for {EXPLODE_STEPS} steps in a row"
-                )
-        else:
-            self._exploding = 0
+        stop = self.stop_signal is not None
+        loss, norm, stop = self.read_back([loss, 0.0 if grad_norm is None else grad_norm, stop])
+        self._stop = stop > 0
+        what = self._divergence.what_went_wrong(loss, None if grad_norm is None else norm)
+        self.summary["loss_first"] = self._divergence.first_loss
         if what is None:
             return
         ckpt = latest_checkpoint(self.out) if self.master else None
@@ -274,10 +264,22 @@ class Run:
             f"--warmup, --grad-clip 1.0 or --dtype float32; {kept}"
         )
 
+    def read_back(self, values: list, average: bool = True) -> list[float]:
+        """Numbers and one-element tensors as floats, averaged over the processes (every rank must call it then):
+        one collective and one wait for the device for all of them."""
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        t = torch.stack([torch.as_tensor(v, dtype=dtype).detach().to(self.device).reshape(()) for v in values])
+        if average and self.world > 1:
+            torch.distributed.all_reduce(t)
+            t /= self.world
+        return t.tolist()
+
     def log(self, step: int, **metrics):
-        """One line in metrics.jsonl (rank 0), and the progress line with the recipe's `show` metrics."""
+        """One line in metrics.jsonl (rank 0), and the progress line with the recipe's `show` metrics. Values
+        may be tensors (read back here)."""
         if not self.master:
             return
+        metrics = dict(zip(metrics, self.read_back(list(metrics.values()), average=False))) if metrics else {}
         metrics = {"step": step, **metrics, "elapsed_s": round(time.time() - self.start, 2)}
         self._log.write(metrics)
         line = progress_line(metrics, self.show, self.args.steps)
@@ -290,24 +292,25 @@ class Run:
         else:
             print(line, flush=True)
 
-    def log_step(self, step: int, tokens: int, **metrics):
-        """After the optimizer step: count throughput (tokens over all processes); every --log-every steps (and
-        at the first and last) record the step's metrics and print its progress line."""
-        self._tokens += tokens
+    def log_step(self, step: int, tokens, **metrics):
+        """After the optimizer step: count throughput (this process's tokens); every --log-every steps (and at
+        the first and last) record the step's metrics, averaged over the processes, and print its progress line.
+        Values may be tensors on the device: they are read back only then."""
+        self._tokens = self._tokens + tokens
         if self._bar is not None:
             self._bar.update()  # one more step done
         if step % self.args.log_every == 0 or step in (1, self.args.steps):
-            tokens_per_s = self._tokens / max(time.time() - self._t_log, 1e-9)
-            self.log(step, **metrics, tokens_per_s=tokens_per_s)
+            numbers = self.read_back([self._tokens, *metrics.values()])
+            tokens_per_s = numbers[0] * self.world / max(time.time() - self._t_log, 1e-9)
+            self.log(step, **dict(zip(metrics, numbers[1:])), tokens_per_s=tokens_per_s)
             self._tokens, self._t_log = 0, time.time()
 
     def checkpoint_if_due(self, step: int):
         """A checkpoint every --save-every steps and at the last step; on Ctrl-C/SIGTERM one now, then exit 130
         with the command that resumes."""
         args = self.args
-        stop = self.stop_signal is not None
-        if self.world > 1:  # every rank must stop at the same step
-            stop = all_reduce_mean(float(stop), self.device) > 0
+        # under torchrun every rank must stop at the same step: the flag they agreed on in check()
+        stop = self._stop if self.world > 1 else self.stop_signal is not None
         if (args.save_every and (step % args.save_every == 0 or step == args.steps)) or stop:
             self._checkpoint(step)
         if stop:
@@ -325,15 +328,17 @@ class Run:
 
     def _checkpoint(self, step: int):
         model, optimizer, data_rng, extras = self._tracked
-        rng_states = [data_rng.get_state()]
-        if self.world > 1:  # every rank draws its own data: keep all their positions
-            rng_states = [None] * self.world
-            torch.distributed.all_gather_object(rng_states, data_rng.get_state())
+        # every rank draws its own data, and samples (PPO's answers, LoRA's dropout) with its device's generator
+        rngs = [(data_rng.get_state(), device_rng_state(self.device))]
+        if self.world > 1:  # keep every rank's
+            rngs = [None] * self.world
+            torch.distributed.all_gather_object(rngs, (data_rng.get_state(), device_rng_state(self.device)))
         if not self.master:
             return
         trainer = {
             "optimizer": optimizer.state_dict(),
-            "data_rng": rng_states,
+            "data_rng": [data for data, _ in rngs],
+            "device_rng": [device for _, device in rngs],
             "torch_rng": torch.get_rng_state(),
             "extras": {k: v.state_dict() if hasattr(v, "state_dict") else dict(v) for k, v in extras.items()},
         }

@@ -24,11 +24,12 @@ def lr_at(
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Scale the gradients down so that their global L2 norm is at most max_norm (0: leave them) and return
-    the norm before clipping, the number worth watching: spikes come before divergence."""
+    the norm before clipping, the number worth watching: spikes come before divergence. A tensor on the device
+    (run.check reads it back with the loss, one wait for the device per step)."""
     params = [p for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")).item()
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
 
 def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float = 0.0, device=None):
@@ -75,5 +76,6 @@ def wrap_model(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: the gradients live in DDP's communication buckets, not in a second copy
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     return torch.compile(model) if compile else model

@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +59,35 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def autocast(device: torch.device, dtype: str):
-    """float32: plain; bfloat16/float16: autocast (weights stay float32, matmuls run in half precision)."""
+    """float32: plain; bfloat16: autocast (weights stay float32, matmuls run in bfloat16)."""
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
 def default_dtype(device: torch.device) -> str:
-    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    """bfloat16 autocast on a GPU that computes in it natively (compute capability 8.0 and up: A100, H100, RTX 30xx
+    and later), else float32: a V100 or T4 only emulates bfloat16, slower than float32."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "bfloat16"
+    return "float32"
+
+
+def configure_device(device: torch.device):
+    """What stays float32 on a GPU (the tied head, the optimizer's maths) may use TF32 tensor cores."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+
+def device_rng_state(device: torch.device):
+    """The random state of a GPU's generator (what sampling on it draws from), or None on the CPU (whose state
+    torch.get_rng_state holds)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_device_rng_state(device: torch.device, state):
+    if device.type == "cuda" and state is not None:
+        torch.cuda.set_rng_state(state, device)
 
 
 def seed_everything(seed: int):
@@ -87,13 +109,33 @@ def setup_distributed(device: torch.device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # rank 0 alone evaluates, samples and writes checkpoints (~25 GB for gpt2-xl with AdamW's state) while the
+    # others wait in their next collective: NCCL's default 10-minute timeout would end them, so allow two hours
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     return rank, world, device
 
 
 def cleanup_distributed():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def gather_rows(n: int, compute, device) -> torch.Tensor:
+    """compute(rows) -> a tensor of len(rows) rows, for rows of range(n): under torchrun every process computes
+    every world-th row and the shares are gathered, so each ends with all n rows for 1/world of the work."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return compute(list(range(n)))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    mine = list(range(rank, n, world))
+    local = compute(mine).to(device)
+    share = torch.zeros((-(-n // world), *local.shape[1:]), dtype=local.dtype, device=device)  # equal sizes
+    share[: len(mine)] = local
+    shares = [torch.empty_like(share) for _ in range(world)]
+    torch.distributed.all_gather(shares, share)
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype, device=device)
+    for r, part in enumerate(shares):
+        out[r::world] = part[: len(range(r, n, world))]
+    return out
 
 
 def all_reduce_mean(value: float, device) -> float:

@@ -13,6 +13,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("NANOTUNE_SHARED", ROOT.parent / "shared")).resolve()
 os.environ["HF_HUB_OFFLINE"] = "1"  # a test that reaches for the network is a bug
+# the suite runs on the CPU everywhere (its float32 results are exact there), unless asked to run on the GPU
+# (NANOTUNE_TEST_DEVICE=cuda, as .ci/gpu does for the tests that are written for it)
+if os.environ.get("NANOTUNE_TEST_DEVICE", "cpu") != "cuda":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 sys.path.insert(0, str(ROOT))
 
 if not (SHARED / "data" / "gulliver.txt").is_file():

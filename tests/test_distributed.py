@@ -206,3 +206,31 @@ def test_ppo_under_torchrun_with_ptx_and_grad_accum(tiny, shared, tmp_path):
     assert all(m["ptx_loss"] > 5 for m in lines if "loss" in m)
     assert r.stdout.count("16 answers per step") == 1  # 8 per rank x 2 ranks, printed once
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_dpo_under_torchrun_gathers_every_reference_log_prob(tiny, shared, tmp_path):
+    # each process computes half of the reference's log-probs and the halves are gathered: with a reference other
+    # than the policy, the held-out metrics before training depend on every one of them being in its place
+    from nanotune import GPTConfig
+
+    torch.manual_seed(1)
+    GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, n_positions=256)).save_pretrained(tmp_path / "other")
+    data = str(shared / "data" / "instruction-data-with-preference.json")
+    args = ["train_dpo.py", "--model", tiny, "--ref-model", str(tmp_path / "other"), "--data", data, "--limit", "60"]
+    args += ["--max-len", "96", "--steps", "0", "--responses", "0", "--device", "cpu", "--no-save"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable] + args + ["--out", str(tmp_path / "one")], cwd=ROOT, env=env, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run(
+        torchrun + args + ["--out", str(tmp_path / "two")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0 and r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert two["world_size"] == 2 and abs(one["val_margin_before"]) > 1e-3  # the reference matters here
+    for key in ("val_loss_before", "val_margin_before", "val_reward_accuracy_before"):
+        assert abs(one[key] - two[key]) <= 1e-5, (key, one[key], two[key])

@@ -34,9 +34,7 @@ def test_a_log_gets_plain_lines_at_most_every_few_seconds_and_a_terminal_a_bar()
     for _ in progress(range(3), "answering", stream=log, every=0):
         pass
     lines = log.getvalue().splitlines()
-    assert [line.split(" 0:")[0] for line in lines] == ["answering 1/3", "answering 2/3", "answering 3/3"]
-    assert all("\r" not in line and "[" not in line for line in lines)
-    assert "eta 0:00" in lines[0]
+    assert lines == ["answering 1/3, eta 0:00", "answering 2/3, eta 0:00", "answering 3/3, eta 0:00"]
     quiet = io.StringIO()
     for _ in progress(range(3), "answering", stream=quiet, every=3600):
         pass
