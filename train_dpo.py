@@ -14,6 +14,7 @@ loss.svg and the fine-tuned weights.
 """
 
 import json
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +137,8 @@ def parse_args(argv=None):
     responses = "held-out prompts answered before and after training (default 5)"
     p.add_argument("--responses", type=integer(0), default=5, help=responses)
     p.add_argument("--max-new-tokens", type=integer(1), default=128, help="length limit of those answers")
-    return parse_run_args(p, argv)
+    # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
+    return parse_run_args(p, argv, fixed_on_resume="--data --template --limit --max-len --ref-model --beta")
 
 
 def main(argv=None):
@@ -162,6 +164,11 @@ def train(args, run):
         )
     (pairs_train, cut_train), (pairs_val, cut_val) = (encode_pairs(enc, s, args, path) for s in (train, val))
     pairs, truncated = {"train": pairs_train, "val": pairs_val}, cut_train + cut_val
+    same = sum(chosen == rejected for chosen, rejected in pairs_train)  # no preference: the loss stays log 2
+    if same == len(pairs_train):
+        raise NanotuneError(f"{path}: every training pair's chosen answer is its rejected one: nothing to learn")
+    if same and run.master:
+        print(f"warning: {same} of {len(pairs_train)} training pairs have chosen == rejected", file=sys.stderr)
 
     policy, model_name = load_model(args.model, device, quiet=not run.master)
     context = policy.config.n_positions - (args.prompt_tokens if args.peft == "prompt" else 0)  # (less prompt tuning's)

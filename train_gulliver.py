@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=integer(1), default=10, help="samples for the top100_share metric")
     p.add_argument("--sample-tokens", type=integer(1), default=100, help="tokens per sample (default 100)")
     p.add_argument("--prompt", default="", help="samples continue this text (default: start of a document)")
-    return parse_run_args(p, argv)
+    # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
+    return parse_run_args(p, argv, fixed_on_resume="--data --val-fraction --seq-len --eval-batches")
 
 
 def main(argv=None):

@@ -149,25 +149,25 @@ def parse_args(argv=None):
     add("--rollout-batch", type=integer(1), default=16, help="answers sampled per step per process (default 16)")
     add("--ppo-epochs", type=integer(1), default=4, help="passes over each rollout batch (default 4)")
     add("--kl-coef", type=real(0), default=0.05, help="weight of the per-token KL penalty (default 0.05)")
-    target = "adapt --kl-coef toward this KL per answer in nats (Ziegler et al.'s controller; default: fixed)"
-    add("--target-kl", type=real(0, low_open=True), default=None, help=target)
+    add("--target-kl", type=real(0, low_open=True), help="adapt --kl-coef toward this KL per answer (Ziegler et al.)")
     add("--kl-horizon", type=real(0, low_open=True), default=10000, help="with --target-kl: its horizon (10000)")
     add("--whiten-scores", action="store_true", help="normalise each batch's scores to mean 0, std 1")
-    dense = "letter:X: pay each token its part of the share where it is sampled (same return, clearer credit)"
-    add("--dense-score", action="store_true", help=dense)
+    add("--dense-score", action="store_true", help="letter:X: pay each token its part where sampled (clearer credit)")
     add("--gamma", type=real(0, 1), default=1.0, help="discount over answer tokens (default 1.0)")
     add("--lam", type=real(0, 1), default=0.95, help="GAE lambda (default 0.95)")
     add("--clip", type=real(0, low_open=True), default=0.2, help="policy ratio clip range (default 0.2)")
     add("--value-clip", type=real(0, low_open=True), default=0.2, help="value clip range (default 0.2)")
     add("--vf-coef", type=real(0), default=0.1, help="weight of the value loss (default 0.1)")
-    ptx = "PPO-ptx: weight of a next-token loss on training text, which keeps the policy fluent (default 0: off)"
-    add("--ptx-coef", type=real(0), default=0.0, help=ptx)
-    eos = "subtracted from the score of an answer that never ends (no <|endoftext|>); default 0"
-    add("--missing-eos-penalty", type=real(), default=0.0, help=eos)
+    add("--ptx-coef", type=real(0), default=0.0, help="PPO-ptx: weight of a next-token loss on training text (0: off)")
+    add(
+        "--missing-eos-penalty", type=real(), default=0.0, help="subtracted from the score of an answer that never ends"
+    )
     add("--eval-every", type=integer(1), default=10, help="held-out score and KL every N steps (default 10)")
     add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
     add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
-    return parse_run_args(p, argv)
+    # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
+    fixed = "--reward --ref-model --data --books --heldout-book --template --limit --prompt-len --max-new-tokens"
+    return parse_run_args(p, argv, fixed_on_resume=fixed + " --eval-prompts")
 
 
 def main(argv=None):

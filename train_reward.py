@@ -15,6 +15,8 @@ answer's last token. Outputs in --out: metrics.jsonl, summary.json, loss.svg and
 transformers.GPT2ForSequenceClassification layout (model.safetensors + config.json).
 """
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -87,7 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--center-coef", type=real(0), default=0.0, help=center)
     p.add_argument("--weight-decay", type=real(0), default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--eval-every", type=integer(1), default=25, help="held-out accuracy every N steps (default 25)")
-    return parse_run_args(p, argv)
+    # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
+    return parse_run_args(p, argv, fixed_on_resume="--data --template --limit --max-len")
 
 
 def main(argv=None):
@@ -124,6 +127,15 @@ def train(args, run):
             pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]  # i ranked above j
             rankings[name].append((answers, pairs))
     n_pairs = {name: sum(len(p) for _, p in rankings[name]) for name in rankings}
+    # a pair of two identical answers carries no preference: its loss stays log 2, whatever the model learns
+    same = sum(answers[i] == answers[j] for answers, pairs in rankings["train"] for i, j in pairs)
+    if same == n_pairs["train"]:
+        raise NanotuneError(f"{path}: every training pair ranks two identical answers: there is nothing to learn")
+    if same and run.master:
+        print(
+            f"warning: {same} of {n_pairs['train']} training pairs rank two identical answers (they teach nothing)",
+            file=sys.stderr,
+        )
 
     body, model_name = load_model(args.model, device, quiet=not run.master)
     if args.max_len > body.config.n_positions:

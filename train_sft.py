@@ -75,7 +75,8 @@ def parse_args(argv=None):
     responses = "test prompts answered after training (default 20; 0: none)"
     p.add_argument("--responses", type=integer(0), default=20, help=responses)
     p.add_argument("--max-new-tokens", type=integer(1), default=128, help="length limit of those answers")
-    return parse_run_args(p, argv)
+    # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
+    return parse_run_args(p, argv, fixed_on_resume="--data --template --limit --max-len")
 
 
 def main(argv=None):

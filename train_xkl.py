@@ -72,7 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--gen-tokens", type=integer(1), default=200, help="sampled tokens for the x_share metric")
     p.add_argument("--prompt", default="The", help="the fixed context the samples start from")
-    return parse_run_args(p, argv)
+    # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
+    return parse_run_args(
+        p, argv, fixed_on_resume="--letter --case-sensitive --target --alpha --input --prompt --gen-tokens"
+    )
 
 
 def main(argv=None):

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from nanotune.config import PRESETS
+from nanotune.flags import Parser, integer
 from nanotune.generate import generate
 from nanotune.model import GPT
 from nanotune.peft import apply_peft
@@ -42,17 +43,17 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--preset", default="gpt2", choices=list(PRESETS))
-    p.add_argument("--n-layer", type=int, default=None, help="override the preset's depth (quick runs)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--n-layer", type=integer(1), default=None, help="override the preset's depth (quick runs)")
+    p.add_argument("--batch-size", type=integer(1), default=4)
+    p.add_argument("--seq-len", type=integer(2), default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast precision")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per child process")
-    p.add_argument("--rounds", type=int, default=2, help="alternating child processes per side (default 2)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--gen-tokens", type=int, default=200)
+    p.add_argument("--repeats", type=integer(1), default=5, help="timed runs per child process")
+    p.add_argument("--rounds", type=integer(1), default=2, help="alternating child processes per side (default 2)")
+    p.add_argument("--warmup", type=integer(0), default=2)
+    p.add_argument("--gen-tokens", type=integer(1), default=200)
     p.add_argument("--gen-batches", default="1,8", help="comma-separated batch sizes for generation")
     p.add_argument("--compile", action="store_true", help="also time nanotune with torch.compile")
     p.add_argument("--peft", action="store_true", help="also time full fine-tuning vs LoRA vs adapters (nanotune)")

@@ -13,17 +13,21 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .peft import load_new_tensors, load_peft, merge, save_peft
 from .reward import RewardModel
-from .utils import NanotuneError, save_json
+from .utils import NanotuneError, save_json, set_device_rng_state
 from .weights import load_checkpoint, save_tensors
 
 CHECKPOINTS = "checkpoints"
+# what writing weights or a checkpoint raises when the disk is full or the folder cannot be written
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
 # what save_trained may write into a folder
 MODEL_FILES = (
     "model.safetensors",
@@ -102,10 +106,14 @@ def write_checkpoint(out: Path, step: int, model, trainer: dict, state: dict) ->
     root = Path(out) / CHECKPOINTS
     final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_trained(model, tmp, final=False)
-    torch.save(trainer, tmp / "trainer.pt")
-    save_json(tmp / "state.json", state)
+    try:
+        tmp.mkdir(parents=True)
+        save_trained(model, tmp, final=False)
+        torch.save(trainer, tmp / "trainer.pt")
+        save_json(tmp / "state.json", state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # (a full disk: the half-written checkpoint goes, the last stays)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in root.glob("step-*"):
@@ -120,5 +128,42 @@ def remove_partial_checkpoints(out: Path):
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def read_trainer(ckpt: Path) -> dict:
-    return torch.load(Path(ckpt) / "trainer.pt", map_location="cpu", weights_only=True)
+def why(error: BaseException) -> str:
+    """The reason a save failed, in one short line ("No space left on device", ...)."""
+    text = str(error)
+    for reason in ("No space left on device", "Permission denied", "Read-only file system", "Disk quota exceeded"):
+        if reason in text:
+            return reason
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def save_error(what: str, error: BaseException, out: Path) -> NanotuneError:
+    """One line for a save that failed (a full disk, a folder that cannot be written), saying what is kept."""
+    kept = latest_checkpoint(out)
+    held = f"; the last good checkpoint ({kept.name}) is kept: --resume {out}" if kept else ""
+    return NanotuneError(f"could not write {what}: {why(error)}{held}")
+
+
+def restore_training(ckpt: Path, model, optimizer, data_rng, extras: dict, rank: int, device):
+    """Everything a checkpoint holds back into the run: the weights, the optimizer state, the extras (modules or
+    dicts), this rank's data RNG, the global RNG and this rank's device RNG."""
+    load_trained(model, ckpt)
+    try:
+        trainer = torch.load(Path(ckpt) / "trainer.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError):
+        raise ValueError(f"{Path(ckpt) / 'trainer.pt'} cannot be read (truncated, or not a checkpoint)") from None
+    optimizer.load_state_dict(trainer["optimizer"])
+    for name, obj in extras.items():
+        saved = trainer["extras"][name]
+        obj.load_state_dict(saved) if hasattr(obj, "load_state_dict") else obj.update(saved)
+    data_rng.set_state(trainer["data_rng"][rank])
+    torch.set_rng_state(trainer["torch_rng"])
+    set_device_rng_state(device, trainer.get("device_rng", [None] * (rank + 1))[rank])
+
+
+def remove_checkpoints(out: Path) -> int:
+    """checkpoints/ of a finished run, gone. -> the bytes it held (0 if there was none)"""
+    root = Path(out) / CHECKPOINTS
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+    shutil.rmtree(root, ignore_errors=True)
+    return size

@@ -77,16 +77,24 @@ def read_book(path: str | Path) -> str:
     return text
 
 
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
 def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
     """A JSON list of objects, or JSON lines (errors give the file's own line number); the first `limit`."""
     text = read_text(path).strip()
     if not text:
         raise NanotuneError(f"data file {path} is empty")
-    if text.startswith("["):
-        try:
+    if text.startswith("[") or (text.startswith("{") and "\n" in text and text.endswith("}") and is_json(text)):
+        try:  # a JSON list (or, by mistake, one object written over several lines: refused below)
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise NanotuneError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+            raise NanotuneError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}, column {e.colno})") from None
     else:
         records = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -95,11 +103,12 @@ def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise NanotuneError(
-                        f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}); "
+                        f"{path}: line {number} is not valid JSON ({e.msg}, column {e.colno}); "
                         "expected a JSON list or one JSON object per line"
                     ) from None
     if not isinstance(records, list):
-        raise NanotuneError(f"{path}: expected a JSON list of objects, got a {type(records).__name__}")
+        what = f"an object with keys {', '.join(list(records)[:5])}" if isinstance(records, dict) else "a single value"
+        raise NanotuneError(f"{path} holds {what}, not records: expected a JSON list of objects, or one per line")
     records = records[:limit]
     if not records:
         raise NanotuneError(f"data file {path} holds no examples")

@@ -36,11 +36,21 @@ from .data import INSTRUCTIONS_URL, default_file, read_records
 from .flags import Parser, integer, real
 from .generate import generate
 from .instruct import check_answerable, format_prompt, normalize_examples, split_examples
-from .loader import load_model, load_reward_model
+from .loader import check_model, load_model, load_reward_model
 from .metrics import progress
 from .reward import PAD, RewardModel
 from .tokenizer import load_tokenizer
-from .utils import ROOT, NanotuneError, atomic_write, autocast, default_dtype, die, pick_device, save_json
+from .utils import (
+    ROOT,
+    NanotuneError,
+    atomic_write,
+    autocast,
+    check_writable,
+    default_dtype,
+    die,
+    pick_device,
+    save_json,
+)
 
 TIE = 1e-6
 
@@ -165,14 +175,11 @@ def read_answers(path):
             raise NanotuneError(f"{path}: record {i} answers for {list(r['answers'])}, record 0 for {names}")
         if not isinstance(r.get("instruction", r.get("prompt")), str):
             raise NanotuneError(f"{path}: record {i} has no 'instruction' (or 'prompt') text")
-        examples.append(
-            {
-                "instruction": r.get("instruction", r.get("prompt")),
-                "input": r.get("input") or "",
-                "reference": r.get("reference"),
-                "record": i,
-            }
-        )
+        for name, text in [(f"answers.{n}", r["answers"][n]) for n in names] + [("reference", r.get("reference", ""))]:
+            if not isinstance(text, str) and not (name == "reference" and text is None):
+                raise NanotuneError(f"{path}: record {i} key {name!r} holds a {type(text).__name__}, expected text")
+        instruction, text = r.get("instruction", r.get("prompt")), r.get("input") or ""
+        examples.append({"instruction": instruction, "input": text, "reference": r.get("reference"), "record": i})
         for name in names:
             answers.setdefault(name, []).append([r["answers"][name]])
     return examples, names, [answers[n] for n in names]
@@ -187,10 +194,18 @@ def main(argv=None):
     out = Path(args.out) if args.out else ROOT / "out" / f"evaluate-{datetime.now():%Y%m%d-%H%M%S}"
     if (out / "summary.json").exists() and not args.overwrite:
         die(f"--out {out} already holds an evaluation; pass --overwrite to replace it")
-    try:
+    try:  # everything is checked before the first answer is generated: the folder, the judge, both models
+        check_writable(out)
         device = pick_device(args.device)
         enc = load_tokenizer()
         judge = load_reward_model(args.judge, device)
+        if judge.config.vocab_size != enc.n_vocab:
+            raise NanotuneError(
+                f"--judge {args.judge} has a vocabulary of {judge.config.vocab_size} tokens, not "
+                f"GPT-2's {enc.n_vocab}: it cannot read the answers"
+            )
+        for name in args.models or ():
+            check_model(name, "--models")
         if args.answers:
             examples, names, answers = read_answers(args.answers)
         else:
@@ -212,6 +227,12 @@ def main(argv=None):
     # ---- judge every answer and every reference
     flat = [(ex, a) for m in range(2) for ex, per_prompt in zip(examples, answers[m]) for a in per_prompt]
     rewards = score(judge, enc, args.template, flat, args.batch_size, device)
+    if not all(map(math.isfinite, rewards)):  # a broken judge: no comparison of its scores means anything
+        bad = sum(not math.isfinite(r) for r in rewards)
+        die(f"--judge {args.judge} gave {bad} of {len(rewards)} answers a NaN or infinite score: check its weights")
+    for name, per_prompt in zip(names, answers):
+        if all(not a.strip() for texts in per_prompt for a in texts):
+            print(f"warning: every answer of {name} is empty: the comparison says nothing about it", file=sys.stderr)
     k = len(answers[0][0])
     per_model = [rewards[: len(rewards) // 2], rewards[len(rewards) // 2 :]]  # model A's, then model B's
     by_prompt = [[per_model[m][i * k : (i + 1) * k] for i in range(len(examples))] for m in range(2)]

@@ -111,6 +111,8 @@ def add_common_args(parser, lr: float, steps: int, batch_size: int, peft_methods
     save = "write a checkpoint every N steps and at the end (default 100; 0: only on Ctrl-C)"
     add("--save-every", type=integer(0), default=100, help=save)
     add("--no-save", action="store_true", help="do not write the fine-tuned weights")
+    keep = "keep the last checkpoint (with the optimizer state) after a finished run, to --resume it for more --steps"
+    add("--keep-checkpoint", action="store_true", help=keep)
     add_peft_args(parser, peft_methods)
 
 
@@ -139,10 +141,15 @@ def add_peft_args(parser, methods=METHODS):
         add("--prompt-tokens", type=integer(1), default=20, help="prompt-tuning embeddings (default 20)")
 
 
-def parse_run_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+# what a run trained and measured: a resumed run keeps them (a recipe adds its own, e.g. PPO's --reward)
+FIXED_ON_RESUME = ("model", "peft", "lora_r", "lora_alpha", "lora_targets", "adapter_size", "prompt_tokens")
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv=None, fixed_on_resume: str = "") -> argparse.Namespace:
     """parser.parse_args, except that with --resume DIR the flags saved in DIR's checkpoint become the defaults,
-    so `--resume DIR` alone continues the same run and any flag given beside it overrides. Then the checks that
-    involve two flags."""
+    so `--resume DIR` alone continues the same run and a flag given beside it overrides (--steps to train longer),
+    unless it would change what the run trained or measured (FIXED_ON_RESUME, and the recipe's fixed_on_resume:
+    its flags, as "--data --template"). Then the checks that involve two flags."""
     args = parser.parse_args(argv)
     if args.resume:
         try:
@@ -152,6 +159,15 @@ def parse_run_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
         parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "overwrite", "out")})
         args = parser.parse_args(argv)
         args.out = args.resume
+        for key in FIXED_ON_RESUME + tuple(
+            flag.removeprefix("--").replace("-", "_") for flag in fixed_on_resume.split()
+        ):
+            if key in saved and getattr(args, key, None) != saved[key]:
+                flag = "--" + key.replace("_", "-")
+                die(
+                    f"--resume {args.resume}: the run was trained with {flag} {saved[key]}, not {getattr(args, key)}; "
+                    f"a resumed run keeps what it trained and measured: leave {flag} out, or start a new run"
+                )
     if args.batch_size % args.grad_accum:
         die(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
     if args.resume and args.overwrite:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -146,6 +147,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="random seed of the sampling")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     args = p.parse_args(argv)
+    if args.instruction is not None and not args.instruction.strip():
+        die("--instruction is empty: give the model something to answer")
     try:
         device = pick_device(args.device)
         model, _ = load_model(args.model, device)
@@ -160,6 +163,12 @@ def main(argv=None):
         if room < 1:
             raise NanotuneError(
                 f"the prompt has {len(ids)} tokens: no room left in the context of {model.config.n_positions}"
+            )
+        if args.max_new_tokens > room:
+            print(
+                f"warning: --max-new-tokens {args.max_new_tokens} does not fit the model's context of "
+                f"{model.config.n_positions} after the prompt; generating {room}",
+                file=sys.stderr,
             )
         generator = torch.Generator(device).manual_seed(args.seed)
         outputs = generate(

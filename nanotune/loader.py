@@ -18,7 +18,7 @@ from .model import GPT
 from .peft import is_adapter_folder, load_adapter_folder
 from .reward import RewardModel
 from .utils import ROOT, NanotuneError
-from .weights import WeightsNotFoundError, find_or_download_preset
+from .weights import WeightsNotFoundError, find_or_download_preset, resolve_checkpoint
 
 NANO = ROOT / "weights" / "nano"
 LOAD_ERRORS = (OSError, KeyError, ValueError)  # what reading a model file can raise: a missing, wrong or bad file
@@ -48,6 +48,17 @@ def load_model(name: str, device: torch.device, flag: str = "--model", quiet: bo
         if is_adapter_folder(source):  # LoRA, adapters or prompt tuning saved without a full model
             return load_adapter_folder(source, device=device), name
         return GPT.from_pretrained(source, device=device), name
+    except LOAD_ERRORS as e:
+        raise NanotuneError(f"could not load {flag} {name}: {e}") from None
+
+
+def check_model(name: str, flag: str = "--model"):
+    """That load_model will find name, without loading it: for a tool that loads several models one after another,
+    so that the last one missing shows before the first has worked."""
+    if name == "auto" or is_adapter_folder(name):  # (an adapter folder's base is checked when it loads)
+        return
+    try:
+        resolve_checkpoint(name)
     except LOAD_ERRORS as e:
         raise NanotuneError(f"could not load {flag} {name}: {e}") from None
 

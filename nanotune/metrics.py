@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .utils import atomic_write
+
 
 def fmt(value) -> str:
     """A number as a person reads it in a progress line: 4 significant digits (9024, 37.41, 0.001234)."""
@@ -98,6 +100,12 @@ class MetricsLog:
         self.history.append(metrics)
         self._file.write(json.dumps(metrics) + "\n")
         self._file.flush()
+
+    def rewrite(self):
+        """metrics.jsonl as history holds it (whole or not at all), and appended to from there."""
+        self._file.close()
+        atomic_write(self.path, "".join(json.dumps(m) + "\n" for m in self.history))
+        self._file = open(self.path, "a")
 
     def curve(self, key: str) -> list[tuple[float, float]]:
         """[(step, value)] of every logged entry that has key, for plot_curves."""

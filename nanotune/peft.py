@@ -29,6 +29,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -141,8 +142,18 @@ def add_prompt(model: GPT, n_tokens: int, seed: int = 0):
 
 
 def apply_peft(model: GPT, args, base_name: str) -> GPT:
-    """Freeze the base model and add the method --peft names (nothing for none). Remembers how, for saving."""
+    """Freeze the base model and add the method --peft names (nothing for none). Remembers how, for saving.
+    A model that already carries PEFT additions (--model a LoRA or adapter folder) is first made plain: LoRA
+    folds into its weights exactly; adapters and prompt tuning cannot, and are refused."""
     check_peft_args(args)
+    loaded = getattr(model, "peft", {"method": "none"})
+    if loaded["method"] == "lora":
+        merge(model)  # what trains from here is a plain GPT-2 (with new additions if --peft asks)
+    elif loaded["method"] != "none":
+        raise NanotuneError(
+            f"--model {base_name} holds {loaded['method']} on top of {loaded['base']}, which cannot be folded into "
+            "GPT-2's weights: continue the run that made it with --resume, or start from its base model"
+        )
     model.peft = {"method": args.peft, "base": base_name}
     if args.peft == "none":
         return model
@@ -239,11 +250,15 @@ def save_peft(model: GPT, directory: Path):
     info = model.peft
     method = info["method"]
     state = trained_state(model)
+    folder = Path(directory) / "lora" if method == "lora" else Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = info["base"]  # a local base model is named relative to the folder: the two can move together
+    base = os.path.relpath(Path(base).resolve(), folder.resolve()) if Path(base).expanduser().exists() else base
     if method == "lora":
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": info["base"],
+            "base_model_name_or_path": base,
             "r": info["r"],
             "lora_alpha": info["lora_alpha"],
             "lora_dropout": info["lora_dropout"],
@@ -259,11 +274,9 @@ def save_peft(model: GPT, directory: Path):
         config = {
             "peft_type": "NANOTUNE",
             "method": method,
-            "base_model_name_or_path": info["base"],
+            "base_model_name_or_path": base,
             **{k: v for k, v in info.items() if k not in ("method", "base")},
         }
-    folder = Path(directory) / "lora" if method == "lora" else Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     save_tensors(state, folder / "adapter_model.safetensors")
 
@@ -304,6 +317,13 @@ def is_adapter_folder(path) -> bool:
     return p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "model.safetensors").is_file()
 
 
+def base_path(folder: Path, base: str) -> str:
+    """Where an adapter folder's base model is: a path relative to the folder (as save_peft writes it), else as
+    written (a preset name, or a path from where it runs)."""
+    beside = Path(folder) / base
+    return str(beside) if beside.exists() else base
+
+
 def load_adapter_folder(folder, dtype=torch.float32, device="cpu") -> GPT:
     """Base model (base_model_name_or_path) + the LoRA, adapters or prompt saved in folder, ready to run."""
     folder = Path(folder).expanduser()
@@ -314,10 +334,14 @@ def load_adapter_folder(folder, dtype=torch.float32, device="cpu") -> GPT:
     base = config.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{folder / 'adapter_config.json'} names no base_model_name_or_path")
-    candidates = [base, str(folder / base)]  # as saved, or relative to the adapter folder
-    source = next((c for c in candidates if Path(c).expanduser().exists()), base)
+    source = base_path(folder, base)
     try:
-        model = GPT.from_pretrained(source, dtype=dtype, device=device)
+        if is_adapter_folder(source):  # a LoRA of a LoRA: the base's LoRA folded in first, as apply_peft did
+            model = merge(load_adapter_folder(source, dtype, device))
+            if any(isinstance(m, Adapter) for m in model.modules()) or model.n_virtual:
+                raise ValueError(f"{source} holds adapters or prompt tuning, which cannot be a base model")
+        else:
+            model = GPT.from_pretrained(source, dtype=dtype, device=device)
     except (OSError, KeyError, ValueError) as e:
         raise ValueError(
             f"{folder}: its base model {base!r} (base_model_name_or_path in adapter_config.json) "

@@ -8,7 +8,6 @@ scripts: flags, progress lines, metrics.jsonl, summary.json; warmup + cosine lea
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -20,36 +19,44 @@ import torch.nn.functional as F
 
 from nanotune import GPT, GPTConfig, generate, load_tokenizer
 from nanotune.data import read_book
+from nanotune.flags import Parser, integer, real
 from nanotune.plot import plot_curves
 from nanotune.training import lr_at, make_optimizer
 from nanotune.utils import NanotuneError, autocast, die, pick_device, save_json, seed_everything
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--data", required=True, help="folder of .txt files (Gutenberg headers are stripped)")
     p.add_argument("--out", required=True, help="output folder: model.safetensors, config.json, metrics, samples")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--context", type=int, default=256, help="n_positions of the model and training window length")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=2000, help="stop after this many steps...")
+    p.add_argument("--n-layer", type=integer(1), default=4)
+    p.add_argument("--n-head", type=integer(1), default=4)
+    p.add_argument("--n-embd", type=integer(1), default=256)
+    p.add_argument(
+        "--context", type=integer(2), default=256, help="n_positions of the model and training window length"
+    )
+    p.add_argument("--batch-size", type=integer(1), default=16)
+    p.add_argument("--steps", type=integer(1), default=2000, help="stop after this many steps...")
     p.add_argument(
         "--minutes",
-        type=float,
+        type=real(0, low_open=True),
         default=None,
         help="...or after this many minutes (the schedule "
         "then follows the expected number of steps, measured over steps 5-25)",
     )
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--val-fraction", type=float, default=0.02, help="last share of each book held out")
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-batches", type=int, default=20)
-    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--lr", type=real(0, low_open=True), default=3e-3)
+    p.add_argument("--warmup", type=integer(0), default=100)
+    p.add_argument("--weight-decay", type=real(0), default=0.1)
+    p.add_argument("--grad-clip", type=real(0), default=1.0)
+    p.add_argument(
+        "--val-fraction",
+        type=real(0, 1, low_open=True, high_open=True),
+        default=0.02,
+        help="last share of each book held out",
+    )
+    p.add_argument("--eval-every", type=integer(1), default=250)
+    p.add_argument("--eval-batches", type=integer(1), default=20)
+    p.add_argument("--log-every", type=integer(1), default=20)
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--dtype",
@@ -59,7 +66,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--save-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the loss computation")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=1337)
     return p.parse_args(argv)
 

@@ -35,17 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    CHECKPOINTS,
-    MODEL_FILES,
-    latest_checkpoint,
-    load_trained,
-    read_checkpoint_state,
-    read_trainer,
-    remove_partial_checkpoints,
-    save_trained,
-    write_checkpoint,
-)
+from . import checkpoint
+from .checkpoint import CHECKPOINTS, MODEL_FILES, SAVE_ERRORS
 from .divergence import DivergenceRule
 from .metrics import MetricsLog, Progress, clock, fmt, progress_line
 from .outdir import OutputFolder
@@ -63,7 +54,6 @@ from .utils import (
     pick_device,
     save_json,
     seed_everything,
-    set_device_rng_state,
     setup_distributed,
 )
 
@@ -83,6 +73,7 @@ class Run:
         self._tracked = None  # (model, optimizer, data_rng, extras) once training starts
         self._divergence = DivergenceRule()
         self._stop = False  # Ctrl-C seen by some process (under torchrun: agreed in check)
+        self._restored = False  # with --resume: the checkpoint has loaded
         self._folder = self._log = self._bar = None
         self._old_handlers = {}
         self._tokens, self._t_log = 0, time.time()
@@ -116,16 +107,16 @@ class Run:
         self._folder = OutputFolder(self.out, self._run_files)
         self._folder.claim(self.args.overwrite, self.resumed)
         history = []
-        if self.resumed:
-            state = read_checkpoint_state(self.out)
-            # steps logged after the checkpoint will run again: drop them so metrics.jsonl has each step once
+        if self.resumed:  # (nothing in the folder changes until the checkpoint has loaded: see _restore)
+            state = checkpoint.read_checkpoint_state(self.out)
             log = self.out / "metrics.jsonl"
             lines = log.read_text().splitlines() if log.is_file() else []
+            # steps logged after the checkpoint will run again: metrics.jsonl is to hold each step once
             history = [m for m in map(json.loads, lines) if m.get("step", 0) <= state["step"]]
-            atomic_write(log, "".join(json.dumps(m) + "\n" for m in history))
             self.summary = state["summary"]
             self._elapsed_before = state.get("elapsed_s", 0.0)
-        remove_partial_checkpoints(self.out)
+        else:
+            checkpoint.remove_partial_checkpoints(self.out)
         self._log = MetricsLog(self.out / "metrics.jsonl", history)
         self.summary.update(status="running", script=self.script.name, args=vars(self.args))
 
@@ -161,6 +152,9 @@ class Run:
             status = "failed"
         if self._bar is not None:
             self._bar.close()
+        if self.resumed and not self._restored and self._log is not None:  # a refused or failed resume: the
+            self._log.close()  # run it names stays as it was, its summary.json included
+            self._log = None
         started = self._tracked is not None or self.resumed
         if self._log is not None and not started:
             # stopped before training (bad input): leave no half-made run behind, so the retry is not refused
@@ -211,7 +205,7 @@ class Run:
 
     def _restore(self):
         model, optimizer, data_rng, extras = self._tracked
-        state = read_checkpoint_state(self.out)
+        state = checkpoint.read_checkpoint_state(self.out)
         ckpt = Path(state["path"])
         if state["script"] != self.script.name:
             raise NanotuneError(
@@ -223,23 +217,18 @@ class Run:
                 f"{self.world}; resume with the same torchrun --nproc_per_node"
             )
         try:
-            load_trained(model, ckpt)
+            checkpoint.restore_training(ckpt, model, optimizer, data_rng, extras, self.rank, self.device)
         except (RuntimeError, ValueError, KeyError, OSError) as e:
             raise NanotuneError(
-                f"--resume {self.out}: the checkpoint does not fit --model {self.args.model}: {e}"
+                f"--resume {self.out}: its checkpoint cannot be restored onto --model {self.args.model}: {e}"
             ) from None
-        trainer = read_trainer(ckpt)
-        optimizer.load_state_dict(trainer["optimizer"])
-        for name, obj in extras.items():
-            saved = trainer["extras"][name]
-            obj.load_state_dict(saved) if hasattr(obj, "load_state_dict") else obj.update(saved)
-        data_rng.set_state(trainer["data_rng"][self.rank])
-        torch.set_rng_state(trainer["torch_rng"])
-        set_device_rng_state(self.device, trainer.get("device_rng", [None] * self.world)[self.rank])
         self.step = state["step"]
         # every rank (not only rank 0, which keeps the summary) restarts the explosion rule from the same loss
         self._divergence = DivergenceRule(state["summary"].get("loss_first"))
+        self._restored = True  # from here on the folder is this run's again
         if self.master:
+            self._log.rewrite()  # without the steps after the checkpoint
+            checkpoint.remove_partial_checkpoints(self.out)
             print(f"resumed {self.out} at step {self.step} from {ckpt}", flush=True)
 
     # ---- each step
@@ -257,7 +246,7 @@ class Run:
         self.summary["loss_first"] = self._divergence.first_loss
         if what is None:
             return
-        ckpt = latest_checkpoint(self.out) if self.master else None
+        ckpt = checkpoint.latest_checkpoint(self.out) if self.master else None
         kept = f"the last good checkpoint ({ckpt.name}) is kept in {ckpt.parent}" if ckpt else "no checkpoint yet"
         raise DivergedError(
             f"training diverged at step {step}: {what}. Try a lower --lr (now {self.args.lr:g}), "
@@ -318,8 +307,9 @@ class Run:
             if self.master:
                 self._write_summary()
                 torchrun = " (under the same torchrun command)" if self.world > 1 else ""
+                where = checkpoint.latest_checkpoint(self.out)
                 print(
-                    f"interrupted at step {step} of {args.steps}; checkpoint in {latest_checkpoint(self.out)}.\n"
+                    f"interrupted at step {step} of {args.steps}; checkpoint in {where}.\n"
                     f"Resume with: python {self.script.name} --resume {self.out}{torchrun}",
                     file=sys.stderr,
                     flush=True,
@@ -350,7 +340,12 @@ class Run:
             "elapsed_s": round(time.time() - self.start, 2),
             "summary": self.summary,
         }
-        write_checkpoint(self.out, step, model, trainer, state)
+        try:
+            checkpoint.write_checkpoint(self.out, step, model, trainer, state)
+        except SAVE_ERRORS as e:
+            raise checkpoint.save_error(
+                f"the step-{step} checkpoint into {self.out / CHECKPOINTS}", e, self.out
+            ) from None
 
     @property
     def history(self) -> list[dict]:
@@ -370,7 +365,17 @@ class Run:
         if not self.master:
             return
         if not self.args.no_save:
-            save_trained(model, self.out)
+            try:
+                checkpoint.save_trained(model, self.out)
+            except SAVE_ERRORS as e:
+                raise checkpoint.save_error(f"the trained weights into {self.out}", e, self.out) from None
+            # finished and saved: the optimizer state to resume from goes, unless --keep-checkpoint
+            freed = 0 if self.args.keep_checkpoint else checkpoint.remove_checkpoints(self.out)
+            if freed:
+                print(
+                    f"removed {self.out / CHECKPOINTS} ({freed / 2**20:.0f} MiB); --keep-checkpoint keeps it",
+                    flush=True,
+                )
         self.summary["status"] = "saved"
         self._write_summary()
 

@@ -186,6 +186,18 @@ def _json_safe(value):
     return value
 
 
+def check_writable(folder: Path):
+    """Create the folder (with its parents) and write a file in it, before any work: a NanotuneError naming the
+    folder if that fails (read-only, a file in the way, no permission)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(folder / "probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise NanotuneError(f"{folder} cannot be written: {e.strerror or e}") from None
+
+
 def perplexity(loss: float) -> float:
     """exp(loss), infinite instead of an OverflowError for a diverged loss."""
     return math.exp(loss) if loss < 700 else float("inf")
