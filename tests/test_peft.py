@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,7 +127,7 @@ def test_save_and_load_round_trip(method, tiny, tmp_path):
     save_trained(model, tmp_path)
     adapter = tmp_path / "lora" if method == "lora" else tmp_path
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == tiny
+    assert (adapter / config["base_model_name_or_path"]).resolve() == Path(tiny).resolve()  # relative to it
     with torch.no_grad():
         expected = model(IDX)
         reloaded = load(tmp_path)  # LoRA: the merged model.safetensors; others: base + additions

@@ -470,6 +470,7 @@ def test_peft_lora_trains_adapters_on_the_policy_and_the_value_model(peaky, shar
     out = tmp_path / "lora"
     train_ppo.main(
         ["--model", peaky, "--out", str(out), "--reward", "letter:e", "--steps", "2", "--peft", "lora", "--lr", "1e-2"]
+        + ["--keep-checkpoint"]
         + book_args(shared, **{"--rollout-batch": "8", "--batch-size": "4"})
     )
     assert "(lora: trainable" in capsys.readouterr().out
