@@ -286,6 +286,7 @@ class Run:
         the first and last) record the step's metrics, averaged over the processes, and print its progress line.
         Values may be tensors on the device: they are read back only then."""
         self._tokens = self._tokens + tokens
+        metrics = {k: v for k, v in metrics.items() if v is not None}  # (a statistic this step has not)
         if self._bar is not None:
             self._bar.update()  # one more step done
         if step % self.args.log_every == 0 or step in (1, self.args.steps):

@@ -234,3 +234,22 @@ def test_dpo_under_torchrun_gathers_every_reference_log_prob(tiny, shared, tmp_p
     assert two["world_size"] == 2 and abs(one["val_margin_before"]) > 1e-3  # the reference matters here
     for key in ("val_loss_before", "val_margin_before", "val_reward_accuracy_before"):
         assert abs(one[key] - two[key]) <= 1e-5, (key, one[key], two[key])
+
+
+def test_grpo_under_torchrun_keeps_each_group_on_one_rank(tiny, shared, tmp_path):
+    # every rank samples its own prompts and all G answers to each: a group's baseline never needs another rank's
+    # answers. With 2 ranks x 2 prompts x 4 answers the uniform share is a mean over 4 groups (a multiple of 1/4)
+    out = tmp_path / "grpo-ddp"
+    data = shared / "data"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_grpo.py"]
+    cmd += ["--model", tiny, "--out", str(out), "--reward", "letter:e", "--books", str(data / "corpus" / "pg11.txt")]
+    cmd += ["--heldout-book", str(data / "gulliver.txt"), "--prompt-len", "8", "--max-new-tokens", "4"]
+    cmd += ["--prompts-per-step", "2", "--group-size", "4", "--batch-size", "4", "--grad-accum", "2", "--beta", "0.1"]
+    cmd += ["--eval-prompts", "4", "--steps", "2", "--device", "cpu", "--log-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [m["step"] for m in steps] == [1, 2] and all(m["first_ratio"] == 1.0 for m in steps)
+    assert all((4 * m["uniform_share"]).is_integer() for m in steps)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2

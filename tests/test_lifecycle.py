@@ -16,6 +16,7 @@ from helpers import run_main
 from safetensors.torch import load_file, save_file
 
 import train_dpo
+import train_grpo
 import train_gulliver
 import train_ppo
 import train_reward
@@ -28,7 +29,7 @@ from nanotune.utils import perplexity, save_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {"xkl": train_xkl, "gulliver": train_gulliver, "sft": train_sft, "dpo": train_dpo, "ppo": train_ppo}
-RECIPES |= {"reward": train_reward, "reward-lora": train_reward}
+RECIPES |= {"reward": train_reward, "reward-lora": train_reward, "grpo": train_grpo}
 
 
 def recipe_args(name, shared):
@@ -88,6 +89,22 @@ def recipe_args(name, shared):
         + ["--eval-every", "3", "--lr", "1e-3"],
         "reward-lora": ["--data", str(data / "instruction-data-with-preference.json"), "--limit", "60"]
         + ["--max-len", "64", "--eval-every", "3", "--lr", "1e-2", "--peft", "lora", "--lora-targets", "all"],
+        "grpo": ["--reward", "letter:x", "--books", str(data / "corpus" / "pg11.txt"), "--heldout-book"]
+        + [str(data / "gulliver.txt"), "--prompt-len", "8", "--max-new-tokens", "4", "--prompts-per-step", "2"]
+        + [
+            "--group-size",
+            "4",
+            "--epochs",
+            "2",
+            "--beta",
+            "0.04",
+            "--eval-every",
+            "3",
+            "--eval-prompts",
+            "4",
+            "--lr",
+            "1e-3",
+        ],
         "ppo": [
             "--reward",
             "letter:x",

@@ -1,0 +1,307 @@
+"""Reinforcement learning from a reward with GRPO: group-relative policy optimization, no value model.
+
+Recipe 7. GRPO (Shao et al. 2024, DeepSeekMath) samples --group-size G answers to each prompt and judges each
+answer against the others to the same prompt: the group's mean score is the baseline PPO's value model would
+have learned. The rewards are train_ppo.py's (nanotune/rewards.py), so the two compare on the same task. One step,
+as numbered in train(): 1. sample G answers for each of --prompts-per-step prompts; 2. score them; 3. advantages
+relative to each group (--advantage); 4. --epochs passes of the clipped objective over minibatches (--clip-low,
+--clip-high, --loss-agg, a k3 KL term with --beta); 5. evaluate, log, checkpoint. The variants:
+
+    python train_grpo.py --reward sentiment                      # GRPO: (r - mean) / std of each group
+    python train_grpo.py --reward sentiment --advantage mean --loss-agg constant   # Dr. GRPO (Liu et al. 2025)
+    python train_grpo.py --reward letter:X --advantage rloo      # RLOO's leave-one-out baseline (Ahmadian 2024)
+    python train_grpo.py --reward letter:X --clip-high 0.28 --loss-agg token --skip-uniform-groups   # DAPO
+
+Outputs in --out: metrics.jsonl, summary.json, samples_before.txt and samples_after.txt, kl_score.svg (held-out
+score against KL to the starting model), score.svg and the policy's weights (loadable by transformers).
+"""
+
+import time
+
+import torch
+
+from nanotune import load_tokenizer
+from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
+from nanotune.loader import load_model
+from nanotune.metrics import fmt
+from nanotune.peft import apply_peft, base_model, describe_trainable
+from nanotune.rewards import make_prompts, make_reward, parse_reward, reward_flag
+from nanotune.rollout import answer_logprobs, check_kl, evaluate_policy, layout, plot_heldout, sample_rollout
+from nanotune.run import Run
+from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.utils import NanotuneError, all_reduce_mean, die
+
+
+# Group-relative advantages of G answers to each of P prompts, from their scores r (P, G):
+#   grpo:  A_i = (r_i - mean(r)) / (std(r) + eps)         Shao et al. 2024 (std with Bessel's correction, as TRL)
+#   mean:  A_i = r_i - mean(r)                              Dr. GRPO (Liu et al. 2025): no std, no length bias
+#   rloo:  A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(r))    leave-one-out (Ahmadian et al. 2024)
+# A group whose G scores are equal gets 0 everywhere: it carries no signal. scores (P, G) -> (P, G)
+def group_advantages(scores: torch.Tensor, kind: str, eps: float = 1e-4) -> torch.Tensor:
+    centred = scores - scores.mean(dim=1, keepdim=True)
+    if kind == "grpo":
+        return centred / (scores.std(dim=1, keepdim=True) + eps)
+    if kind == "rloo":
+        return centred * scores.shape[1] / (scores.shape[1] - 1)
+    return centred
+
+
+# The clipped surrogate per token, with separate ends (DAPO's clip-higher, Yu et al. 2025):
+#   ratio_t = exp(logp_t - old_logp_t)
+#   loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A)
+# A is the answer's advantage, shared by its tokens. logps, old_logps (B, L), advantages (B,) -> loss (B, L),
+# and where the clip bit: low (ratio < 1 - clip_low with A < 0) and high (ratio > 1 + clip_high with A > 0), (B, L)
+def clipped_objective(logps, old_logps, advantages, clip_low: float, clip_high: float):
+    ratio = torch.exp(logps - old_logps)
+    A = advantages[:, None]
+    loss = -torch.minimum(ratio * A, ratio.clamp(1 - clip_low, 1 + clip_high) * A)
+    return loss, (ratio < 1 - clip_low) & (A < 0), (ratio > 1 + clip_high) & (A > 0)
+
+
+# The k3 estimator of KL(pi || ref) at each sampled token (Schulman 2020; DeepSeekMath's KL term): unbiased,
+# always >= 0, exp(ref - logp) - (ref - logp) - 1. logps, ref_logps (B, L) -> (B, L)
+def k3_kl(logps, ref_logps):
+    log_ratio = ref_logps - logps
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+# How per-token losses x (B, L) become one number (mask 1 on answer tokens):
+#   sequence: mean over each answer's tokens, then over answers      GRPO: a long answer's tokens weigh less
+#   token:    sum over every token / number of tokens                DAPO: every token weighs the same
+#   constant: sum over every token / (B * max_new_tokens)           Dr. GRPO: a fixed normaliser, no length bias
+def aggregate(x, mask, kind: str, max_new_tokens: int):
+    if kind == "sequence":
+        return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if kind == "token":
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum() / (mask.shape[0] * max_new_tokens)
+
+
+def parse_args(argv=None):
+    p = Parser(__doc__)
+    add_common_args(p, lr=1e-5, steps=100, batch_size=16)
+    add = p.add_argument
+    reward = (
+        "model:DIR (a train_reward.py model), sentiment (VADER) or letter:X (default sentiment; nanotune/rewards.py)"
+    )
+    add("--reward", type=reward_flag, default="sentiment", help=reward)
+    add("--ref-model", default=None, help="KL reference (default: a frozen copy of --model)")
+    add("--data", default=None, help="with model:DIR: instruction JSON/JSONL (default: download SFT's set)")
+    add("--books", nargs="+", metavar="FILE", help="with sentiment/letter: training books (default: download five)")
+    add("--heldout-book", metavar="FILE", help="the book of the held-out prompts (default: Gulliver's Travels)")
+    add("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
+    add("--limit", type=integer(1), default=None, help="use only the first N instruction records (quick runs)")
+    add("--prompt-len", type=integer(1), default=64, help="book prompts: tokens per window (default 64)")
+    add("--max-new-tokens", type=integer(1), help="answer length limit (default 24 for books, 64 for model:DIR)")
+    add("--group-size", type=integer(2), default=8, help="G: answers sampled for each prompt (default 8)")
+    add("--prompts-per-step", type=integer(1), default=8, help="prompts per step per process (default 8)")
+    add("--epochs", type=integer(1), default=1, help="passes over each step's answers (default 1: on-policy)")
+    add("--advantage", default="grpo", choices=["grpo", "mean", "rloo"], help="the group baseline (default grpo)")
+    add("--clip-low", type=real(0, 1, low_open=True, high_open=True), default=0.2, help="ratio >= 1 - this (0.2)")
+    add("--clip-high", type=real(0, low_open=True), default=None, help="ratio <= 1 + this (default: --clip-low)")
+    agg = "per-token losses to one: sequence (GRPO), token (DAPO) or constant (Dr. GRPO); default sequence"
+    add("--loss-agg", default="sequence", choices=["sequence", "token", "constant"], help=agg)
+    add("--beta", type=real(0), default=0.0, help="weight of the k3 KL term toward the reference (default 0)")
+    add("--skip-uniform-groups", action="store_true", help="resample groups whose G scores are equal (DAPO)")
+    add(
+        "--missing-eos-penalty", type=real(), default=0.0, help="subtracted from the score of an answer that never ends"
+    )
+    add("--eval-every", type=integer(1), default=10, help="held-out score and KL every N steps (default 10)")
+    add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
+    add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
+    # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
+    fixed = "--reward --ref-model --data --books --heldout-book --template --limit --prompt-len --max-new-tokens"
+    return parse_run_args(p, argv, fixed_on_resume=fixed + " --eval-prompts --group-size")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    kind, _ = parse_reward(args.reward)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 64 if kind == "model" else 24
+    args.clip_high = args.clip_low if args.clip_high is None else args.clip_high
+    answers = args.prompts_per_step * args.group_size
+    if answers % args.batch_size:
+        die(f"--prompts-per-step x --group-size = {answers} answers: not a multiple of --batch-size {args.batch_size}")
+    outputs = ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg")
+    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+    with Run(args, __file__, outputs=outputs, show=("score", "uniform_share", "val_score", "val_kl")) as run:
+        train(args, run)
+
+
+def sample_groups(policy, prompts, reward, eos: int, args, run, data_rng):
+    """Steps 1-2: G answers to each of --prompts-per-step prompts, scored. With --skip-uniform-groups a group whose
+    G scores are equal is drawn again, up to 4 more rounds (DAPO's dynamic sampling); the step keeps P groups.
+    -> rollout (the P * G answers, each group's together), scores (P, G), share of uniform groups among those drawn"""
+    P, G = args.prompts_per_step, args.group_size
+    groups, drawn = [], 0  # (G prompts, G prompt + answer sequences, scores (G,), all G scores equal?)
+    for _ in range(5 if args.skip_uniform_groups else 1):
+        prompt_ids = [p for p in prompts.sample(P, data_rng) for _ in range(G)]
+        rollout = sample_rollout(policy, prompt_ids, args.max_new_tokens, eos, run.ctx)
+        scores = reward(prompt_ids, rollout.answers, rollout.ended).view(P, G)
+        ends = rollout.ended.tolist()
+        sequences = [p + a + [eos] * e for p, a, e in zip(prompt_ids, rollout.answers, ends)]
+        for i in range(P):
+            group = slice(i * G, (i + 1) * G)
+            groups.append((prompt_ids[group], sequences[group], scores[i], bool((scores[i] == scores[i, 0]).all())))
+        drawn += P
+        if not args.skip_uniform_groups or sum(not g[3] for g in groups) >= P:
+            break
+    share = sum(g[3] for g in groups) / drawn
+    if args.skip_uniform_groups:  # the informative groups first, in the order drawn; short of P, uniform ones
+        groups = sorted(groups, key=lambda g: g[3])
+    groups = groups[:P]
+    prompt_ids = [p for g in groups for p in g[0]]
+    rollout = layout(prompt_ids, [s for g in groups for s in g[1]], eos, run.device)
+    return rollout, torch.stack([g[2] for g in groups]), share
+
+
+def grpo_update(args, run, step, train_policy, policy, optimizer, rollout, exp, data_rng):
+    """Step 4: --epochs passes over the step's answers in shuffled minibatches of --batch-size, one optimizer step
+    each, a minibatch as --grad-accum micro-batches. exp: old_logps, ref_logps (B, L) and advantages (B,).
+    -> the mean of each loss and statistic"""
+    B, sums, n_updates = rollout.mask.shape[0], {}, 0
+    for _ in range(args.epochs):
+        order = torch.randperm(B, generator=data_rng).to(run.device)
+        for start in range(0, B, args.batch_size):
+            minibatch, step_sums = order[start : start + args.batch_size], {}
+            for k in range(args.grad_accum):
+                micro = minibatch[k :: args.grad_accum]
+                m = rollout.mask[micro]
+                # under DDP the gradients are all-reduced once, in the last micro-batch's backward
+                with no_sync_unless_last(train_policy, k == args.grad_accum - 1):
+                    inputs = (rollout.input_ids[micro], rollout.attention_mask[micro], rollout.P, run.ctx)
+                    logps, entropy = answer_logprobs(train_policy, *inputs)
+                    old = exp["old_logps"][micro]
+                    objective, low, high = clipped_objective(
+                        logps, old, exp["advantages"][micro], args.clip_low, args.clip_high
+                    )
+                    kl = k3_kl(logps, exp["ref_logps"][micro]) if args.beta else torch.zeros_like(logps)  # (B, L)
+                    # equal micro-batches: each adds 1/grad_accum of the minibatch's loss
+                    loss = aggregate(objective + args.beta * kl, m, args.loss_agg, args.max_new_tokens)
+                    loss = loss / args.grad_accum
+                    loss.backward()
+                tokens = m.sum() * args.grad_accum
+                parts = {
+                    "loss": loss,
+                    "kl_k3": (kl.detach() * m).sum() / tokens,
+                    "entropy": (entropy * m).sum() / tokens,
+                    "clip_low": (low * m).sum() / tokens,
+                    "clip_high": (high * m).sum() / tokens,
+                    "ratio": (torch.exp(logps.detach() - old) * m).sum() / tokens,
+                }
+                for key, value in parts.items():
+                    step_sums[key] = step_sums.get(key, 0.0) + value.detach()
+            grad_norm = clip_gradients(policy, args.grad_clip)  # the norm before clipping
+            run.check(step, step_sums["loss"], grad_norm)  # NaN/inf or an exploding loss stops here, before the update
+            if n_updates == 0:
+                sums["first_ratio"] = step_sums["ratio"]  # 1 exactly: the first update is on-policy
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for key, value in step_sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+            n_updates += 1
+    return {k: v / (1 if k == "first_ratio" else n_updates) for k, v in sums.items()} | {"grad_norm": grad_norm}
+
+
+def train(args, run):
+    device, enc = run.device, load_tokenizer()
+
+    # ---- the models: the policy (trains), the reference (frozen: the KL term, and KL measured at evaluations)
+    policy, model_name = load_model(args.model, device, quiet=not run.master)
+    reference = load_model(args.ref_model, device, "--ref-model", quiet=True)[0] if args.ref_model else None
+    reference = base_model(policy, args.peft) if reference is None else reference.eval().requires_grad_(False)
+    score = make_reward(args.reward, enc, device, run.ctx, run.dtype)  # (prompt_ids, answers) -> (B,)
+    apply_peft(policy, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
+    context = min(m.config.n_positions - m.n_virtual for m in (policy, reference))
+    context = min(context, score.context or context)
+
+    # ---- prompts: training prompts are sampled, held-out prompts are fixed
+    prompts = make_prompts(args, enc, context)
+
+    def reward(prompt_ids, answers, ended):
+        """The score of each answer, less --missing-eos-penalty for answers that never ended. -> (B,) on CPU"""
+        scores = score(prompt_ids, answers) - args.missing_eos_penalty * (~ended).float()
+        if not torch.isfinite(scores).all():
+            raise NanotuneError(f"--reward {args.reward} gave NaN or infinite scores: check the reward model")
+        return scores
+
+    def evaluate():  # held-out prompts, one answer each (the same draws every time): score, KL, text
+        heldout = prompts.heldout
+        return evaluate_policy(
+            policy, reference, heldout, reward, enc, args.max_new_tokens, run.ctx, args.seed, args.samples
+        )
+
+    run.summary.update(model=model_name, reward=args.reward, ref_model=args.ref_model, world_size=run.world)
+    if run.master:
+        print(
+            f"policy {model_name} ({args.peft}: {describe_trainable(policy)}), reward {args.reward}, on {device} "
+            f"({run.dtype}); {prompts.described}, {len(prompts.heldout)} held-out prompts; {args.prompts_per_step} "
+            f"groups of {args.group_size} answers per step and process; advantage {args.advantage}",
+            flush=True,
+        )
+    if run.master and not run.resumed:
+        before, shown = evaluate()
+        run.summary.update(score_before=before["val_score"], kl_before=before["val_kl"])
+        run.log(0, **before)
+        run.write_text("samples_before.txt", shown)
+
+    optimizer = make_optimizer(policy, "adamw", args.lr, 0.0, device)
+    data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own prompts (whole groups)
+    first_step = run.track(policy, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
+    train_policy = wrap_model(policy, device, run.world, args.compile, args.activation_checkpointing)
+    policy.train()
+    for step in range(first_step, args.steps + 1):
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        # ---- 1-2. G answers to each prompt, and their scores (P, G)
+        rollout, scores, uniform_share = sample_groups(policy, prompts, reward, enc.eot_token, args, run, data_rng)
+        t1 = time.time()
+        # ---- 3. each answer against the others to its prompt: advantages (P * G,)
+        advantages = group_advantages(scores, args.advantage).flatten().to(device)
+        with torch.no_grad():  # what the update compares against: the sampling policy's log-probs, the reference's
+            policy.eval()
+            inputs = (rollout.input_ids, rollout.attention_mask, rollout.P, run.ctx)
+            old_logps = answer_logprobs(policy, *inputs)[0]  # (B, L)
+            policy.train()
+            ref_logps = answer_logprobs(reference, *inputs)[0] if args.beta else None  # (--beta 0: not run)
+        mean_kl = None  # the sampled answers' KL to the reference, per answer, when the update uses it
+        if args.beta:
+            mean_kl = all_reduce_mean(((old_logps - ref_logps) * rollout.mask).sum(-1).mean().item(), device)
+            check_kl(mean_kl, step)
+        t2 = time.time()
+        # ---- 4. --epochs passes of the clipped objective
+        exp = {"old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages}
+        update = grpo_update(args, run, step, train_policy, policy, optimizer, rollout, exp, data_rng)
+        t3 = time.time()
+        # ---- 5. evaluate, log, checkpoint
+        if run.master and (step % args.eval_every == 0 or step == args.steps):
+            run.log(step, **evaluate()[0])
+        stats = {"score": scores.mean(), "uniform_share": uniform_share, "answer_len": rollout.mask.sum(-1).mean()}
+        times = {"time_generate_s": t1 - t0, "time_logprobs_s": t2 - t1, "time_update_s": t3 - t2}
+        run.log_step(step, rollout.mask.sum(), **stats, kl=mean_kl, **update, lr=lr, **times)
+        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
+
+    # ---- training is over: the weights and the summary so far are saved before anything that might fail
+    if not run.master:
+        return
+    run.summary.update(steps=args.steps, lr=args.lr)
+    run.save_model(policy)
+    with run.optional("the held-out evaluation after training"):
+        after, shown = evaluate()
+        run.summary.update(score_after=after["val_score"], kl_after=after["val_kl"])
+        run.write_text("samples_after.txt", shown)
+    with run.optional("the plots"):
+        plot_heldout(run.out, run.history, f"GRPO ({args.advantage}), reward {args.reward}")
+    s = {k: fmt(run.summary.get(k)) for k in ("score_before", "score_after", "kl_after")}
+    print(
+        f"held-out score {s['score_before']} -> {s['score_after']}, KL to the start {s['kl_after']} nats per answer; "
+        f"outputs in {run.out}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
