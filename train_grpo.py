@@ -137,7 +137,7 @@ def sample_groups(policy, prompts, reward, eos: int, args, run, data_rng):
     groups, drawn = [], 0  # (G prompts, G prompt + answer sequences, scores (G,), all G scores equal?)
     for _ in range(5 if args.skip_uniform_groups else 1):
         prompt_ids = [p for p in prompts.sample(P, data_rng) for _ in range(G)]
-        rollout = sample_rollout(policy, prompt_ids, args.max_new_tokens, eos, run.ctx)
+        rollout = sample_rollout(policy, prompt_ids, args.max_new_tokens, eos, run.ctx, fast=run.sampling)
         scores = reward(prompt_ids, rollout.answers, rollout.ended).view(P, G)
         ends = rollout.ended.tolist()
         sequences = [p + a + [eos] * e for p, a, e in zip(prompt_ids, rollout.answers, ends)]

@@ -344,7 +344,7 @@ def train(args, run):
         t0 = time.time()
         # ---- 1. rollout: the current policy answers a batch of training prompts
         prompt_ids = prompts.sample(args.rollout_batch, data_rng)
-        rollout = sample_rollout(policy, prompt_ids, args.max_new_tokens, enc.eot_token, run.ctx)
+        rollout = sample_rollout(policy, prompt_ids, args.max_new_tokens, enc.eot_token, run.ctx, fast=run.sampling)
         mask = rollout.mask  # (B, L): 1 on each answer's tokens
         t1 = time.time()
         # ---- 2. score the answers, and read them back: old log-probs, reference log-probs, values (no gradients)

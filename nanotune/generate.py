@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +12,7 @@ import torch
 from .flags import Parser, integer, real
 from .instruct import format_prompt
 from .loader import load_model
-from .model import GPT, KVCache
+from .model import GPT, KVCache, packed_bf16
 from .tokenizer import load_tokenizer
 from .utils import NanotuneError, die, pick_device
 
@@ -26,6 +28,8 @@ def generate(
     banned_tokens: Sequence[int] = (),
     eos_token: int | None = None,
     generator: torch.Generator | None = None,
+    compile: bool | str = False,
+    dtype: torch.dtype | None = None,
 ):
     """Continue prompts by max_new_tokens tokens.
 
@@ -33,6 +37,13 @@ def generate(
          or a list of token-id lists of any lengths -> a list of lists (prompt + continuation).
     temperature 0 is greedy. banned_tokens are never produced. With eos_token, a row stops after
     producing it: tensor outputs fill the rest of that row with eos_token, list outputs end there.
+    The prompts run through the model at once; then each token is one GPT.decode_step, whose shapes never
+    change. compile: torch.compile that step, once per model (CUDA graphs on a GPU); off by default, as compiling
+    takes tens of seconds that only many or long generations (RL rollouts) win back; a string names a backend
+    ("eager" in the tests). dtype torch.bfloat16: on a CPU with oneDNN's bfloat16 kernels, the tied head and the
+    large layers read packed bfloat16 copies of their weights (nanotune.model.packed_bf16; activations stay
+    float32); on a GPU, bfloat16 autocast. The logits are rounded, so log-probs that matter are computed again
+    in float32, as PPO and GRPO do.
     """
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -59,40 +70,18 @@ def generate(
         if idx.shape[1] == 0:
             raise ValueError("generate: the prompt needs at least one token")
         idx = idx.to(device)
-
-    B, T = idx.shape
-    total = T + max_new_tokens
-    if total + model.n_virtual > model.config.n_positions:
+    T = idx.shape[1]
+    if T + max_new_tokens + model.n_virtual > model.config.n_positions:
         virtual = f" + {model.n_virtual} prompt-tuning embeddings" if model.n_virtual else ""
         raise ValueError(
-            f"generate: prompt ({T}) + max_new_tokens ({max_new_tokens}){virtual} = {total + model.n_virtual} "
-            f"exceeds the context of {model.config.n_positions} tokens"
+            f"generate: prompt ({T}) + max_new_tokens ({max_new_tokens}){virtual} = "
+            f"{T + max_new_tokens + model.n_virtual} exceeds the context of {model.config.n_positions} tokens"
         )
-    banned = torch.tensor(sorted(set(int(t) for t in banned_tokens)), dtype=torch.long, device=device)
-    cache = KVCache(
-        model, B, total + model.n_virtual, copy_head=max_new_tokens >= 32
-    )  # the copy pays off over ~25 tokens
-    out = torch.empty(B, total, dtype=torch.long, device=device)
-    out[:, :T] = idx
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    # have all rows ended? Reading that back waits for the device, so off the CPU it is asked every 16 tokens
-    # (a row that ended goes on producing eos_token meanwhile, which the output holds anyway)
-    ask_every = 1 if device.type == "cpu" else 16
-
-    logits = model(idx, attention_mask=attention_mask, cache=cache)[:, -1, :]  # (B, V)
-    for t in range(T, total):
-        next_token = _pick(logits.float(), temperature, top_k, top_p, banned, generator)  # (B,)
-        if eos_token is not None:
-            next_token = torch.where(done, torch.full_like(next_token, eos_token), next_token)
-            done |= next_token == eos_token
-        out[:, t] = next_token
-        if t + 1 == total or (eos_token is not None and (t - T + 1) % ask_every == 0 and bool(done.all())):
-            out[:, t + 1 :] = eos_token if eos_token is not None else 0
-            break
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        logits = model(next_token[:, None], attention_mask=attention_mask, cache=cache)[:, -1, :]
-
+    sampling = (temperature, top_k, top_p, banned_tokens, eos_token, generator)
+    packed = dtype == torch.bfloat16 and device.type == "cpu" and not compile  # (inductor cannot lower the kernel)
+    bf16 = torch.autocast(device.type, dtype=dtype) if dtype is not None and device.type != "cpu" else None
+    with packed_bf16(model) if packed else bf16 or contextlib.nullcontext():
+        out = decode(model, idx, attention_mask, max_new_tokens, sampling, compile, packed)
     if not as_list:
         return out[0] if squeeze else out
     result = []
@@ -102,6 +91,56 @@ def generate(
             seq = prompt + r[width : width + r[width:].index(eos_token) + 1]
         result.append(seq)
     return result
+
+
+def decode(model: GPT, idx, attention_mask, max_new_tokens: int, sampling, compile, packed: bool):
+    """The loop of generate: the prompts (B, T) at once into a KV cache, then one decode step per new token.
+    -> (B, T + max_new_tokens) token ids, rows that ended filled with eos_token"""
+    temperature, top_k, top_p, banned_tokens, eos_token, generator = sampling
+    device, (B, T) = idx.device, idx.shape
+    total = T + max_new_tokens
+    banned = torch.tensor(sorted(set(int(t) for t in banned_tokens)), dtype=torch.long, device=device)
+    # cache slots rounded up to 64, so that a compiled step serves generations of nearby lengths alike
+    slots = min(model.config.n_positions, -(-(total + model.n_virtual) // 64) * 64)
+    cache = KVCache(model, B, slots, copy_head=max_new_tokens >= 32, packed=packed)  # (copy: see KVCache)
+    out = torch.empty(B, total, dtype=torch.long, device=device)
+    out[:, :T] = idx
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    # have all rows ended? Reading that back waits for the device, so off the CPU it is asked every 16 tokens
+    # (a row that ended goes on producing eos_token meanwhile, which the output holds anyway)
+    ask_every = 1 if device.type == "cpu" else 16
+    logits = model(idx, attention_mask=attention_mask, cache=cache)[:, -1, :]  # the prompts at once: (B, V)
+    real = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    cache.valid[:, : cache.length] = torch.cat([real.new_ones(B, model.n_virtual), real], dim=1)  # (+ prompt tuning)
+    step, at = decode_step(model, compile), torch.tensor([cache.length], device=device)  # at: the next slot
+    for t in range(T, total):
+        next_token = _pick(logits.float(), temperature, top_k, top_p, banned, generator)  # (B,)
+        if eos_token is not None:
+            next_token = torch.where(done, torch.full_like(next_token, eos_token), next_token)
+            done |= next_token == eos_token
+        out[:, t] = next_token
+        if t + 1 == total or (eos_token is not None and (t - T + 1) % ask_every == 0 and bool(done.all())):
+            out[:, t + 1 :] = eos_token if eos_token is not None else 0
+            break
+        logits = step(next_token[:, None], cache, at)  # (B, V)
+        at += 1  # (in place, on the device: no wait for it)
+    return out
+
+
+_compiled = weakref.WeakKeyDictionary()  # model -> {backend: its compiled decode step}
+
+
+def decode_step(model: GPT, compile: bool | str):
+    """model.decode_step, or with compile its torch.compile'd form, made once per model and backend (shapes fixed:
+    no recompiling from one token to the next; on a GPU, CUDA graphs replay the whole step)."""
+    if not compile:
+        return model.decode_step
+    backend = compile if isinstance(compile, str) else "inductor"
+    steps = _compiled.setdefault(model, {})
+    if backend not in steps:
+        mode = "reduce-overhead" if backend == "inductor" and model.wte.weight.device.type == "cuda" else None
+        steps[backend] = torch.compile(model.decode_step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+    return steps[backend]
 
 
 def _pick(logits, temperature, top_k, top_p, banned, generator):

@@ -6,6 +6,7 @@ mapping in weights.py is the identity: no renames, no transposes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .weights import load_checkpoint, resolve_checkpoint, save_checkpoint
 class KVCache:
     """Preallocated keys and values for every layer: generation writes in place instead of concatenating."""
 
-    def __init__(self, model: GPT, batch_size: int, max_len: int, copy_head: bool = True):
+    def __init__(self, model: GPT, batch_size: int, max_len: int, copy_head: bool = True, packed: bool = False):
         config, device, dtype = model.config, model.wte.weight.device, model.wte.weight.dtype
         if torch.is_autocast_enabled(device.type):  # keys and values come out in autocast's dtype: keep them so
             dtype = torch.get_autocast_dtype(device.type)
@@ -31,11 +32,60 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled so far
         self.max_len = max_len
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # keys of real tokens
         # the tied head as (C, V). A contiguous copy streams faster in the matrix-vector products of
         # generation than wte's (V, C) (8 vs 13 ms per token for gpt2 on a 2-core CPU) but costs ~130 ms
         # to make, so short generations (copy_head=False) use a transposed view instead
+        # to be made. packed: sampling that may round its logits, on a CPU with oneDNN's bfloat16 kernels, reads a
+        # packed bfloat16 copy instead (see packed_bf16)
         head = model.wte.weight.detach().t()
         self.head = head.contiguous() if copy_head else head
+        self.packed_head = pack_bf16(model.wte.weight) if packed and onednn_bf16(device) else None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied head on the last hidden states x (B, C): next-token logits (B, V) in float32, autocast off."""
+        with torch.autocast(x.device.type, enabled=False):
+            if self.packed_head is not None:
+                return linear_bf16(x, self.packed_head).float()
+            return x.float() @ self.head.float()
+
+
+def onednn_bf16(device) -> bool:
+    """A CPU whose oneDNN has bfloat16 kernels (AVX512-BF16 or AMX): there they stream packed bfloat16 weights at
+    2.5-10x MKL's float32 matrix-vector rate (python -m nanotune.bench_sampling)."""
+    return (
+        torch.device(device).type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and (torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """An (out, in) weight as a bfloat16 copy in oneDNN's blocked layout, PyTorch's own kernel for inference (what
+    torch.compile's freezing prepacks for). Made once per generation; the model's weights stay as they are."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), 1)
+
+
+def linear_bf16(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T + bias with a packed bfloat16 weight: (..., in) -> (..., out) in bfloat16."""
+    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def packed_bf16(model: GPT):
+    """For the length of one generation in bfloat16 on such a CPU: every Conv1D (LoRA merged in) reads a packed
+    bfloat16 copy of its weight. The training weights are untouched; outside the context nothing changes."""
+    # (only large layers: for a small one, as in nano, the kernel's fixed cost outweighs what it saves)
+    big = [m for m in model.modules() if isinstance(m, Conv1D) and m.weight.numel() >= 2**19]
+    layers = big if onednn_bf16(model.wte.weight.device) else []
+    for m in layers:
+        weight = m.merged().weight if hasattr(m, "merged") else m.weight  # (LoRA: W + (alpha / r) A B)
+        m.packed = (pack_bf16(weight.t()), m.bias.detach().to(torch.bfloat16))
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.packed = None
 
 
 class Conv1D(nn.Module):
@@ -47,8 +97,11 @@ class Conv1D(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
+        self.packed = None  # (weight, bias) in bfloat16, oneDNN's layout, while generate samples (packed_bf16)
 
     def forward(self, x):
+        if self.packed is not None:
+            return linear_bf16(x, *self.packed).to(x.dtype)
         out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)  # (B*T, n_out)
         return out.view(*x.shape[:-1], -1)
 
@@ -60,13 +113,17 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = Conv1D(config.n_embd, config.n_embd)
 
-    def forward(self, x, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, attn_mask=None, cache: KVCache | None = None, layer: int = 0, at=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         past = 0 if cache is None else cache.length
-        if cache is not None:
+        if at is not None:  # GPT.decode_step: into cache slot `at` (a tensor), attending to the whole cache
+            cache.k[layer].index_copy_(2, at, k)
+            cache.v[layer].index_copy_(2, at, v)
+            k, v = cache.k[layer], cache.v[layer]
+        elif cache is not None:
             cache.k[layer, :, :, past : past + T] = k
             cache.v[layer, :, :, past : past + T] = v
             k, v = cache.k[layer, :, :, : past + T], cache.v[layer, :, :, : past + T]
@@ -103,8 +160,8 @@ class Block(nn.Module):
         self.adapter_attn = nn.Identity()
         self.adapter_mlp = nn.Identity()
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0):
-        x = x + self.adapter_attn(self.attn(self.ln_1(x), attn_mask, cache, layer))
+    def forward(self, x, attn_mask=None, cache=None, layer=0, at=None):
+        x = x + self.adapter_attn(self.attn(self.ln_1(x), attn_mask, cache, layer, at))
         x = x + self.adapter_mlp(self.mlp(self.ln_2(x)))
         return x
 
@@ -195,8 +252,21 @@ class GPT(nn.Module):
         # steps are 0.25 to 0.5, so bf16 logits would be off by ~0.1 nats per token in every log-prob and ratio
         with torch.autocast(x.device.type, enabled=False):
             if cache is not None:  # generation needs only the next token's logits: (B, 1, vocab_size)
-                return x[:, -1:].float() @ cache.head.float()
+                return cache.logits(x[:, -1])[:, None]
             return F.linear(x.float(), self.wte.weight.float())  # (B, T, vocab_size)
+
+    def decode_step(self, token: torch.Tensor, cache: KVCache, at: torch.Tensor) -> torch.Tensor:
+        """One new token per row, written into cache slot `at` (a one-element tensor), every shape fixed: what
+        torch.compile (and on a GPU a CUDA graph) captures once for a whole generation (nanotune/generate.py).
+        cache.valid marks the keys of real tokens, so left-padded rows take their own positions.
+        token (B, 1) -> the next token's logits (B, vocab_size), float32."""
+        cache.valid.index_fill_(1, at, True)
+        pos = cache.valid.sum(-1, keepdim=True) - 1  # (B, 1): the real tokens before this one
+        x = self.wte(token) + self.wpe(pos)  # (B, 1, C)
+        mask = cache.valid[:, None, None, :]  # (B, 1, 1, max_len): the keys each row may see
+        for i, block in enumerate(self.h):
+            x = block(x, mask, cache, i, at)
+        return cache.logits(self.ln_f(x)[:, -1])  # (B, vocab_size), float32
 
     def _check_input(self, idx: torch.Tensor, past: int, cache: KVCache | None):
         """A clear error for what would otherwise fail deep inside (or silently index out of range)."""

@@ -53,6 +53,7 @@ class LoRAConv1D(Conv1D):
     def __init__(self, base: Conv1D, r: int, alpha: float, dropout: float):
         nn.Module.__init__(self)
         self.weight, self.bias = base.weight, base.bias  # the same (frozen) tensors, not copies
+        self.packed = None
         n_in, n_out = base.weight.shape
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, n_in, device=device))
@@ -63,7 +64,7 @@ class LoRAConv1D(Conv1D):
         self.enabled = True  # False: the base layer alone (see without_peft)
 
     def forward(self, x):
-        if not self.enabled:
+        if not self.enabled or self.packed is not None:  # (packed: generate's bfloat16 copy, LoRA merged in)
             return super().forward(x)
         x2d = x.reshape(-1, x.shape[-1])  # (B*T, in)
         down = self.dropout(x2d) @ self.lora_A.t()  # (B*T, r)

@@ -30,13 +30,16 @@ class Rollout:
 
 
 @torch.no_grad()
-def sample_rollout(policy, prompt_ids: list[list[int]], max_new_tokens: int, eos: int, ctx, generator=None) -> Rollout:
+def sample_rollout(policy, prompt_ids, max_new_tokens: int, eos: int, ctx, generator=None, fast=None) -> Rollout:
     """The policy's answers at temperature 1, no top-k or top-p (the log-probs an update stores must be those of
-    the distribution the tokens were drawn from), with the KV cache, under the run's autocast."""
+    the distribution the tokens were drawn from), with the KV cache, under the run's autocast. fast: generate's
+    compile and dtype (a run with --compile compiles the decode step once, for every rollout; a bfloat16 run
+    samples with a bfloat16 head and cache: the log-probs the update uses are computed again in float32)."""
     was_training = policy.training
     policy.eval()
     with ctx:
-        sequences = generate(policy, prompt_ids, max_new_tokens, temperature=1.0, eos_token=eos, generator=generator)
+        sampling = dict(temperature=1.0, eos_token=eos, generator=generator) | (fast or {})
+        sequences = generate(policy, prompt_ids, max_new_tokens, **sampling)
     policy.train(was_training)
     return layout(prompt_ids, sequences, eos, policy.wte.weight.device)
 

@@ -66,9 +66,7 @@ class Run:
 
     def __init__(self, args, script: str, outputs: tuple[str, ...] = (), show: tuple[str, ...] = ("loss",)):
         self.args, self.script, self.show = args, Path(script), show
-        self.summary: dict = {}
-        self.resumed = bool(args.resume)
-        self.step = 0
+        self.summary, self.resumed, self.step = {}, bool(args.resume), 0
         self.stop_signal = None  # set by the SIGINT/SIGTERM handler
         self._tracked = None  # (model, optimizer, data_rng, extras) once training starts
         self._divergence = DivergenceRule()
@@ -76,8 +74,7 @@ class Run:
         self._restored = False  # with --resume: the checkpoint has loaded
         self._folder = self._log = self._bar = None
         self._old_handlers = {}
-        self._tokens, self._t_log = 0, time.time()
-        self._elapsed_before = 0.0
+        self._tokens, self._t_log, self._elapsed_before = 0, time.time(), 0.0
         self._run_files = ("metrics.jsonl", "summary.json", CHECKPOINTS) + MODEL_FILES + tuple(outputs)
 
     # ---- start: device, processes, folder, lock, log, signal handlers
@@ -90,6 +87,11 @@ class Run:
             configure_device(self.device)
             self.dtype = self.args.dtype or default_dtype(self.device)
             self.ctx = autocast(self.device, self.dtype)
+            # how an RL recipe samples: --compile compiles the decode step; bf16 runs use a bf16 head and cache
+            self.sampling = {
+                "compile": self.args.compile,
+                "dtype": torch.bfloat16 if self.dtype == "bfloat16" else None,
+            }
             default = ROOT / "out" / f"{self.script.stem}-{datetime.now():%Y%m%d-%H%M%S}"
             self.out = Path(self.args.out) if self.args.out else default
             if self.master:
@@ -126,7 +128,7 @@ class Run:
         self.stop_signal = signal.Signals(signum).name
         if self.master:
             print(
-                f"\n{self.stop_signal}: finishing step {self.step + 1}, then writing a checkpoint "
+                f"\n{self.stop_signal}: finishing the current step, then writing a checkpoint "
                 "(press Ctrl-C again to stop at once)",
                 file=sys.stderr,
                 flush=True,

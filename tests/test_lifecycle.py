@@ -276,7 +276,7 @@ def test_sigterm_checkpoints_and_exits_130(tiny, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "SIGTERM: finishing step" in err and f"--resume {out}" in err
+    assert "SIGTERM: finishing the current step" in err and f"--resume {out}" in err
     step = json.loads((out / "checkpoints").iterdir().__next__().joinpath("state.json").read_text())["step"]
     assert step >= 3 and GPT.from_pretrained(out / "checkpoints" / f"step-{step:06d}")  # a loadable checkpoint
     assert not leftovers(out)

@@ -1,0 +1,104 @@
+"""nanotune.generate's one decode path: token for token what a full forward without a cache picks, with left
+padding, <|endoftext|> and prompt tuning; compiled equal to eager; one graph for a whole generation; and the
+bfloat16 head and cache close to float32."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanotune import GPT, GPTConfig, generate
+from nanotune.peft import apply_peft
+
+
+def model_with(name: str, prompt_tokens: int = 0) -> GPT:
+    """The bundled nano model (real text, positions that matter), or a tiny random one."""
+    torch.manual_seed(0)
+    if name == "nano":
+        model = GPT.from_pretrained(Path(__file__).resolve().parent.parent / "weights" / "nano")
+    else:
+        model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, n_positions=128)).eval()
+    if prompt_tokens:
+        apply_peft(model, argparse.Namespace(peft="prompt", prompt_tokens=prompt_tokens, seed=0), name)
+    return model
+
+
+@torch.no_grad()
+def greedy_without_cache(model, prompts, n):
+    """The reference: every step recomputes the whole left-padded batch with its attention mask."""
+    rows = [list(p) for p in prompts]
+    for _ in range(n):
+        width = max(map(len, rows))
+        idx = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        for r, t in zip(rows, model(idx, attention_mask=mask)[:, -1].argmax(-1).tolist()):
+            r.append(t)
+    return rows
+
+
+@pytest.mark.parametrize("name, prompt_tokens", [("nano", 0), ("tiny", 0), ("nano", 3)])
+def test_greedy_equals_recomputing_without_a_cache(name, prompt_tokens):
+    model = model_with(name, prompt_tokens)
+    prompts = [[464, 3290, 318, 257], [40, 588], [1, 2, 3, 4, 5, 6, 7]]  # left padding: three widths
+    expected = greedy_without_cache(model, prompts, 24)
+    assert generate(model, prompts, 24, temperature=0) == expected
+    # a row ends at its stop token: take one that the second row produces at its 6th step
+    stop = expected[1][len(prompts[1]) + 5]
+    ends = [r[: r.index(stop, len(p)) + 1] if stop in r[len(p) :] else r for r, p in zip(expected, prompts)]
+    assert generate(model, prompts, 24, temperature=0, eos_token=stop) == ends
+    assert len(ends[1]) <= len(prompts[1]) + 6  # (it did end early)
+
+
+def test_compiled_step_equals_eager_and_compiles_once_for_a_whole_generation():
+    from torch._dynamo.utils import counters
+
+    model = model_with("tiny")
+    prompts = torch.randint(0, 50257, (3, 6), generator=torch.Generator().manual_seed(1))
+    eager = generate(model, prompts, 32, temperature=0)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = generate(model, prompts, 32, temperature=0, compile="eager")
+    assert torch.equal(compiled, eager)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # 31 steps, one graph
+    assert torch.equal(generate(model, prompts[:, :4], 40, temperature=0, compile="eager")[:, :4], prompts[:, :4])
+    assert counters["stats"]["unique_graphs"] == 1  # another prompt and length in the same 64 cache slots
+
+
+def test_sampling_is_reproducible_with_a_seed_and_bfloat16_stays_close():
+    model = model_with("tiny")
+    prompts = [[464, 3290, 318], [40, 588]]
+
+    def draw(seed):
+        return generate(model, prompts, 20, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(seed))
+
+    assert draw(3) == draw(3) and draw(3) != draw(4)
+    exact = generate(model, prompts, 20, temperature=0)
+    half = generate(model, prompts, 20, temperature=0, dtype=torch.bfloat16)
+    agree = sum(a == b for e, h in zip(exact, half) for a, b in zip(e, h)) / sum(map(len, exact))
+    assert agree >= 0.8, agree  # greedy paths may part where two logits are within bfloat16's rounding
+
+
+def test_bfloat16_sampling_packs_large_layers_and_lora_and_leaves_the_model_as_it_was():
+    from nanotune.model import Conv1D, onednn_bf16
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=512, n_positions=64)).eval()  # c_fc: 512 x 2048, packed
+    apply_peft(model, argparse.Namespace(peft="lora", lora_r=4, lora_alpha=8.0, lora_dropout=0.0,
+                                         lora_targets="all", seed=0), "wide")  # fmt: skip
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a LoRA that changes the outputs, so that leaving it out would show
+    prompts = [[464, 3290, 318], [40, 588]]
+    exact = generate(model, prompts, 16, temperature=0)
+    half = generate(model, prompts, 16, temperature=0, dtype=torch.bfloat16)
+    agree = sum(a == b for e, h in zip(exact, half) for a, b in zip(e, h)) / sum(map(len, exact))
+    assert agree >= 0.8, agree
+    assert all(m.packed is None for m in model.modules() if isinstance(m, Conv1D))  # the copies are gone
+    if onednn_bf16("cpu"):  # where the kernels are there, the large layers and the head did use them
+        from nanotune.model import packed_bf16
+
+        with packed_bf16(model):
+            packed = [m for m in model.modules() if isinstance(m, Conv1D) and m.packed is not None]
+        assert {m.weight.numel() for m in packed} == {512 * 2048, 512 * 1536}  # c_fc, c_proj (MLP), c_attn
