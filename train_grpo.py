@@ -132,13 +132,16 @@ def main(argv=None):
 def sample_groups(policy, prompts, reward, eos: int, args, run, data_rng):
     """Steps 1-2: G answers to each of --prompts-per-step prompts, scored. With --skip-uniform-groups a group whose
     G scores are equal is drawn again, up to 4 more rounds (DAPO's dynamic sampling); the step keeps P groups.
-    -> rollout (the P * G answers, each group's together), scores (P, G), share of uniform groups among those drawn"""
+    -> rollout (the P * G answers, each group's together), scores (P, G), share of uniform groups among those
+    drawn, seconds spent scoring"""
     P, G = args.prompts_per_step, args.group_size
-    groups, drawn = [], 0  # (G prompts, G prompt + answer sequences, scores (G,), all G scores equal?)
+    groups, drawn, score_s = [], 0, 0.0  # (G prompts, G prompt + answer sequences, scores (G,), all G scores equal?)
     for _ in range(5 if args.skip_uniform_groups else 1):
         prompt_ids = [p for p in prompts.sample(P, data_rng) for _ in range(G)]
         rollout = sample_rollout(policy, prompt_ids, args.max_new_tokens, eos, run.ctx, fast=run.sampling)
+        start = time.time()
         scores = reward(prompt_ids, rollout.answers, rollout.ended).view(P, G)
+        score_s += time.time() - start
         ends = rollout.ended.tolist()
         sequences = [p + a + [eos] * e for p, a, e in zip(prompt_ids, rollout.answers, ends)]
         for i in range(P):
@@ -153,7 +156,7 @@ def sample_groups(policy, prompts, reward, eos: int, args, run, data_rng):
     groups = groups[:P]
     prompt_ids = [p for g in groups for p in g[0]]
     rollout = layout(prompt_ids, [s for g in groups for s in g[1]], eos, run.device)
-    return rollout, torch.stack([g[2] for g in groups]), share
+    return rollout, torch.stack([g[2] for g in groups]), share, score_s
 
 
 def grpo_update(args, run, step, train_policy, policy, optimizer, rollout, exp, data_rng):
@@ -257,7 +260,8 @@ def train(args, run):
             group["lr"] = lr
         t0 = time.time()
         # ---- 1-2. G answers to each prompt, and their scores (P, G)
-        rollout, scores, uniform_share = sample_groups(policy, prompts, reward, enc.eot_token, args, run, data_rng)
+        sampled = sample_groups(policy, prompts, reward, enc.eot_token, args, run, data_rng)
+        rollout, scores, uniform_share, score_s = sampled
         t1 = time.time()
         # ---- 3. each answer against the others to its prompt: advantages (P * G,)
         advantages = group_advantages(scores, args.advantage).flatten().to(device)
@@ -280,7 +284,8 @@ def train(args, run):
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             run.log(step, **evaluate()[0])
         stats = {"score": scores.mean(), "uniform_share": uniform_share, "answer_len": rollout.mask.sum(-1).mean()}
-        times = {"time_generate_s": t1 - t0, "time_logprobs_s": t2 - t1, "time_update_s": t3 - t2}
+        # (the phases PPO times: generation; scoring and the read-back of log-probs; the update)
+        times = {"time_generate_s": t1 - t0 - score_s, "time_score_s": t2 - t1 + score_s, "time_update_s": t3 - t2}
         run.log_step(step, rollout.mask.sum(), **stats, kl=mean_kl, **update, lr=lr, **times)
         run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 

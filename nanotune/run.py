@@ -51,6 +51,7 @@ from .utils import (
     default_dtype,
     device_rng_state,
     die,
+    peak_memory_mib,
     pick_device,
     save_json,
     seed_everything,
@@ -170,6 +171,7 @@ class Run:
             if exc is not None and not isinstance(exc, (SystemExit, KeyboardInterrupt)):
                 self.summary["error"] = str(exc)
             self.summary["elapsed_s"] = round(time.time() - self.start, 1)
+            self.summary["peak_memory_mib"] = peak_memory_mib(self.device)  # (CPU: resident set; CUDA: tensors)
             try:
                 self._write_summary()
             except OSError as e:
@@ -210,9 +212,7 @@ class Run:
         state = checkpoint.read_checkpoint_state(self.out)
         ckpt = Path(state["path"])
         if state["script"] != self.script.name:
-            raise NanotuneError(
-                f"--resume {self.out}: its checkpoint is from {state['script']}, not {self.script.name}"
-            )
+            raise NanotuneError(f"--resume {self.out}: it is a {state['script']} run, not {self.script.name}")
         if state["world_size"] != self.world:
             raise NanotuneError(
                 f"--resume {self.out}: the run used {state['world_size']} processes, this one "

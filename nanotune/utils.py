@@ -79,6 +79,17 @@ def configure_device(device: torch.device):
         torch.set_float32_matmul_precision("high")
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far in MiB: the most tensors held on a CUDA device at once, or on a CPU the
+    peak resident set size (the whole process: Python, the data, the weights)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource  # (Unix: kilobytes on Linux, bytes on macOS)
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 def device_rng_state(device: torch.device):
     """The random state of a GPU's generator (what sampling on it draws from), or None on the CPU (whose state
     torch.get_rng_state holds)."""

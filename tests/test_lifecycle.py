@@ -183,6 +183,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(name, tiny, shared, tmp_pa
     assert steps == [1, 2, 3, 4, 5, 6]  # each step logged once across the two processes
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["args"]["steps"] == 6
+    assert 100 < summary["peak_memory_mib"] < 20000  # this process's peak resident set: torch alone is ~200 MiB
     assert not leftovers(out)
 
 
