@@ -1,0 +1,46 @@
+"""nanotune.compare: the table and the figure of several RL runs, read from their folders."""
+
+import json
+
+import pytest
+
+from nanotune.compare import main
+
+
+def write_run(folder, script, evals, step_times, peak=None, **args):
+    folder.mkdir()
+    lines = [{"step": step, "val_score": score, "val_kl": kl} for step, kl, score in evals]
+    lines += [{"step": s, "score": 0.0, **times} for s, times in step_times]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    summary = {"status": "finished", "script": script, "args": args, "elapsed_s": 600.0, "peak_memory_mib": peak}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_table_and_ratios_give_the_last_evaluation_median_step_time_and_peak_memory(tmp_path, capsys):
+    ppo, grpo = tmp_path / "ppo", tmp_path / "grpo"
+    times = [
+        (1, {"time_generate_s": 1.0, "time_score_s": 2.0, "time_update_s": 3.0}),
+        (10, {"time_generate_s": 2.0, "time_score_s": 2.0, "time_update_s": 4.0}),
+        (20, {"time_generate_s": 9.0, "time_score_s": 9.0, "time_update_s": 9.0}),
+    ]
+    write_run(ppo, "train_ppo.py", [(0, 0.0, 0.1), (10, 2.5, 0.4), (20, 4.25, 0.7)], times, peak=2000.0)
+    grpo_args = dict(advantage="rloo", loss_agg="token", beta=0.04)
+    write_run(grpo, "train_grpo.py", [(0, 0.0, 0.1), (20, 30.0, 0.9)], times[:2], peak=1500.0, **grpo_args)
+    main([str(ppo), str(grpo), "--svg", str(tmp_path / "kl.svg")])
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split(" | ")[1:] for line in out if line.startswith(("| ppo", "| grpo"))]
+    assert rows[0] == ["PPO", "20", "0.700", "4.2", "8.0", "2000", "10.0 |"]  # median of 6, 8 and 27 s
+    assert rows[1] == ["GRPO (rloo, token, beta 0.04)", "20", "0.900", "30.0", "7.0", "1500", "10.0 |"]
+    assert out[-2] == "grpo against ppo: step time 0.88x, peak memory 0.75x"
+    svg = (tmp_path / "kl.svg").read_text()
+    assert svg.count("<polyline") == 2 and ">ppo</text>" in svg and ">grpo</text>" in svg
+
+
+def test_a_folder_without_evaluations_is_a_clear_error(tmp_path, capsys):
+    write_run(tmp_path / "run", "train_ppo.py", [], [(1, {"time_update_s": 1.0})])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "run")])
+    assert "no held-out evaluation" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing")])
+    assert "no metrics.jsonl" in capsys.readouterr().err
