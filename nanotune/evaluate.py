@@ -71,6 +71,13 @@ def parse_args(argv=None):
     add("--max-new-tokens", type=integer(1), default=128, help="answer length limit (default 128)")
     add("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
     add("--batch-size", type=integer(1), default=8, help="prompts generated and scored together (default 8)")
+    add(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="sampling precision (default auto: bfloat16 on a GPU that has it, else float32); bfloat16 on a CPU "
+        "uses oneDNN's bfloat16 kernels for the large layers (docs/performance.md)",
+    )
     add("--bootstrap", type=integer(1), default=2000, help="bootstrap resamples for the win-rate interval")
     add("--seed", type=int, default=1337, help="the split's seed (as in training), sampling, bootstrap")
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
@@ -129,13 +136,13 @@ def generate_answers(model_name, examples, args, device, enc):
     prompts = check_answerable(enc, examples, args.template, context, args.data or "the data")
     generator = torch.Generator(device).manual_seed(args.seed)
     answers = [[] for _ in examples]
+    dtype = {"float32": None, "bfloat16": torch.bfloat16}[default_dtype(device) if args.dtype == "auto" else args.dtype]
     for start in progress(range(0, len(prompts), args.batch_size), f"{model_name} answering"):
         group = prompts[start : start + args.batch_size]
         budget = min(args.max_new_tokens, context - max(map(len, group)))
         for _ in range(args.samples_per_prompt):
             sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
-            with autocast(device, default_dtype(device)):  # bfloat16 on a GPU that has it, as in training
-                outputs = generate(model, group, budget, eos_token=enc.eot_token, **sampling)
+            outputs = generate(model, group, budget, eos_token=enc.eot_token, dtype=dtype, **sampling)
             for i, (prompt, seq) in enumerate(zip(group, outputs)):
                 answers[start + i].append(enc.decode([t for t in seq[len(prompt) :] if t != enc.eot_token]).strip())
     del model

@@ -200,3 +200,20 @@ def test_generate_command(tiny):
         cmd[:5] + ["--prompt", "x", "--max-new-tokens", "0"], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 2 and "argument --max-new-tokens: must be >= 1, got 0" in r.stderr
+
+
+@pytest.mark.parametrize("flag, dtype", [("auto", None), ("float32", None), ("bfloat16", torch.bfloat16)])
+def test_dtype_reaches_the_sampler(flag, dtype, tiny, judge, shared, tmp_path, monkeypatch):
+    import nanotune.evaluate as evaluate_module
+
+    seen, real_generate = [], evaluate_module.generate
+
+    def recording_generate(*args, **kwargs):
+        seen.append(kwargs["dtype"])
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate", recording_generate)
+    data = shared / "data" / "instruction-data-with-preference.json"
+    argv = ["--models", tiny, tiny, "--judge", str(judge), "--data", str(data), "--n", "2", "--max-new-tokens", "3"]
+    s, _ = evaluate(argv + ["--dtype", flag], tmp_path)
+    assert s["n"] == 2 and seen == [dtype, dtype]  # auto on a CPU: float32 (bfloat16 only on a GPU that has it)

@@ -1,0 +1,189 @@
+"""How fast nanotune samples, against the memory bandwidth that bounds it and against transformers.
+
+    python -m nanotune.bench_sampling                         # the bundled nano model, batch 1, 8 and 64
+    python -m nanotune.bench_sampling --preset gpt2 --batches 1 --transformers --bf16   # random gpt2 weights
+    python -m nanotune.bench_sampling --device cuda --compile
+
+Decoding one token reads every weight once (the tied head alone is 50257 x width), so at batch 1 the memory
+bandwidth bounds it: the copy bandwidth measured here, divided by the weights' bytes, is the ceiling in tokens/s.
+Rows, each greedy decoding of --tokens new tokens after a 16-token prompt, timed in one process, the variants
+taking turns for --rounds rounds (a slow spell of a shared machine hits them all) and reported as the median:
+  per-token forward   the way nanotune decoded before its static step: GPT.forward with the cache, per token
+  static step         nanotune.generate: GPT.decode_step, every shape fixed
+  compiled            the same step through torch.compile (--compile; compiling is not timed)
+  bfloat16            --bf16: generate(dtype=torch.bfloat16); on a CPU with oneDNN's bfloat16 kernels the head and
+                      the large layers read packed bfloat16 weights, activations stay float32
+  transformers        GPT2LMHeadModel.generate on the same weights (--transformers)
+With --bf16 it also reports how often bfloat16 decoding picks float32's greedy token, teacher-forced over the
+passage nanotune.verify uses (one decode step per token, so every position counts, not only the first miss).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, GPTConfig
+from .flags import Parser, integer
+from .generate import generate
+from .loader import load_model
+from .model import GPT, KVCache, packed_bf16
+from .tokenizer import load_tokenizer
+from .utils import pick_device
+
+
+def parse_args(argv=None):
+    p = Parser(__doc__, prog="python -m nanotune.bench_sampling")
+    p.add_argument("--model", default="weights/nano", help="what --model accepts (default: the bundled nano)")
+    p.add_argument("--preset", default=None, help="instead: random weights of this shape (gpt2, gpt2-medium, ...)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
+    p.add_argument("--tokens", type=integer(1), default=200, help="new tokens per generation (default 200)")
+    p.add_argument("--rounds", type=integer(1), default=3, help="turns of every variant (default 3)")
+    p.add_argument("--compile", action="store_true", help="add the torch.compile'd step")
+    p.add_argument("--bf16", action="store_true", help="add the bf16 head and cache")
+    p.add_argument("--transformers", action="store_true", help="add transformers' generate on the same weights")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this file")
+    return p.parse_args(argv)
+
+
+def copy_bandwidth(device, megabytes: int = 512) -> float:
+    """GB/s of a large tensor copy (read + write), the best of five: what streaming weights can reach."""
+    src = torch.empty(megabytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def per_token_forward(model, prompt, tokens: int):
+    """The decoding loop nanotune had before GPT.decode_step: GPT.forward with the KV cache, one token at a time."""
+    cache = KVCache(model, prompt.shape[0], prompt.shape[1] + tokens, copy_head=tokens >= 32)
+    logits = model(prompt, cache=cache)[:, -1]
+    for _ in range(tokens - 1):
+        logits = model(logits.argmax(-1, keepdim=True), cache=cache)[:, -1]
+    return logits
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if args.preset:  # random weights in the official layout, in a folder that transformers reads too
+        args.model = str(Path(tempfile.mkdtemp()) / args.preset)
+        torch.manual_seed(0)
+        GPT(GPTConfig(**PRESETS[args.preset])).save_pretrained(args.model)
+    model, name = load_model(args.model, device)
+    model.eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(device)
+    print(
+        f"{name}: {weight_bytes / 1e6:.0f} MB of weights on {device}; copy bandwidth {bandwidth:.1f} GB/s, so at "
+        f"batch 1 at most {bandwidth * 1e9 / weight_bytes:.0f} tokens/s",
+        flush=True,
+    )
+    hf = None
+    if args.transformers:
+        from .verify import load_transformers, quiet_transformers
+        from .weights import resolve_checkpoint
+
+        quiet_transformers()
+        hf = load_transformers(*resolve_checkpoint(model_source(args.model, name)), model).to(device)
+    if args.bf16:
+        share = bf16_agreement(model, device)
+        print(f"bfloat16 picks float32's greedy token at {share:.1%} of the verify passage's positions", flush=True)
+    results = []
+    for batch in map(int, args.batches.split(",")):
+        prompt = torch.randint(0, 50257, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
+        variants = decoders(model, hf, prompt, args)
+        times = {key: [] for key in variants}
+        for run in variants.values():  # warm-up (and compilation), not timed
+            run()
+        for _ in range(args.rounds):
+            for key, run in variants.items():
+                sync(device)
+                start = time.perf_counter()
+                run()
+                sync(device)
+                times[key].append(time.perf_counter() - start)
+        for key, seconds in times.items():
+            rate = batch * args.tokens / statistics.median(seconds)
+            share = rate / batch * weight_bytes / (bandwidth * 1e9) if batch == 1 else None
+            results.append({"batch": batch, "variant": key, "tokens_per_s": rate, "bandwidth_share": share})
+    baseline = {r["batch"]: r["tokens_per_s"] for r in results if r["variant"] == "per-token forward"}
+    print("| batch | variant | new tokens/s | vs per-token forward | share of copy bandwidth |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        share = f"{r['bandwidth_share']:.0%}" if r["bandwidth_share"] is not None else ""
+        speedup = r["tokens_per_s"] / baseline[r["batch"]]
+        print(f"| {r['batch']} | {r['variant']} | {r['tokens_per_s']:.1f} | {speedup:.2f}x | {share} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"model": name, "weight_bytes": weight_bytes, "copy_gb_s": bandwidth, "rows": results}, f, indent=2
+            )
+
+
+@torch.no_grad()
+def bf16_agreement(model: GPT, device) -> float:
+    """Share of the verify passage's positions (up to 512) where the bfloat16 decode step's argmax is float32's."""
+    text = (Path(__file__).parent / "verify.txt").read_text(encoding="utf-8")
+    tokens = torch.tensor(load_tokenizer().encode(text)[: min(512, model.config.n_positions)], device=device)
+    picks = []
+    for bf16 in (False, True):
+        if not bf16:
+            context = nullcontext()
+        elif device.type == "cpu":
+            context = packed_bf16(model)
+        else:
+            context = torch.autocast(device.type, dtype=torch.bfloat16)
+        cache = KVCache(model, 1, len(tokens), packed=bf16 and device.type == "cpu")
+        at, argmax = torch.zeros(1, dtype=torch.long, device=device), []
+        with context:
+            for token in tokens:
+                argmax.append(model.decode_step(token.view(1, 1), cache, at).argmax(-1))  # (1,)
+                at += 1
+        picks.append(torch.cat(argmax))
+    return (picks[0] == picks[1]).float().mean().item()
+
+
+def decoders(model, hf, prompt, args) -> dict:
+    """The variants of the table, each a function decoding --tokens tokens greedily after prompt (B, 16)."""
+    tokens = args.tokens
+    runs = {
+        "per-token forward": lambda: per_token_forward(model, prompt, tokens),
+        "static step": lambda: generate(model, prompt, tokens, temperature=0),
+    }
+    if args.compile:
+        runs["compiled"] = lambda: generate(model, prompt, tokens, temperature=0, compile=True)
+    if args.bf16:
+        runs["bfloat16"] = lambda: generate(model, prompt, tokens, temperature=0, dtype=torch.bfloat16)
+    if hf is not None:
+        greedy = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        runs["transformers"] = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), **greedy)
+    return runs
+
+
+def model_source(spec: str, name: str) -> str:
+    """The checkpoint behind --model (auto resolves to the name load_model reported)."""
+    return name if spec == "auto" else spec
+
+
+if __name__ == "__main__":
+    main()
