@@ -34,6 +34,7 @@ def test_table_and_ratios_give_the_last_evaluation_median_step_time_and_peak_mem
     assert out[-2] == "grpo against ppo: step time 0.88x, peak memory 0.75x"
     svg = (tmp_path / "kl.svg").read_text()
     assert svg.count("<polyline") == 2 and ">ppo</text>" in svg and ">grpo</text>" in svg
+    assert svg.count("<circle") == 3 + 2  # each evaluation marked
 
 
 def test_a_folder_without_evaluations_is_a_clear_error(tmp_path, capsys):
