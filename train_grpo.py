@@ -60,9 +60,10 @@ def clipped_objective(logps, old_logps, advantages, clip_low: float, clip_high: 
 
 # The k3 estimator of KL(pi || ref) at each sampled token (Schulman 2020; DeepSeekMath's KL term): unbiased,
 # always >= 0, exp(ref - logp) - (ref - logp) - 1. logps, ref_logps (B, L) -> (B, L)
+# Written as expm1(d) - d: exp(d) - d - 1 rounds to -1e-16 for d near 0, expm1 keeps it >= 0 in floating point.
 def k3_kl(logps, ref_logps):
     log_ratio = ref_logps - logps
-    return torch.exp(log_ratio) - log_ratio - 1
+    return torch.expm1(log_ratio) - log_ratio
 
 
 # How per-token losses x (B, L) become one number (mask 1 on answer tokens):
