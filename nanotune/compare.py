@@ -15,7 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .flags import Parser
+from .flags import Parser, real
 from .plot import plot_curves
 from .utils import die
 
@@ -25,6 +25,8 @@ def parse_args(argv=None):
     p.add_argument("runs", nargs="+", help="output folders of train_ppo.py or train_grpo.py runs")
     p.add_argument("--svg", default=None, help="write the held-out score against KL figure here")
     p.add_argument("--title", default="held-out score against KL to the start model", help="the figure's title")
+    max_kl = "draw only the evaluations at KL <= this (a run that drifted far would squeeze the others)"
+    p.add_argument("--max-kl", type=real(0, low_open=True), default=None, help=max_kl)
     return p.parse_args(argv)
 
 
@@ -101,7 +103,10 @@ def main(argv=None):
     runs = {Path(folder).name: read_run(Path(folder)) for folder in args.runs}
     print("\n".join(table(runs) + [""] + ratios(runs)))
     if args.svg:
-        plot_curves(Path(args.svg), {name: run["evals"] for name, run in runs.items()}, args.title, "KL")
+        limit = float("inf") if args.max_kl is None else args.max_kl
+        curves = {name: [(kl, score) for kl, score in run["evals"] if kl <= limit] for name, run in runs.items()}
+        title = args.title + ("" if args.max_kl is None else f" (KL <= {args.max_kl:g} drawn)")
+        plot_curves(Path(args.svg), curves, title, "KL")
         print(f"figure: {args.svg}")
 
 

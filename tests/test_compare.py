@@ -35,6 +35,9 @@ def test_table_and_ratios_give_the_last_evaluation_median_step_time_and_peak_mem
     svg = (tmp_path / "kl.svg").read_text()
     assert svg.count("<polyline") == 2 and ">ppo</text>" in svg and ">grpo</text>" in svg
     assert svg.count("<circle") == 3 + 2  # each evaluation marked
+    main([str(ppo), str(grpo), "--svg", str(tmp_path / "near.svg"), "--max-kl", "5"])
+    near = (tmp_path / "near.svg").read_text()
+    assert near.count("<circle") == 3 + 1 and "KL &lt;= 5 drawn" in near  # grpo's point at KL 30 left out
 
 
 def test_a_folder_without_evaluations_is_a_clear_error(tmp_path, capsys):
