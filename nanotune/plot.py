@@ -21,7 +21,18 @@ def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], title:
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
     sx = lambda x: pad + (x - x0) / (x1 - x0) * (W - 2 * pad)  # noqa: E731
     sy = lambda y: H - pad - (y - y0) / (y1 - y0) * (H - 2 * pad)  # noqa: E731
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
+    colors = [
+        "#1f77b4",
+        "#d62728",
+        "#2ca02c",
+        "#9467bd",
+        "#ff7f0e",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
     svg = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
         f'<rect width="{W}" height="{H}" fill="white"/>',
@@ -42,6 +53,7 @@ def plot_curves(path: Path, series: dict[str, list[tuple[float, float]]], title:
         svg.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
         if len(pts) <= 30:  # few points (evaluations): mark each
             svg += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts]
-        svg.append(f'<text x="{W - pad - 5}" y="{pad + 15 * (i + 1)}" fill="{color}" text-anchor="end">{html.escape(name)}</text>')
+        label = html.escape(name)
+        svg.append(f'<text x="{W - pad - 5}" y="{pad + 15 * (i + 1)}" fill="{color}" text-anchor="end">{label}</text>')
     svg.append("</svg>")
     atomic_write(path, "\n".join(svg) + "\n")
