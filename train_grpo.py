@@ -25,7 +25,7 @@ from nanotune.flags import Parser, add_common_args, integer, parse_run_args, rea
 from nanotune.loader import load_model
 from nanotune.metrics import fmt
 from nanotune.peft import apply_peft, base_model, describe_trainable
-from nanotune.rewards import make_prompts, make_reward, parse_reward, reward_flag
+from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, make_reward, settle_reward_args
 from nanotune.rollout import answer_logprobs, check_kl, evaluate_policy, layout, plot_heldout, sample_rollout
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
@@ -82,18 +82,7 @@ def parse_args(argv=None):
     p = Parser(__doc__)
     add_common_args(p, lr=1e-5, steps=100, batch_size=16)
     add = p.add_argument
-    reward = (
-        "model:DIR (a train_reward.py model), sentiment (VADER) or letter:X (default sentiment; nanotune/rewards.py)"
-    )
-    add("--reward", type=reward_flag, default="sentiment", help=reward)
-    add("--ref-model", default=None, help="KL reference (default: a frozen copy of --model)")
-    add("--data", default=None, help="with model:DIR: instruction JSON/JSONL (default: download SFT's set)")
-    add("--books", nargs="+", metavar="FILE", help="with sentiment/letter: training books (default: download five)")
-    add("--heldout-book", metavar="FILE", help="the book of the held-out prompts (default: Gulliver's Travels)")
-    add("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
-    add("--limit", type=integer(1), default=None, help="use only the first N instruction records (quick runs)")
-    add("--prompt-len", type=integer(1), default=64, help="book prompts: tokens per window (default 64)")
-    add("--max-new-tokens", type=integer(1), help="answer length limit (default 24 for books, 64 for model:DIR)")
+    add_reward_args(p)  # --reward, --ref-model, the prompts' source and the answer length: nanotune/rewards.py
     add("--group-size", type=integer(2), default=8, help="G: answers sampled for each prompt (default 8)")
     add("--prompts-per-step", type=integer(1), default=8, help="prompts per step per process (default 8)")
     add("--epochs", type=integer(1), default=1, help="passes over each step's answers (default 1: on-policy)")
@@ -111,15 +100,11 @@ def parse_args(argv=None):
     add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
     add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
     # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
-    fixed = "--reward --ref-model --data --books --heldout-book --template --limit --prompt-len --max-new-tokens"
-    return parse_run_args(p, argv, fixed_on_resume=fixed + " --eval-prompts --group-size")
+    return settle_reward_args(parse_run_args(p, argv, fixed_on_resume=REWARD_FLAGS + " --eval-prompts --group-size"))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    kind, _ = parse_reward(args.reward)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 64 if kind == "model" else 24
     args.clip_high = args.clip_low if args.clip_high is None else args.clip_high
     answers = args.prompts_per_step * args.group_size
     if answers % args.batch_size:

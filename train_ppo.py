@@ -28,7 +28,7 @@ from nanotune.loader import load_model, load_reward_model
 from nanotune.metrics import fmt
 from nanotune.peft import apply_peft, base_model, describe_trainable
 from nanotune.reward import RewardModel
-from nanotune.rewards import make_prompts, make_reward, parse_reward, reward_flag
+from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, make_reward, parse_reward, settle_reward_args
 from nanotune.rollout import answer_logprobs, answer_values, check_kl, evaluate_policy, plot_heldout, sample_rollout
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
@@ -134,18 +134,7 @@ def parse_args(argv=None):
     p = Parser(__doc__)
     add_common_args(p, lr=1e-5, steps=100, batch_size=4)
     add = p.add_argument
-    reward = (
-        "model:DIR (a train_reward.py model), sentiment (VADER) or letter:X (default sentiment; nanotune/rewards.py)"
-    )
-    add("--reward", type=reward_flag, default="sentiment", help=reward)
-    add("--ref-model", default=None, help="KL reference (default: a frozen copy of --model)")
-    add("--data", default=None, help="with model:DIR: instruction JSON/JSONL (default: download SFT's set)")
-    add("--books", nargs="+", metavar="FILE", help="with sentiment/letter: training books (default: download five)")
-    add("--heldout-book", metavar="FILE", help="the book of the held-out prompts (default: Gulliver's Travels)")
-    add("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
-    add("--limit", type=integer(1), default=None, help="use only the first N instruction records (quick runs)")
-    add("--prompt-len", type=integer(1), default=64, help="book prompts: tokens per window (default 64)")
-    add("--max-new-tokens", type=integer(1), help="answer length limit (default 24 for books, 64 for model:DIR)")
+    add_reward_args(p)  # --reward, --ref-model, the prompts' source and the answer length: nanotune/rewards.py
     add("--rollout-batch", type=integer(1), default=16, help="answers sampled per step per process (default 16)")
     add("--ppo-epochs", type=integer(1), default=4, help="passes over each rollout batch (default 4)")
     add("--kl-coef", type=real(0), default=0.05, help="weight of the per-token KL penalty (default 0.05)")
@@ -166,8 +155,7 @@ def parse_args(argv=None):
     add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
     add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
     # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
-    fixed = "--reward --ref-model --data --books --heldout-book --template --limit --prompt-len --max-new-tokens"
-    return parse_run_args(p, argv, fixed_on_resume=fixed + " --eval-prompts")
+    return settle_reward_args(parse_run_args(p, argv, fixed_on_resume=REWARD_FLAGS + " --eval-prompts"))
 
 
 def main(argv=None):
@@ -175,8 +163,6 @@ def main(argv=None):
     kind, _ = parse_reward(args.reward)
     if args.dense_score and kind != "letter":
         die(f"--dense-score needs --reward letter:X (a score that is a sum over tokens), got {args.reward!r}")
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 64 if kind == "model" else 24
     if args.rollout_batch % args.batch_size:
         die(f"--rollout-batch ({args.rollout_batch}) must be a multiple of --batch-size ({args.batch_size})")
     outputs = ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg")

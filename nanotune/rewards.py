@@ -17,6 +17,7 @@ import argparse
 import torch
 
 from .data import GULLIVER_URL, INSTRUCTIONS_URL, default_file, read_book, read_records
+from .flags import integer
 from .instruct import collate, encode_pair, format_prompt, normalize_examples, split_examples
 from .loader import load_reward_model
 from .reward import PAD
@@ -44,6 +45,35 @@ def reward_flag(text: str) -> str:
     except NanotuneError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+# the flags of the reward and its prompts that a --resume must keep (they define what the run measures)
+REWARD_FLAGS = "--reward --ref-model --data --books --heldout-book --template --limit --prompt-len --max-new-tokens"
+
+
+def add_reward_args(parser, default: str = "sentiment"):
+    """The flags every recipe that samples answers and scores them shares (train_ppo.py, train_grpo.py,
+    nanotune.pairs): the reward, the reference, where the prompts come from, the answer length."""
+    add = parser.add_argument
+    reward = (
+        f"model:DIR (a train_reward.py model), sentiment (VADER) or letter:X (default {default}; nanotune/rewards.py)"
+    )
+    add("--reward", type=reward_flag, default=default, help=reward)
+    add("--ref-model", default=None, help="KL reference (default: a frozen copy of --model)")
+    add("--data", default=None, help="with model:DIR: instruction JSON/JSONL (default: download SFT's set)")
+    add("--books", nargs="+", metavar="FILE", help="with sentiment/letter: training books (default: download five)")
+    add("--heldout-book", metavar="FILE", help="the book of the held-out prompts (default: Gulliver's Travels)")
+    add("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
+    add("--limit", type=integer(1), default=None, help="use only the first N instruction records (quick runs)")
+    add("--prompt-len", type=integer(1), default=64, help="book prompts: tokens per window (default 64)")
+    add("--max-new-tokens", type=integer(1), help="answer length limit (default 24 for books, 64 for model:DIR)")
+
+
+def settle_reward_args(args):
+    """The defaults that depend on --reward, filled in after parsing."""
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 64 if parse_reward(args.reward)[0] == "model" else 24
+    return args
 
 
 class ModelScore:
