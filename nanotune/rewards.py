@@ -4,6 +4,9 @@
     sentiment   VADER's compound sentiment of the answer alone, in [-1, 1]; prompts are windows of books
     letter:X    the share of the answer's tokens whose text contains X; prompts are windows of books
 
+--prompt-source books|instructions overrides where the prompts come from (a reward model trained on book
+continuations, as the sentiment frontier's, scores book windows).
+
 A reward is called as score(prompt_ids, answers) -> (B,) float32 on the CPU, answers being token lists without
 <|endoftext|>. The letter share is a sum over tokens, so it can also be paid token by token (token_scores).
 A prompt source gives training prompts (sample), fixed held-out prompts (heldout) and, for PPO-ptx, training
@@ -48,20 +51,25 @@ def reward_flag(text: str) -> str:
 
 
 # the flags of the reward and its prompts that a --resume must keep (they define what the run measures)
-REWARD_FLAGS = "--reward --ref-model --data --books --heldout-book --template --limit --prompt-len --max-new-tokens"
+REWARD_FLAGS = "--reward --prompt-source --ref-model --data --books --heldout-book --template --limit --prompt-len"
+REWARD_FLAGS += " --max-new-tokens"
 
 
-def add_reward_args(parser, default: str = "sentiment"):
+def add_reward_args(parser, default: str = "sentiment", reference: bool = True):
     """The flags every recipe that samples answers and scores them shares (train_ppo.py, train_grpo.py,
-    nanotune.pairs): the reward, the reference, where the prompts come from, the answer length."""
+    nanotune.pairs): the reward, the KL reference (unless reference=False), where the prompts come from, the
+    answer length."""
     add = parser.add_argument
     reward = (
         f"model:DIR (a train_reward.py model), sentiment (VADER) or letter:X (default {default}; nanotune/rewards.py)"
     )
     add("--reward", type=reward_flag, default=default, help=reward)
-    add("--ref-model", default=None, help="KL reference (default: a frozen copy of --model)")
-    add("--data", default=None, help="with model:DIR: instruction JSON/JSONL (default: download SFT's set)")
-    add("--books", nargs="+", metavar="FILE", help="with sentiment/letter: training books (default: download five)")
+    source = "where the prompts come from (default: instructions for model:DIR, books otherwise)"
+    add("--prompt-source", choices=["books", "instructions"], default=None, help=source)
+    if reference:
+        add("--ref-model", default=None, help="KL reference (default: a frozen copy of --model)")
+    add("--data", default=None, help="instruction prompts: JSON/JSONL (default: download SFT's set)")
+    add("--books", nargs="+", metavar="FILE", help="book prompts: the training books (default: download five)")
     add("--heldout-book", metavar="FILE", help="the book of the held-out prompts (default: Gulliver's Travels)")
     add("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
     add("--limit", type=integer(1), default=None, help="use only the first N instruction records (quick runs)")
@@ -71,8 +79,10 @@ def add_reward_args(parser, default: str = "sentiment"):
 
 def settle_reward_args(args):
     """The defaults that depend on --reward, filled in after parsing."""
+    if args.prompt_source is None:
+        args.prompt_source = "instructions" if parse_reward(args.reward)[0] == "model" else "books"
     if args.max_new_tokens is None:
-        args.max_new_tokens = 64 if parse_reward(args.reward)[0] == "model" else 24
+        args.max_new_tokens = 64 if args.prompt_source == "instructions" else 24
     return args
 
 
@@ -214,6 +224,6 @@ class BookPrompts:
 
 
 def make_prompts(args, enc, context: int, with_text: bool = False):
-    """The prompt source of --reward: instruction data for a reward model, books otherwise."""
-    source = InstructionPrompts if parse_reward(args.reward)[0] == "model" else BookPrompts
+    """The prompt source --prompt-source names (see settle_reward_args for its default)."""
+    source = InstructionPrompts if args.prompt_source == "instructions" else BookPrompts
     return source(args, enc, context, with_text)

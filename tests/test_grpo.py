@@ -166,6 +166,32 @@ def test_grpo_run_logs_its_statistics_and_reports_kl_with_beta_0(tiny, shared, t
     assert summary["status"] == "finished" and "kl_after" in summary and (out / "kl_score.svg").is_file()
 
 
+def test_a_reward_model_can_score_book_prompts(tiny, shared, tmp_path):
+    # --prompt-source books: a reward model trained on book continuations (the sentiment frontier's) scores book windows
+    from nanotune.reward import RewardModel
+
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    RewardModel(GPT.from_pretrained(tiny)).save_pretrained(rm_dir)
+    out = tmp_path / "grpo-rm"
+    argv = [
+        "--model",
+        tiny,
+        "--out",
+        str(out),
+        "--reward",
+        f"model:{rm_dir}",
+        "--prompt-source",
+        "books",
+        "--steps",
+        "1",
+    ]
+    assert run_main(train_grpo.main, argv + book_args(shared)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["args"]["prompt_source"] == "books" and summary["args"]["max_new_tokens"] == 6
+    assert "GULLIVER" in (out / "samples_before.txt").read_text()  # the first held-out window opens the book
+
+
 def test_uniform_groups_are_drawn_again_with_skip_uniform_groups(tiny, shared, tmp_path, monkeypatch):
     # of every draw of 4 groups of 4, the first two score 1 for every answer (uniform: no signal), the last two
     # 0, 1, 0, 1 (mean 0.5). Half the groups drawn are uniform either way; --skip-uniform-groups draws again
