@@ -1,4 +1,4 @@
-"""Preference-tune GPT-2 with Direct Preference Optimization (DPO).
+"""Preference-tune GPT-2 with Direct Preference Optimization (DPO) and its family of losses.
 
 Recipe 4 of the research notes. For each prompt we have a chosen and a rejected response. DPO raises the
 policy's log-probability of the chosen response relative to a frozen reference model, and lowers that of
@@ -6,15 +6,17 @@ the rejected one, with no reward model and no sampling. Start from an instructio
 
     python train_sft.py --out out/sft
     python train_dpo.py --model out/sft --out out/dpo        # reference = frozen copy of out/sft
+    python train_dpo.py --model out/sft --loss simpo --beta 2   # SimPO: no reference model at all
 
-Reward of a response = beta * (log pi(response | prompt) - log ref(response | prompt)); reward accuracy is
-the share of pairs whose chosen reward beats the rejected one, and the margin is their mean difference.
-Outputs in --out: metrics.jsonl, summary.json, responses.jsonl (before/after answers side by side),
-loss.svg and the fine-tuned weights.
+--loss: sigmoid (DPO), ipo, hinge, robust or simpo, each a small function below with its maths. Reward of a
+response = beta * (log pi(response | prompt) - log ref(response | prompt)); reward accuracy is the share of pairs
+whose chosen reward beats the rejected one, and the margin is their mean difference. Outputs in --out: metrics.jsonl,
+summary.json, responses.jsonl (before/after answers), loss.svg, logps.svg (squeezing_diagnostic), the weights.
 """
 
 import json
 import sys
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +25,13 @@ from nanotune import generate, load_tokenizer
 from nanotune.data import PREFERENCES_URL, default_file, read_records
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.instruct import (
+    TEMPLATES,
+    answer_logprobs,
+    answers_end,
     check_answerable,
-    collate,
     encode_pair,
     format_prompt,
     normalize_examples,
-    sequence_logprobs,
     split_examples,
 )
 from nanotune.loader import load_model
@@ -37,12 +40,12 @@ from nanotune.peft import apply_peft, describe_trainable
 from nanotune.plot import plot_curves
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
-from nanotune.utils import NanotuneError, gather_rows
+from nanotune.utils import NanotuneError, die, gather_rows
 
 
-# z = beta * ((pi_c - ref_c) - (pi_r - ref_r))
+# h = (pi_c - ref_c) - (pi_r - ref_r), z = beta * h
 # loss = mean( -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z) )     (eps = label_smoothing)
-# rewards = beta * (pi - ref), for chosen and rejected. All log-probs are (B,) sequence sums.
+# rewards = beta * (pi - ref), for chosen and rejected. All log-probs are (B,) sequence sums, in every loss below.
 # eps > 0 is conservative DPO (cDPO, Mitchell 2023): each label is assumed flipped with probability eps, so the
 # loss is the expected DPO loss under that noise and stops pushing once sigmoid(z) reaches 1 - eps.
 def dpo_loss(
@@ -62,6 +65,65 @@ def dpo_loss(
     return loss.mean(), chosen_rewards, rejected_rewards
 
 
+# IPO (Azar et al. 2023): loss = mean( (h - 1/(2 beta))^2 )
+# DPO rewards a larger h for ever (deterministic preferences pull the policy from the reference without bound);
+# IPO pulls h to a finite target. h sums over tokens, as the paper's sequence log-likelihoods; TRL averages per token.
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1):
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    loss = (h - 1 / (2 * beta)) ** 2
+    return loss.mean(), beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# SLiC-HF (Zhao et al. 2023), a hinge: loss = mean( relu(1 - beta * h) )
+# A pair ranked right by the margin (beta * h >= 1) gives no gradient at all, where DPO's only fades.
+def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1):
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    loss = F.relu(1 - beta * (chosen_logratios - rejected_logratios))
+    return loss.mean(), beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# Robust DPO (Chowdhury et al. 2024), eps = label_smoothing < 1/2 the probability that a label is flipped, z = beta h:
+# loss = mean( ((1 - eps) * -log sigmoid(z) + eps * log sigmoid(-z)) / (1 - 2 eps) )
+# Unlike cDPO, unbiased: its expectation over the flips is the clean DPO loss. eps = 0 is DPO; eps > 0: no floor.
+def robust_dpo_loss(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, label_smoothing=0.0
+):
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    z = beta * (chosen_logratios - rejected_logratios)
+    eps = label_smoothing
+    loss = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+    return loss.mean(), beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# SimPO (Meng et al. 2024), reference-free and length-normalised: rewards = beta * pi / |answer| (|answer|: the
+# answer's token count, (B,)), z = r_c - r_r - gamma (a target margin), loss = mean( -log sigmoid(z) )
+# Per token, a longer answer does not lose merely for having more tokens; with no reference there is nothing to
+# load or run. The per-token reward is small: the paper uses beta 2 to 2.5 and gamma / beta ~ 0.5.
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta=2.0, gamma=0.5):
+    chosen_rewards = beta * policy_chosen_logps / chosen_lengths  # (B,)
+    rejected_rewards = beta * policy_rejected_logps / rejected_lengths  # (B,)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    return loss.mean(), chosen_rewards.detach(), rejected_rewards.detach()
+
+
+LOSSES = {"sigmoid": dpo_loss, "ipo": ipo_loss, "hinge": hinge_loss, "robust": robust_dpo_loss, "simpo": simpo_loss}
+SMOOTHED = ("sigmoid", "robust")  # the losses that read --label-smoothing
+
+
+def make_loss(args):
+    """--loss as one function of (policy logps, reference logps, answer lengths), each a pair (chosen (B,),
+    rejected (B,)), so that training and evaluate() call any loss alike. SimPO: no reference (an empty pair)."""
+    if args.loss == "simpo":
+        return lambda policy, _reference, lengths: simpo_loss(*policy, *lengths, args.beta, args.simpo_gamma)
+    smoothing = {"label_smoothing": args.label_smoothing} if args.loss in SMOOTHED else {}
+    loss = partial(LOSSES[args.loss], beta=args.beta, **smoothing)
+    return lambda policy, reference, _lengths: loss(*policy, *reference)
+
+
 def preference_metrics(loss, chosen_rewards, rejected_rewards) -> dict:
     """The loss, the reward accuracy (the share of pairs whose chosen reward is higher), the margin and the mean
     rewards, as tensors (read back when they are logged)."""
@@ -74,86 +136,10 @@ def preference_metrics(loss, chosen_rewards, rejected_rewards) -> dict:
     }
 
 
-def encode_pairs(enc, examples, args, path):
-    """Preference examples -> [((prompt ids, chosen ids), (prompt ids, rejected ids))], answers truncated to
-    --max-len. -> pairs, how many answers were truncated"""
-    pairs, truncated = [], 0
-    for ex in examples:
-        prompt, where = format_prompt(ex, args.template), f"{path}: record {ex['record']}"
-        p, chosen, cut_chosen = encode_pair(enc, prompt, ex["chosen"], args.max_len, where)
-        _, rejected, cut_rejected = encode_pair(enc, prompt, ex["rejected"], args.max_len, where)
-        pairs.append(((p, chosen), (p, rejected)))
-        truncated += cut_chosen + cut_rejected
-    return pairs, truncated
-
-
-def pair_logprobs(model, pairs, pad_id: int, device, ctx):
-    """One forward over the chosen and the rejected rows together -> (chosen logps (B,), rejected logps (B,))."""
-    input_ids, labels = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, device)
-    with ctx:
-        logits = model(input_ids)  # (2B, T, V)
-    logps = sequence_logprobs(logits, labels)  # (2B,)
-    return logps[: len(pairs)], logps[len(pairs) :]
-
-
-@torch.no_grad()
-def all_pair_logprobs(model, pairs, batch_size: int, pad_id: int, device, ctx, shown: str | None = None):
-    """pair_logprobs over every pair, --batch-size pairs at a time (with a progress bar named `shown`).
-    -> chosen logps (N,), rejected logps (N,)"""
-    starts = progress(range(0, len(pairs), batch_size), shown or "", enabled=shown is not None)
-    chunks = [pair_logprobs(model, pairs[i : i + batch_size], pad_id, device, ctx) for i in starts]
-    empty = torch.zeros(0, device=device)  # (a process whose share of the pairs is empty)
-    return torch.cat([empty] + [c for c, _ in chunks]), torch.cat([empty] + [r for _, r in chunks])
-
-
-def reference_logprobs(reference, pairs, name: str, args, pad_id: int, run):
-    """The reference's log-probs of every pair, computed once; under torchrun each process computes a share of the
-    pairs and the shares are gathered. -> chosen logps (N,), rejected logps (N,)"""
-    shown = f"reference log-probs, {name}" if run.master else None
-
-    def share(rows):  # -> (len(rows), 2)
-        chosen, rejected = all_pair_logprobs(
-            reference, [pairs[i] for i in rows], args.batch_size, pad_id, run.device, run.ctx, shown
-        )
-        return torch.stack([chosen, rejected], dim=-1)
-
-    return gather_rows(len(pairs), share, run.device).unbind(-1)
-
-
-def parse_args(argv=None):
-    p = Parser(__doc__)
-    add_common_args(p, lr=5e-6, steps=100, batch_size=8)
-    data = "JSON/JSONL: instruction, input?, chosen, rejected (default: download the set of 'LLMs from scratch')"
-    p.add_argument("--data", default=None, help=data)
-    p.add_argument("--ref-model", default=None, help="reference model (default: a frozen copy of --model)")
-    beta = "strength of the pull toward the reference (default 0.1)"
-    p.add_argument("--beta", type=real(0, low_open=True), default=0.1, help=beta)
-    smoothing = "conservative DPO (cDPO): the assumed probability that a preference label is flipped (default 0)"
-    p.add_argument("--label-smoothing", type=real(0, 0.5, high_open=True), default=0.0, help=smoothing)
-    p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
-    p.add_argument("--max-len", type=integer(2), default=256, help="longest sequence; longer responses are truncated")
-    p.add_argument("--limit", type=integer(1), default=None, help="use only the first N examples (quick runs)")
-    p.add_argument("--eval-every", type=integer(1), default=25, help="held-out metrics every N steps (default 25)")
-    responses = "held-out prompts answered before and after training (default 5)"
-    p.add_argument("--responses", type=integer(0), default=5, help=responses)
-    p.add_argument("--max-new-tokens", type=integer(1), default=128, help="length limit of those answers")
-    # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
-    return parse_run_args(p, argv, fixed_on_resume="--data --template --limit --max-len --ref-model --beta")
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    show = ("loss", "reward_accuracy", "val_loss", "val_reward_accuracy", "val_margin")
-    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
-    with Run(args, __file__, outputs=("responses.jsonl", "loss.svg"), show=show) as run:
-        train(args, run)
-
-
-def train(args, run):
-    device = run.device
-    enc = load_tokenizer()
-
-    # ---- data: the same split as SFT, so the held-out prompts were never trained on there either
+def load_pairs(enc, args, master: bool):
+    """The preference data, split as SFT splits it (so the held-out prompts were never trained on there either);
+    train and validation encoded as [((prompt ids, chosen ids), (prompt ids, rejected ids))], answers truncated to
+    --max-len and ended by <|endoftext|> unless --template raw. -> {split: pairs}, test examples, truncated, path"""
     path = args.data or default_file("instruction-data-with-preference.json", PREFERENCES_URL)
     examples = normalize_examples(read_records(path, args.limit), path, response_keys=("chosen", "rejected"))
     train, val, test = split_examples(examples, args.seed)
@@ -162,13 +148,126 @@ def train(args, run):
             f"{path}: {len(examples)} examples give {len(train)} training and {len(val)} "
             "validation pairs; need at least one of each"
         )
-    (pairs_train, cut_train), (pairs_val, cut_val) = (encode_pairs(enc, s, args, path) for s in (train, val))
-    pairs, truncated = {"train": pairs_train, "val": pairs_val}, cut_train + cut_val
-    same = sum(chosen == rejected for chosen, rejected in pairs_train)  # no preference: the loss stays log 2
-    if same == len(pairs_train):
+    pairs, truncated, end = {"train": [], "val": []}, 0, answers_end(args.template)
+    for name, split in (("train", train), ("val", val)):
+        for ex in split:
+            prompt, where = format_prompt(ex, args.template), f"{path}: record {ex['record']}"
+            p, chosen, cut_chosen = encode_pair(enc, prompt, ex["chosen"], args.max_len, where, end)
+            _, rejected, cut_rejected = encode_pair(enc, prompt, ex["rejected"], args.max_len, where, end)
+            pairs[name].append(((p, chosen), (p, rejected)))
+            truncated += cut_chosen + cut_rejected
+    same = sum(chosen == rejected for chosen, rejected in pairs["train"])  # no preference: the loss stays log 2
+    if same == len(pairs["train"]):
         raise NanotuneError(f"{path}: every training pair's chosen answer is its rejected one: nothing to learn")
-    if same and run.master:
-        print(f"warning: {same} of {len(pairs_train)} training pairs have chosen == rejected", file=sys.stderr)
+    if same and master:
+        print(f"warning: {same} of {len(pairs['train'])} training pairs have chosen == rejected", file=sys.stderr)
+    return pairs, test, truncated, path
+
+
+def pair_logprobs(model, pairs, pad_id: int, device, ctx):
+    """One forward over the chosen and the rejected rows together -> log-probs (2, B) and answer lengths (2, B),
+    row 0 the chosen answers', row 1 the rejected ones'."""
+    logps, lengths = answer_logprobs(model, [c for c, _ in pairs] + [r for _, r in pairs], pad_id, device, ctx)
+    return logps.view(2, len(pairs)), lengths.view(2, len(pairs))
+
+
+@torch.no_grad()
+def all_pair_logprobs(model, pairs, batch_size: int, pad_id: int, device, ctx, shown: str | None = None):
+    """pair_logprobs over every pair, --batch-size pairs at a time (with a progress bar named `shown`).
+    -> log-probs (2, N), answer lengths (2, N): row 0 chosen, row 1 rejected"""
+    starts = progress(range(0, len(pairs), batch_size), shown or "", enabled=shown is not None)
+    chunks = [pair_logprobs(model, pairs[i : i + batch_size], pad_id, device, ctx) for i in starts]
+    empty = torch.zeros(2, 0, device=device)  # (a process whose share of the pairs is empty)
+    logps = torch.cat([empty] + [logps for logps, _ in chunks], dim=1)
+    return logps, torch.cat([empty.long()] + [lengths for _, lengths in chunks], dim=1)
+
+
+def reference_logprobs(args, policy, pairs: dict, pad_id: int, run) -> dict:
+    """{split: the reference's log-probs (2, N)}, once, up front: the reference never changes. It is --ref-model,
+    else the policy before training (on --resume too: reloaded from --model for this). SimPO: an empty pair."""
+    if args.loss == "simpo":
+        return {name: () for name in pairs}
+    reference = load_model(args.ref_model, run.device, "--ref-model", quiet=True)[0] if args.ref_model else policy
+    reference.eval()
+
+    def share(name, rows):  # -> (len(rows), 2)
+        shown = f"reference log-probs, {name}" if run.master else None
+        subset = [pairs[name][i] for i in rows]
+        return all_pair_logprobs(reference, subset, args.batch_size, pad_id, run.device, run.ctx, shown)[0].T
+
+    # under torchrun each process computes a share of each split's pairs, and the shares are gathered
+    return {name: gather_rows(len(split), partial(share, name), run.device).T for name, split in pairs.items()}
+
+
+SQUEEZE_PROMPTS, SQUEEZE_TOKENS = 16, 32  # the diagnostic's greedy answers: how many, and up to how long
+
+
+# The squeezing diagnostic (Ren & Sutherland, ICLR 2025, "Learning dynamics of LLM finetuning"): off-policy DPO's
+# push down on the rejected answers moves probability mass toward what the model already finds most likely, so
+# the chosen answers' log-prob can fall along with the rejected ones' while the greedy answers' rises. Each
+# figure is per token: log-probs summed over all the answers, over their summed token counts.
+@torch.no_grad()
+def squeezing_diagnostic(model, val_logps, val_lengths, prompts, budget: int, eot: int, device, ctx) -> dict:
+    """val_logps, val_lengths (2, N) from the evaluation; prompts greedy-decoded in one batch, up to `budget`
+    tokens each. -> the model's log-prob per token of the chosen, the rejected and its greedy answers"""
+    with ctx:
+        outputs = generate(model, prompts, budget, temperature=0, eos_token=eot)
+    greedy = [(prompt, seq[len(prompt) :]) for prompt, seq in zip(prompts, outputs)]
+    greedy_logps, greedy_lengths = answer_logprobs(model, greedy, eot, device, ctx)  # (n,), (n,)
+    chosen, rejected = val_logps.sum(-1) / val_lengths.sum(-1)  # (2,) -> two scalars
+    greedy_logp = greedy_logps.sum() / greedy_lengths.sum()
+    return {"chosen_logp_token": chosen, "rejected_logp_token": rejected, "greedy_logp_token": greedy_logp}
+
+
+def parse_args(argv=None):
+    p = Parser(__doc__)
+    add_common_args(p, lr=5e-6, steps=100, batch_size=8)
+    data = "JSON/JSONL: instruction, input?, chosen, rejected (default: download the set of 'LLMs from scratch')"
+    p.add_argument("--data", default=None, help=data)
+    p.add_argument("--ref-model", default=None, help="reference model (default: a frozen copy of --model)")
+    loss = "sigmoid (DPO, default), ipo, hinge (SLiC-HF), robust (robust DPO) or simpo (SimPO, no reference model)"
+    p.add_argument("--loss", default="sigmoid", choices=list(LOSSES), help=loss)
+    beta = "strength of the pull toward the reference (default 0.1); --loss simpo wants a much larger one, e.g. 2"
+    p.add_argument("--beta", type=real(0, low_open=True), default=0.1, help=beta)
+    smoothing = "--loss sigmoid (cDPO) or robust: the assumed probability that a label is flipped (default 0)"
+    p.add_argument("--label-smoothing", type=real(0, 0.5, high_open=True), default=0.0, help=smoothing)
+    gamma = "--loss simpo's target reward margin (default 0.5; the paper: about --beta / 2)"
+    p.add_argument("--simpo-gamma", type=real(0), default=None, help=gamma)
+    template = "prompt layout (as in SFT); raw: the prompt verbatim, the answer continues it, no <|endoftext|>"
+    p.add_argument("--template", default="alpaca", choices=TEMPLATES, help=template)
+    p.add_argument("--max-len", type=integer(2), default=256, help="longest sequence; longer responses are truncated")
+    p.add_argument("--limit", type=integer(1), default=None, help="use only the first N examples (quick runs)")
+    p.add_argument("--eval-every", type=integer(1), default=25, help="held-out metrics every N steps (default 25)")
+    responses = "held-out prompts answered before and after training (default 5)"
+    p.add_argument("--responses", type=integer(0), default=5, help=responses)
+    new_tokens = f"length limit of those answers (and, up to {SQUEEZE_TOKENS}, of the greedy ones in logps.svg)"
+    p.add_argument("--max-new-tokens", type=integer(1), default=128, help=new_tokens)
+    # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
+    fixed = "--data --template --limit --max-len --ref-model --loss --beta --label-smoothing --simpo-gamma"
+    args = parse_run_args(p, argv, fixed_on_resume=fixed)
+    if args.label_smoothing and args.loss not in SMOOTHED:
+        die(f"--label-smoothing is for --loss {' or '.join(SMOOTHED)}, not --loss {args.loss}")
+    if args.loss != "simpo" and args.simpo_gamma is not None:
+        die(f"--simpo-gamma is for --loss simpo, not --loss {args.loss}")
+    if args.loss == "simpo" and args.ref_model:
+        die("--loss simpo is reference-free: it loads no --ref-model; leave --ref-model out")
+    if args.loss == "simpo" and args.simpo_gamma is None:
+        args.simpo_gamma = 0.5
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    show = ("loss", "reward_accuracy", "val_loss", "val_reward_accuracy", "val_margin")
+    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
+    with Run(args, __file__, outputs=("responses.jsonl", "loss.svg", "logps.svg"), show=show) as run:
+        train(args, run)
+
+
+def train(args, run):
+    device = run.device
+    enc = load_tokenizer()
+    pairs, test, truncated, path = load_pairs(enc, args, run.master)
 
     policy, model_name = load_model(args.model, device, quiet=not run.master)
     context = policy.config.n_positions - (args.prompt_tokens if args.peft == "prompt" else 0)  # (less prompt tuning's)
@@ -176,35 +275,33 @@ def train(args, run):
         raise NanotuneError(f"--max-len {args.max_len} exceeds the model's context of {context}")
     answered = test[: args.responses]
     answer_prompts = check_answerable(enc, answered, args.template, context, path)
+    squeeze_prompts = [prompt for (prompt, _), _ in pairs["val"][:SQUEEZE_PROMPTS]]
+    squeeze_budget = min(args.max_new_tokens, SQUEEZE_TOKENS, context - max(map(len, squeeze_prompts)))
 
-    def logprobs(model, batch, shown=None):  # -> chosen logps (B,), rejected logps (B,)
-        return all_pair_logprobs(model, batch, args.batch_size, enc.eot_token, device, run.ctx, shown)
-
-    # ---- the reference never changes, so its log-probs are computed once, up front, without gradients
-    # (on --resume too: the policy is reloaded from --model for this, then the checkpoint replaces its weights)
-    reference = load_model(args.ref_model, device, "--ref-model", quiet=True)[0] if args.ref_model else policy
-    run.summary.update(model=model_name, ref_model=args.ref_model, beta=args.beta, world_size=run.world)
+    loss_fn = make_loss(args)  # --loss, chosen once
+    settings = {k: getattr(args, k) for k in ("ref_model", "loss", "beta", "label_smoothing", "simpo_gamma")}
+    run.summary.update(model=model_name, **settings, world_size=run.world)
     if run.master:
+        reference = "none (SimPO)" if args.loss == "simpo" else args.ref_model or "a frozen copy of the policy"
         print(
-            f"policy {model_name}, reference {args.ref_model or 'a frozen copy of the policy'}, on {device} "
-            f"({run.dtype}); {len(train)} train / {len(val)} val pairs, {truncated} responses truncated; beta "
-            f"{args.beta}; effective batch {args.batch_size * run.world}",
+            f"policy {model_name}, reference {reference}, on {device} ({run.dtype}); {len(pairs['train'])} train / "
+            f"{len(pairs['val'])} val pairs, {truncated} responses truncated; --loss {args.loss}, beta {args.beta}; "
+            f"effective batch {args.batch_size * run.world}",
             flush=True,
         )
-    reference.eval()
-    ref_logps = {
-        name: reference_logprobs(reference, split, name, args, enc.eot_token, run) for name, split in pairs.items()
-    }
-    del reference
+    ref_logps = reference_logprobs(args, policy, pairs, enc.eot_token, run)  # SimPO: none
     apply_peft(policy, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
     if run.master:
         print(f"--peft {args.peft}: {describe_trainable(policy)}", flush=True)
 
     def evaluate():
         policy.eval()
-        chosen, rejected = logprobs(policy, pairs["val"])
+        logps, lengths = all_pair_logprobs(policy, pairs["val"], args.batch_size, enc.eot_token, device, run.ctx)
+        squeezing = squeezing_diagnostic(
+            policy, logps, lengths, squeeze_prompts, squeeze_budget, enc.eot_token, device, run.ctx
+        )
         policy.train()
-        metrics = preference_metrics(*dpo_loss(chosen, rejected, *ref_logps["val"], args.beta, args.label_smoothing))
+        metrics = preference_metrics(*loss_fn(logps, ref_logps["val"], lengths)) | squeezing
         return {f"val_{k}": v.item() for k, v in metrics.items()}
 
     def answers():
@@ -248,16 +345,11 @@ def train(args, run):
         for k in range(args.grad_accum):
             micro = ids[k :: args.grad_accum]
             micro_pairs = [pairs["train"][i] for i in micro.tolist()]
-            ref_chosen_logps, ref_rejected_logps = ref_logps["train"][0][micro], ref_logps["train"][1][micro]
+            ref_logps_micro = [logps[micro] for logps in ref_logps["train"]]  # chosen (B,), rejected (B,); SimPO: none
             # under DDP the gradients are all-reduced once, in the last micro-batch's backward
             with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
-                policy_chosen_logps, policy_rejected_logps = pair_logprobs(
-                    train_model, micro_pairs, enc.eot_token, device, run.ctx
-                )
-                ref_logps_micro = (ref_chosen_logps, ref_rejected_logps)
-                loss, chosen_rewards, rejected_rewards = dpo_loss(
-                    policy_chosen_logps, policy_rejected_logps, *ref_logps_micro, args.beta, args.label_smoothing
-                )
+                policy_logps, lengths = pair_logprobs(train_model, micro_pairs, enc.eot_token, device, run.ctx)
+                loss, chosen_rewards, rejected_rewards = loss_fn(policy_logps, ref_logps_micro, lengths)
                 # the loss is a mean over pairs and micro-batches hold equal numbers of pairs: 1/grad_accum each
                 (loss / args.grad_accum).backward()
             for key, value in preference_metrics(loss, chosen_rewards, rejected_rewards).items():
@@ -290,7 +382,11 @@ def train(args, run):
             row["after"] = answer
         run.write_text("responses.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     with run.optional("the loss plot"):
-        plot_curves(run.out / "loss.svg", {"train": run.curve("loss"), "validation": run.curve("val_loss")}, "DPO loss")
+        curves = {"train": run.curve("loss"), "validation": run.curve("val_loss")}
+        plot_curves(run.out / "loss.svg", curves, f"DPO loss (--loss {args.loss})")
+    with run.optional("the log-prob plot"):
+        curves = {name: run.curve(f"val_{name}_logp_token") for name in ("chosen", "rejected", "greedy")}
+        plot_curves(run.out / "logps.svg", curves, "held-out answers: the policy's log-prob per token")
     s = run.summary
     print(
         f"held-out reward accuracy {s['val_reward_accuracy_before']:.3f} -> {s['val_reward_accuracy_after']:.3f}, "

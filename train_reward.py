@@ -6,6 +6,7 @@ model learns to score the better answer of every pair higher. Its scores then ju
 
     python train_reward.py --model out/sft --out out/rm        # default data: the DPO preference set
     python train_reward.py --data ranked.jsonl   # {"instruction", "input"?, "responses": [best, ..., worst]}
+    python train_reward.py --data pairs.jsonl --template raw   # {"prompt", "chosen", "rejected"}: continuations
 
 Data: the preference format (instruction, input?, chosen, rejected) or ranked records (responses: K >= 2
 answers, best first). The prompt template and the seeded train/validation/test split are the SFT recipe's
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from nanotune import load_tokenizer
 from nanotune.data import PREFERENCES_URL, default_file, read_records
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
-from nanotune.instruct import encode_pair, format_prompt, split_examples
+from nanotune.instruct import TEMPLATES, answers_end, encode_pair, format_prompt, split_examples
 from nanotune.loader import load_model
 from nanotune.peft import apply_peft, describe_trainable
 from nanotune.plot import plot_curves
@@ -75,12 +76,29 @@ def ranked_examples(records: list[dict], path) -> list[dict]:
     return examples
 
 
+def encode_rankings(enc, examples, args, path):
+    """Ranked examples -> [(answers, pairs)]: each answer's prompt + answer ids, truncated to --max-len, and the
+    pairs (i, j) of answer indices, i ranked above j. -> rankings, how many answers were truncated"""
+    rankings, truncated = [], 0
+    for ex in examples:
+        prompt, where = format_prompt(ex, args.template), f"{path}: record {ex['record']}"
+        answers = []
+        for response in ex["responses"]:
+            p, r, cut = encode_pair(enc, prompt, response, args.max_len, where, answers_end(args.template))
+            answers.append(p + [t for t in r if t != enc.eot_token])  # the reward is read at the last token
+            truncated += cut
+        pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]  # i ranked above j
+        rankings.append((answers, pairs))
+    return rankings, truncated
+
+
 def parse_args(argv=None):
     p = Parser(__doc__)
     add_common_args(p, lr=1e-5, steps=200, batch_size=8, peft_methods=("none", "lora"))  # LoRA: merged at the end
     data = "JSON/JSONL of preference or ranked records (default: download the preference set of 'LLMs from scratch')"
     p.add_argument("--data", default=None, help=data)
-    p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
+    template = "prompt layout (as in SFT); raw: the prompt verbatim, the answer continues it (no <|endoftext|>)"
+    p.add_argument("--template", default="alpaca", choices=TEMPLATES, help=template)
     max_len = "longest prompt + answer; longer answers are truncated (default 256)"
     p.add_argument("--max-len", type=integer(2), default=256, help=max_len)
     p.add_argument("--limit", type=integer(1), default=None, help="use only the first N records (quick runs)")
@@ -114,18 +132,8 @@ def train(args, run):
             f"{path}: {len(examples)} records give {len(train)} training and {len(val)} validation "
             "prompts; need at least one of each"
         )
-    rankings, truncated = {}, 0
-    for name, split in (("train", train), ("val", val)):
-        rankings[name] = []
-        for ex in split:
-            prompt = format_prompt(ex, args.template)
-            answers = []
-            for response in ex["responses"]:
-                p, r, cut = encode_pair(enc, prompt, response, args.max_len, f"{path}: record {ex['record']}")
-                answers.append(p + [t for t in r if t != enc.eot_token])  # the reward is read at the last token
-                truncated += cut
-            pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]  # i ranked above j
-            rankings[name].append((answers, pairs))
+    (rankings_train, cut_train), (rankings_val, cut_val) = (encode_rankings(enc, s, args, path) for s in (train, val))
+    rankings, truncated = {"train": rankings_train, "val": rankings_val}, cut_train + cut_val
     n_pairs = {name: sum(len(p) for _, p in rankings[name]) for name in rankings}
     # a pair of two identical answers carries no preference: its loss stays log 2, whatever the model learns
     same = sum(answers[i] == answers[j] for answers, pairs in rankings["train"] for i, j in pairs)

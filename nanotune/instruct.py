@@ -13,10 +13,17 @@ from .utils import NanotuneError
 IGNORE = -100  # label value of positions the loss skips
 
 
+# alpaca and plain wrap an instruction; raw is a continuation task (nanotune.pairs: a book window, then sampled
+# continuations): the prompt is the model's input verbatim and the answer goes on from its last character
+TEMPLATES = ("alpaca", "plain", "raw")
+
+
 def format_prompt(example: dict, template: str = "alpaca") -> str:
     """The text the model sees before its answer."""
+    text = example["instruction"] + (f"\n{example['input']}" if example.get("input") else "")
+    if template == "raw":
+        return text
     if template == "plain":
-        text = example["instruction"] + (f"\n{example['input']}" if example.get("input") else "")
         return f"Instruction: {text}\nResponse: "
     prompt = (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -64,10 +71,18 @@ def split_examples(examples: list, seed: int, fractions=(0.85, 0.05)):
     return pick(order[:n_train]), pick(order[n_train : n_train + n_val]), pick(order[n_train + n_val :])
 
 
-def encode_pair(enc, prompt: str, response: str, max_len: int, where: str):
-    """-> (prompt ids, response ids + <|endoftext|>, truncated?) fitting in max_len + 1 tokens."""
+def answers_end(template: str) -> bool:
+    """Whether an answer in this template is followed by <|endoftext|>. A raw continuation was cut at a token
+    budget, not ended by its writer: teaching the end token after it would teach the model to stop mid-text."""
+    return template != "raw"
+
+
+def encode_pair(enc, prompt: str, response: str, max_len: int, where: str, append_eot: bool = True):
+    """-> (prompt ids, response ids (+ <|endoftext|> if append_eot), truncated?) fitting in max_len + 1 tokens."""
     prompt_ids = enc.encode_ordinary(prompt)
-    response_ids = enc.encode_ordinary(response) + [enc.eot_token]
+    response_ids = enc.encode_ordinary(response) + ([enc.eot_token] if append_eot else [])
+    if not prompt_ids:  # (a raw prompt can be empty; the first label is predicted from the prompt's last token)
+        raise NanotuneError(f"{where}: the prompt is empty: the model needs at least one token to continue")
     if len(prompt_ids) >= max_len:
         raise NanotuneError(
             f"{where}: the prompt has {len(prompt_ids)} tokens, leaving no room for a response "
@@ -130,3 +145,12 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor
 # logits (B, T, V), labels (B, T) -> (B,)
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return token_logprobs(logits, labels).sum(dim=-1)
+
+
+def answer_logprobs(model, rows, pad_id: int, device, ctx):
+    """[(prompt ids, answer ids)] in one forward (under ctx, e.g. autocast) -> log p(answer | prompt) (N,) and the
+    answers' token counts (N,)."""
+    input_ids, labels = collate(rows, pad_id, device)
+    with ctx:
+        logits = model(input_ids)  # (N, T, V)
+    return sequence_logprobs(logits, labels), (labels != IGNORE).sum(dim=-1)  # (N,), (N,)
