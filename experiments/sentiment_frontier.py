@@ -1,0 +1,258 @@
+"""Which method buys the most reward for the least drift: the DPO paper's reward-vs-KL frontier (Rafailov et al.
+2023, section 6.1, Figure 2), on nano, with VADER's sentiment as the ground-truth reward.
+
+The task: continue a 64-token window of a novel with positive sentiment. From the start model (nano) and the
+books, one run of this script
+  1. samples --k answers to --pair-prompts training windows and labels every pair with the true reward
+     (python -m nanotune.pairs),
+  2. trains each method from the start model, at several strengths:
+       DPO          train_dpo.py on those pairs, each --loss (sigmoid, ipo, hinge, robust, simpo), several --beta
+       PPO-RM       a reward model trained on the same pairs (train_reward.py), then PPO against it
+       PPO-GT       PPO with the true reward (train_ppo.py --reward sentiment), several --kl-coef
+       GRPO-GT      GRPO with the true reward (train_grpo.py --reward sentiment), several --beta
+       best-of-N    no training: the best of N answers of the start model, N = 1 ... 64
+  3. measures every model the same way: --eval-prompts held-out windows of Gulliver's Travels, --eval-samples
+     answers each; the mean VADER score of the answers, and the KL to the start model per answer (the sum of
+     log pi - log ref over its tokens, averaged over the same answers); best-of-N's KL is its closed form,
+  4. writes frontier.json (a list of {method, setting, kl, score, steps, seconds}), frontier.svg (score against
+     KL, one series per method) and frontier.md (the table).
+
+    python experiments/sentiment_frontier.py --out out/frontier                    # the full sweep
+    python experiments/sentiment_frontier.py --quick --out out/frontier-quick      # a reduced sweep, <= 15 min
+
+Every step is an ordinary command, printed before it runs; a step whose output is already finished is not run
+again, so a sweep that stopped continues where it was (`--out` the same folder). Offline: --books and
+--heldout-book (default: download, as the recipes do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the nanotune package beside this folder
+
+from nanotune import load_tokenizer  # noqa: E402
+from nanotune.flags import Parser, integer  # noqa: E402
+from nanotune.loader import load_model  # noqa: E402
+from nanotune.plot import plot_curves  # noqa: E402
+from nanotune.rewards import BookPrompts, make_reward  # noqa: E402
+from nanotune.rollout import answer_logprobs, sample_rollout  # noqa: E402
+from nanotune.utils import atomic_write, die, pick_device  # noqa: E402
+
+
+# The KL of best-of-N to its base policy, per answer: KL(best-of-N || pi) = log N - (N - 1) / N (Stiennon et al.
+# 2020). Exact for a continuous score; with ties or few distinct answers it is an upper bound (Beirami et al. 2024).
+def best_of_n_kl(n: int) -> float:
+    return math.log(n) - (n - 1) / n
+
+
+# The exact KL of best-of-N for a categorical base distribution over outcomes ranked by score (no ties), for the
+# test of the formula above: the best of N draws is outcome i with probability F(i)^N - F(i-1)^N, F the CDF in
+# score order. probs (K,) in increasing score order -> KL in nats
+def best_of_n_kl_exact(probs: torch.Tensor, n: int) -> float:
+    probs = probs.double()
+    cdf = probs.cumsum(0)
+    best = cdf**n - torch.cat([cdf.new_zeros(1), cdf[:-1]]) ** n  # (K,)
+    keep = best > 0
+    return float((best[keep] * (best[keep] / probs[keep]).log()).sum())
+
+
+# The methods and their strengths: (method, setting, extra flags). The full sweep spans weak to strong
+# regularisation; --quick keeps one or two settings of each.
+def sweep(quick: bool) -> list[tuple[str, str, list[str]]]:
+    dpo_betas = [0.1, 1.0] if quick else [0.05, 0.1, 0.5, 1.0, 5.0]
+    runs = [("DPO", f"beta {b}", ["--loss", "sigmoid", "--beta", str(b)]) for b in dpo_betas]
+    others = {"ipo": [0.5] if quick else [0.1, 0.5, 1.0], "hinge": [1.0] if quick else [0.1, 1.0]}
+    others |= {"robust": [0.1] if quick else [0.1, 1.0], "simpo": [2.0] if quick else [1.0, 2.0, 5.0]}
+    for loss, betas in others.items():
+        smoothing = ["--label-smoothing", "0.1"] if loss == "robust" else []
+        runs += [(f"DPO-{loss}", f"beta {b}", ["--loss", loss, "--beta", str(b)] + smoothing) for b in betas]
+    kl_coefs = [0.05] if quick else [0.01, 0.05, 0.2]
+    runs += [("PPO-RM", f"kl-coef {c}", ["--kl-coef", str(c)]) for c in kl_coefs]
+    runs += [("PPO-GT", f"kl-coef {c}", ["--kl-coef", str(c)]) for c in kl_coefs]
+    runs += [("GRPO-GT", f"beta {b}", ["--beta", str(b)]) for b in ([0.05] if quick else [0.0, 0.05, 0.2])]
+    return runs
+
+
+def parse_args(argv=None):
+    p = Parser(__doc__, prog="python experiments/sentiment_frontier.py")
+    add = p.add_argument
+    add("--out", default="out/frontier", help="folder of the pairs, the runs and the results (default out/frontier)")
+    add("--model", default="weights/nano", help="the start model and KL reference (default weights/nano)")
+    add("--books", nargs="+", metavar="FILE", help="training books (default: download five, as train_ppo.py)")
+    add("--heldout-book", metavar="FILE", help="the book of the held-out prompts (default: Gulliver's Travels)")
+    add("--quick", action="store_true", help="a reduced sweep: fewer settings and steps (<= 15 min on 2 CPU cores)")
+    add("--steps", type=integer(1), help="training steps of DPO and the reward model (default 150, --quick 40)")
+    add("--rl-steps", type=integer(1), help="steps of PPO and GRPO (default 30, --quick 6)")
+    add("--k", type=integer(2), default=4, help="answers sampled per pair prompt (default 4)")
+    add("--pair-prompts", type=integer(1), help="training windows the pairs are sampled on (default 512, --quick 128)")
+    add("--rollout", type=integer(2), help="answers per PPO/GRPO step (default 64, --quick 32)")
+    add("--eval-prompts", type=integer(1), default=64, help="held-out windows every model is measured on (64)")
+    add("--eval-samples", type=integer(1), default=4, help="answers per held-out window (default 4)")
+    add("--max-n", type=integer(1), default=64, help="best-of-N up to this N, in powers of two (default 64)")
+    add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda")
+    add("--seed", type=integer(0), default=1337, help="random seed (default 1337)")
+    args = p.parse_args(argv)
+    defaults = {"steps": (150, 40), "rl_steps": (30, 6), "pair_prompts": (512, 128), "rollout": (64, 32)}
+    for key, (full, quick) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    return args
+
+
+def book_flags(args) -> list[str]:
+    return (["--books", *args.books] if args.books else []) + (
+        ["--heldout-book", args.heldout_book] if args.heldout_book else []
+    )
+
+
+def finished(folder: Path) -> bool:
+    summary = folder / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"
+
+
+def run_step(argv: list[str], folder: Path, log: Path):
+    """Run one command (a recipe or a nanotune tool) unless its output folder already holds a finished run; its
+    output goes to log, and a failure stops the sweep with the command and the log's last line."""
+    if finished(folder):
+        print(f"(done already) {folder}", flush=True)
+        return
+    command = [sys.executable, *argv, "--out", str(folder), "--overwrite"]
+    print("$ " + shlex.join(command[1:]), flush=True)
+    with open(log, "w") as f:
+        code = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code:
+        lines = log.read_text().strip().splitlines() or ["(no output)"]
+        die(f"{argv[0]} exited {code} ({log}): {lines[-1]}")
+
+
+def train_commands(args, out: Path) -> list[tuple[str, str, Path, list[str]]]:
+    """(method, setting, output folder, command) of every trained model, the reward model's first."""
+    pairs, books, rm = out / "pairs" / "pairs.jsonl", book_flags(args), out / "runs" / "reward-model"
+    common = ["--model", args.model, "--seed", str(args.seed), "--log-every", "10"]
+    dpo = ["train_dpo.py", *common, "--data", str(pairs), "--template", "raw", "--steps", str(args.steps)]
+    dpo += ["--lr", "1e-4", "--batch-size", "16", "--eval-every", str(args.steps), "--responses", "0"]
+    rl = [*common, *books, "--steps", str(args.rl_steps), "--eval-every", str(args.rl_steps), "--lr", "1e-4"]
+    rl += ["--batch-size", "16", "--samples", "0"]
+    ppo = ["train_ppo.py", *rl, "--rollout-batch", str(args.rollout), "--ppo-epochs", "2"]
+    grpo = ["train_grpo.py", *rl, "--prompts-per-step", str(args.rollout // 8), "--group-size", "8"]
+    reward_model = ["train_reward.py", *common, "--data", str(pairs), "--template", "raw", "--steps", str(args.steps)]
+    reward_model += ["--lr", "1e-4", "--batch-size", "16"]
+    commands = [("reward model", "", rm, reward_model)]
+    for method, setting, flags in sweep(args.quick):
+        folder = out / "runs" / f"{method}-{setting}".lower().replace(" ", "-")
+        command = {
+            "PPO-RM": ppo + ["--reward", f"model:{rm}", "--prompt-source", "books"],
+            "PPO-GT": ppo + ["--reward", "sentiment"],
+            "GRPO-GT": grpo + ["--reward", "sentiment"],
+        }.get(method, dpo)
+        commands.append((method, setting, folder, command + flags))
+    return commands
+
+
+class Measure:
+    """Every model measured the same way: the same held-out windows, the same number of answers each, sampled at
+    temperature 1 with the same seed; the true reward of each answer and its KL to the start model."""
+
+    def __init__(self, args, device):
+        self.enc, self.device, self.args = load_tokenizer(), device, args
+        self.reference, _ = load_model(args.model, device, quiet=True)
+        self.reference.eval()
+        spec = argparse.Namespace(books=args.books, heldout_book=args.heldout_book, prompt_len=64, max_new_tokens=24)
+        spec.eval_prompts = args.eval_prompts
+        heldout = BookPrompts(spec, self.enc, self.reference.config.n_positions).heldout
+        self.prompts = [p for p in heldout for _ in range(args.eval_samples)]  # each window eval-samples times
+        self.reward = make_reward("sentiment", self.enc, device, torch.autocast(device.type, enabled=False))
+
+    @torch.no_grad()
+    def answers(self, policy):
+        """-> the rollout of the held-out answers, their scores (B,) and their KL to the start model (B,)"""
+        generator = torch.Generator(self.device).manual_seed(self.args.seed)
+        off = torch.autocast(self.device.type, enabled=False)
+        rollout = sample_rollout(policy, self.prompts, 24, self.enc.eot_token, off, generator)
+        scores = self.reward(self.prompts, rollout.answers)
+        inputs = (rollout.input_ids, rollout.attention_mask, rollout.P, off)
+        kl = (answer_logprobs(policy, *inputs)[0] - answer_logprobs(self.reference, *inputs)[0]) * rollout.mask
+        return scores, kl.sum(-1).cpu()
+
+    def model(self, folder: Path) -> dict:
+        policy, _ = load_model(str(folder), self.device, quiet=True)
+        policy.eval()
+        scores, kl = self.answers(policy)
+        return {"kl": kl.mean().item(), "score": scores.mean().item()}
+
+    def best_of_n(self, max_n: int) -> list[dict]:
+        """The start model's best of N answers, N = 1, 2, 4 ... max_n: max_n answers per window are sampled once,
+        and the expected best of N is the mean over the max_n / N disjoint groups of N."""
+        saved = self.prompts
+        self.prompts = [p for p in saved[:: self.args.eval_samples] for _ in range(max_n)]
+        scores = self.answers(self.reference)[0].view(-1, max_n)  # (windows, max_n)
+        self.prompts = saved
+        points, n = [], 1
+        while n <= max_n:
+            best = scores[:, : max_n // n * n].reshape(len(scores), -1, n).max(-1).values  # (windows, max_n / n)
+            points.append({"setting": f"N {n}", "kl": best_of_n_kl(n), "score": best.mean().item()})
+            n *= 2
+        return points
+
+
+def report(out: Path, points: list[dict]):
+    """frontier.json, frontier.md (the table) and frontier.svg (score against KL, one series per method)."""
+    atomic_write(out / "frontier.json", json.dumps(points, indent=1) + "\n")
+    lines = ["| method | setting | KL to the start model (nats per answer) | held-out score | steps | seconds |"]
+    lines.append("|---|---|---|---|---|---|")
+    for p in points:
+        seconds = "" if p["seconds"] is None else f"{p['seconds']:.0f}"
+        numbers = f"{p['kl']:.2f} | {p['score']:.3f} | {p['steps']} | {seconds}"
+        lines.append(f"| {p['method']} | {p['setting']} | {numbers} |")
+    atomic_write(out / "frontier.md", "\n".join(lines) + "\n")
+    series: dict[str, list] = {}
+    for p in sorted(points, key=lambda p: p["kl"]):
+        series.setdefault(p["method"], []).append((p["kl"], p["score"]))
+    plot_curves(out / "frontier.svg", series, "held-out VADER score against KL to nano (nats per answer)", "KL")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out, started = Path(args.out), time.time()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    device = pick_device(args.device)
+
+    # ---- 1. preference pairs from the start model, labelled by the true reward
+    pairs = ["-m", "nanotune.pairs", "--model", args.model, "--reward", "sentiment", "--k", str(args.k)]
+    pairs += ["--prompts", str(args.pair_prompts), "--seed", str(args.seed), *book_flags(args)]
+    run_step(pairs, out / "pairs", out / "logs" / "pairs.log")
+
+    # ---- 2. every method at every strength, each run an ordinary command
+    commands = train_commands(args, out)
+    for _, _, folder, command in commands:
+        run_step(command, folder, out / "logs" / f"{folder.name}.log")
+
+    # ---- 3. every model measured the same way
+    measure, points = Measure(args, device), []
+    for method, setting, folder, _ in commands[1:]:  # (the reward model is not a policy)
+        summary = json.loads((folder / "summary.json").read_text())
+        point = {"method": method, "setting": setting, **measure.model(folder)}
+        points.append(point | {"steps": summary.get("steps"), "seconds": summary.get("elapsed_s")})
+        print(f"{method} {setting}: KL {point['kl']:.2f}, score {point['score']:.3f}", flush=True)
+    for point in measure.best_of_n(args.max_n):  # (N = 1 is the start model itself: KL 0)
+        points.append({"method": "best-of-N", **point, "steps": 0, "seconds": None})
+
+    # ---- 4. the results
+    report(out, points)
+    minutes = (time.time() - started) / 60
+    print(f"{len(points)} points in {minutes:.1f} min: {out}/frontier.md and frontier.svg", flush=True)
+
+
+if __name__ == "__main__":
+    main()
