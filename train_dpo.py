@@ -26,12 +26,12 @@ from nanotune.data import PREFERENCES_URL, default_file, read_records
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.instruct import (
     TEMPLATES,
-    answer_logprobs,
     answers_end,
     check_answerable,
     encode_pair,
     format_prompt,
     normalize_examples,
+    response_logprobs,
     split_examples,
 )
 from nanotune.loader import load_model
@@ -76,7 +76,8 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return loss.mean(), beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-# SLiC-HF (Zhao et al. 2023), a hinge: loss = mean( relu(1 - beta * h) )
+# The hinge of SLiC (Zhao et al. 2023) on the reference-normalised h, as RSO's "hinge-norm" (Liu et al. 2023) and
+# TRL's hinge: loss = mean( relu(1 - beta * h) ), a margin of 1 / beta nats
 # A pair ranked right by the margin (beta * h >= 1) gives no gradient at all, where DPO's only fades.
 def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1):
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
@@ -104,8 +105,9 @@ def robust_dpo_loss(
 # Per token, a longer answer does not lose merely for having more tokens; with no reference there is nothing to
 # load or run. The per-token reward is small: the paper uses beta 2 to 2.5 and gamma / beta ~ 0.5.
 def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta=2.0, gamma=0.5):
-    chosen_rewards = beta * policy_chosen_logps / chosen_lengths  # (B,)
-    rejected_rewards = beta * policy_rejected_logps / rejected_lengths  # (B,)
+    # (an empty answer, <|endoftext|> sampled first under --template raw, has no token: counted as one)
+    chosen_rewards = beta * policy_chosen_logps / chosen_lengths.clamp(min=1)  # (B,)
+    rejected_rewards = beta * policy_rejected_logps / rejected_lengths.clamp(min=1)  # (B,)
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
     return loss.mean(), chosen_rewards.detach(), rejected_rewards.detach()
 
@@ -167,7 +169,7 @@ def load_pairs(enc, args, master: bool):
 def pair_logprobs(model, pairs, pad_id: int, device, ctx):
     """One forward over the chosen and the rejected rows together -> log-probs (2, B) and answer lengths (2, B),
     row 0 the chosen answers', row 1 the rejected ones'."""
-    logps, lengths = answer_logprobs(model, [c for c, _ in pairs] + [r for _, r in pairs], pad_id, device, ctx)
+    logps, lengths = response_logprobs(model, [c for c, _ in pairs] + [r for _, r in pairs], pad_id, device, ctx)
     return logps.view(2, len(pairs)), lengths.view(2, len(pairs))
 
 
@@ -213,7 +215,7 @@ def squeezing_diagnostic(model, val_logps, val_lengths, prompts, budget: int, eo
     with ctx:
         outputs = generate(model, prompts, budget, temperature=0, eos_token=eot)
     greedy = [(prompt, seq[len(prompt) :]) for prompt, seq in zip(prompts, outputs)]
-    greedy_logps, greedy_lengths = answer_logprobs(model, greedy, eot, device, ctx)  # (n,), (n,)
+    greedy_logps, greedy_lengths = response_logprobs(model, greedy, eot, device, ctx)  # (n,), (n,)
     chosen, rejected = val_logps.sum(-1) / val_lengths.sum(-1)  # (2,) -> two scalars
     greedy_logp = greedy_logps.sum() / greedy_lengths.sum()
     return {"chosen_logp_token": chosen, "rejected_logp_token": rejected, "greedy_logp_token": greedy_logp}
@@ -225,13 +227,13 @@ def parse_args(argv=None):
     data = "JSON/JSONL: instruction, input?, chosen, rejected (default: download the set of 'LLMs from scratch')"
     p.add_argument("--data", default=None, help=data)
     p.add_argument("--ref-model", default=None, help="reference model (default: a frozen copy of --model)")
-    loss = "sigmoid (DPO, default), ipo, hinge (SLiC-HF), robust (robust DPO) or simpo (SimPO, no reference model)"
+    loss = "sigmoid (DPO, default), ipo, hinge (SLiC), robust (robust DPO) or simpo (SimPO, no reference model)"
     p.add_argument("--loss", default="sigmoid", choices=list(LOSSES), help=loss)
-    beta = "strength of the pull toward the reference (default 0.1); --loss simpo wants a much larger one, e.g. 2"
-    p.add_argument("--beta", type=real(0, low_open=True), default=0.1, help=beta)
+    beta = "strength of the pull toward the reference (default 0.1; 2 with --loss simpo, whose rewards are per token)"
+    p.add_argument("--beta", type=real(0, low_open=True), default=None, help=beta)
     smoothing = "--loss sigmoid (cDPO) or robust: the assumed probability that a label is flipped (default 0)"
     p.add_argument("--label-smoothing", type=real(0, 0.5, high_open=True), default=0.0, help=smoothing)
-    gamma = "--loss simpo's target reward margin (default 0.5; the paper: about --beta / 2)"
+    gamma = "--loss simpo's target reward margin (default --beta / 2, the paper's recommended ratio)"
     p.add_argument("--simpo-gamma", type=real(0), default=None, help=gamma)
     template = "prompt layout (as in SFT); raw: the prompt verbatim, the answer continues it, no <|endoftext|>"
     p.add_argument("--template", default="alpaca", choices=TEMPLATES, help=template)
@@ -251,8 +253,10 @@ def parse_args(argv=None):
         die(f"--simpo-gamma is for --loss simpo, not --loss {args.loss}")
     if args.loss == "simpo" and args.ref_model:
         die("--loss simpo is reference-free: it loads no --ref-model; leave --ref-model out")
+    if args.beta is None:
+        args.beta = 2.0 if args.loss == "simpo" else 0.1
     if args.loss == "simpo" and args.simpo_gamma is None:
-        args.simpo_gamma = 0.5
+        args.simpo_gamma = args.beta / 2
     return args
 
 

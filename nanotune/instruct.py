@@ -147,7 +147,7 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return token_logprobs(logits, labels).sum(dim=-1)
 
 
-def answer_logprobs(model, rows, pad_id: int, device, ctx):
+def response_logprobs(model, rows, pad_id: int, device, ctx):
     """[(prompt ids, answer ids)] in one forward (under ctx, e.g. autocast) -> log p(answer | prompt) (N,) and the
     answers' token counts (N,)."""
     input_ids, labels = collate(rows, pad_id, device)

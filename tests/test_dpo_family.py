@@ -204,7 +204,8 @@ def test_flags_that_do_not_fit_the_loss_are_refused(capsys):
     refused(["--simpo-gamma", "1"], capsys, "--simpo-gamma is for --loss simpo, not --loss sigmoid")
     refused(["--loss", "kto"], capsys, "argument --loss: invalid choice: 'kto'")
     refused(["--loss", "robust", "--label-smoothing", "0.5"], capsys, "must lie in [0, 0.5), got 0.5")
-    assert train_dpo.parse_args(["--loss", "simpo"]).simpo_gamma == 0.5
+    simpo = train_dpo.parse_args(["--loss", "simpo"])  # per-token rewards: a larger beta, gamma = beta / 2
+    assert (simpo.beta, simpo.simpo_gamma) == (2.0, 1.0) and train_dpo.parse_args([]).beta == 0.1
     assert train_dpo.parse_args(["--loss", "robust", "--label-smoothing", "0.2"]).label_smoothing == 0.2
 
 
@@ -233,9 +234,9 @@ def test_simpo_runs_without_a_reference(tiny, tmp_path, shared, monkeypatch):
     monkeypatch.setattr(train_dpo, "all_pair_logprobs", spy)
     data = shared / "data" / "instruction-data-with-preference.json"
     out = tmp_path / "simpo"
-    s, metrics = run_dpo(tiny, data, out, "--loss", "simpo", "--beta", "2", "--steps", "3", "--limit", "60")
+    s, metrics = run_dpo(tiny, data, out, "--loss", "simpo", "--beta", "1", "--steps", "3", "--limit", "60")
     assert shown and not any(name and "reference" in name for name in shown)  # only the policy's evaluations ran
-    assert s["loss"] == "simpo" and s["ref_model"] is None and s["simpo_gamma"] == 0.5 and s["beta"] == 2.0
+    assert s["loss"] == "simpo" and s["ref_model"] is None and s["simpo_gamma"] == 0.5 and s["beta"] == 1.0
     assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m)
     assert (out / "model.safetensors").is_file() and (out / "logps.svg").is_file()
 
