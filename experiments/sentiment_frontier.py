@@ -28,6 +28,7 @@ again, so a sweep that stopped continues where it was (`--out` the same folder).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shlex
@@ -42,12 +43,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the nanotune package beside this folder
 
 from nanotune import load_tokenizer  # noqa: E402
-from nanotune.flags import Parser, integer  # noqa: E402
+from nanotune.flags import Parser, integer, real  # noqa: E402
 from nanotune.loader import load_model  # noqa: E402
 from nanotune.plot import plot_curves  # noqa: E402
 from nanotune.rewards import BookPrompts, make_reward  # noqa: E402
 from nanotune.rollout import answer_logprobs, sample_rollout  # noqa: E402
 from nanotune.utils import atomic_write, die, pick_device  # noqa: E402
+
+PROMPT_LEN, ANSWER_LEN = 64, 24  # the task: 64-token windows of a book, continued by 24 tokens
+OFF = contextlib.nullcontext()  # measured without autocast: float32 on every device
 
 
 # The KL of best-of-N to its base policy, per answer: KL(best-of-N || pi) = log N - (N - 1) / N (Stiennon et al.
@@ -102,11 +106,14 @@ def parse_args(argv=None):
     add("--max-n", type=integer(1), default=64, help="best-of-N up to this N, in powers of two (default 64)")
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda")
     add("--seed", type=integer(0), default=1337, help="random seed (default 1337)")
+    add("--max-kl", type=real(0, low_open=True), help="frontier.svg: draw only the points at KL <= this")
     args = p.parse_args(argv)
     defaults = {"steps": (150, 40), "rl_steps": (30, 6), "pair_prompts": (512, 128), "rollout": (64, 32)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
+    if args.rollout % 16:  # PPO's and GRPO's minibatch is 16 answers, GRPO's groups 8
+        die(f"--rollout {args.rollout}: must be a multiple of 16")
     return args
 
 
@@ -116,46 +123,57 @@ def book_flags(args) -> list[str]:
     )
 
 
-def finished(folder: Path) -> bool:
-    summary = folder / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"
-
-
-def run_step(argv: list[str], folder: Path, log: Path):
-    """Run one command (a recipe or a nanotune tool) unless its output folder already holds a finished run; its
-    output goes to log, and a failure stops the sweep with the command and the log's last line."""
-    if finished(folder):
-        print(f"(done already) {folder}", flush=True)
-        return
+def run_step(argv: list[str], folder: Path, log: Path, again: bool = False) -> bool:
+    """Run one command (a recipe or a nanotune tool), its output into log, unless its folder holds a finished run
+    of the same command (command.txt) and nothing it reads was made again (again). -> True if it ran now; a
+    failed command stops the sweep with its last line (a run that diverged is recorded as such, see main)."""
     command = [sys.executable, *argv, "--out", str(folder), "--overwrite"]
-    print("$ " + shlex.join(command[1:]), flush=True)
+    shown = shlex.join(command[1:])
+    summary, record = folder / "summary.json", folder / "command.txt"
+    done = summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"
+    if done and not again and record.is_file() and record.read_text() == shown:
+        print(f"(done already) {folder}", flush=True)
+        return False
+    print("$ " + shown, flush=True)
     with open(log, "w") as f:
         code = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if code:
         lines = log.read_text().strip().splitlines() or ["(no output)"]
-        die(f"{argv[0]} exited {code} ({log}): {lines[-1]}")
+        raise StepFailed(f"{shown} exited {code} ({log}): {lines[-1]}")
+    atomic_write(record, shown)
+    return True
+
+
+class StepFailed(Exception):
+    pass
 
 
 def train_commands(args, out: Path) -> list[tuple[str, str, Path, list[str]]]:
-    """(method, setting, output folder, command) of every trained model, the reward model's first."""
-    pairs, books, rm = out / "pairs" / "pairs.jsonl", book_flags(args), out / "runs" / "reward-model"
-    common = ["--model", args.model, "--seed", str(args.seed), "--log-every", "10"]
-    dpo = ["train_dpo.py", *common, "--data", str(pairs), "--template", "raw", "--steps", str(args.steps)]
-    dpo += ["--lr", "1e-4", "--batch-size", "16", "--eval-every", str(args.steps), "--responses", "0"]
-    rl = [*common, *books, "--steps", str(args.rl_steps), "--eval-every", str(args.rl_steps), "--lr", "1e-4"]
-    rl += ["--batch-size", "16", "--samples", "0"]
+    """(method, setting, output folder, command) of every trained model, the reward model's first. Every model
+    starts from --model; every command names its device, prompt and answer lengths, so that training and the
+    measurement below see the same task."""
+    pairs, books, rm = out / "pairs", book_flags(args), out / "runs" / "reward-model"
+    common = ["--model", args.model, "--seed", str(args.seed), "--log-every", "10", "--device", args.device]
+    task = ["--prompt-len", str(PROMPT_LEN), "--max-new-tokens", str(ANSWER_LEN)]
+    dpo = ["train_dpo.py", *common, "--data", str(pairs / "pairs.jsonl"), "--template", "raw"]
+    dpo += ["--steps", str(args.steps), "--lr", "1e-4", "--batch-size", "16", "--eval-every", str(args.steps)]
+    dpo += ["--responses", "0"]
+    # the reward model reads the rankings, whose answers to one prompt stay in one split (train_reward.py)
+    reward_model = ["train_reward.py", *common, "--data", str(pairs / "responses.jsonl"), "--template", "raw"]
+    reward_model += ["--steps", str(args.steps), "--lr", "1e-4", "--batch-size", "16"]
+    rl = [*common, *books, *task, "--steps", str(args.rl_steps), "--eval-every", str(args.rl_steps)]
+    rl += ["--lr", "1e-4", "--batch-size", "16", "--samples", "0"]
     ppo = ["train_ppo.py", *rl, "--rollout-batch", str(args.rollout), "--ppo-epochs", "2"]
     grpo = ["train_grpo.py", *rl, "--prompts-per-step", str(args.rollout // 8), "--group-size", "8"]
-    reward_model = ["train_reward.py", *common, "--data", str(pairs), "--template", "raw", "--steps", str(args.steps)]
-    reward_model += ["--lr", "1e-4", "--batch-size", "16"]
     commands = [("reward model", "", rm, reward_model)]
     for method, setting, flags in sweep(args.quick):
         folder = out / "runs" / f"{method}-{setting}".lower().replace(" ", "-")
-        command = {
-            "PPO-RM": ppo + ["--reward", f"model:{rm}", "--prompt-source", "books"],
-            "PPO-GT": ppo + ["--reward", "sentiment"],
-            "GRPO-GT": grpo + ["--reward", "sentiment"],
-        }.get(method, dpo)
+        if method.startswith("DPO"):  # DPO and its family: the pairs, no reward, no sampling
+            command = dpo
+        elif method == "PPO-RM":  # the reward model, trained on book continuations, scores book windows
+            command = ppo + ["--reward", f"model:{rm}", "--prompt-source", "books"]
+        else:  # PPO-GT, GRPO-GT: the true reward
+            command = (ppo if method == "PPO-GT" else grpo) + ["--reward", "sentiment"]
         commands.append((method, setting, folder, command + flags))
     return commands
 
@@ -165,61 +183,75 @@ class Measure:
     temperature 1 with the same seed; the true reward of each answer and its KL to the start model."""
 
     def __init__(self, args, device):
-        self.enc, self.device, self.args = load_tokenizer(), device, args
+        self.enc, self.device, self.seed = load_tokenizer(), device, args.seed
         self.reference, _ = load_model(args.model, device, quiet=True)
         self.reference.eval()
-        spec = argparse.Namespace(books=args.books, heldout_book=args.heldout_book, prompt_len=64, max_new_tokens=24)
-        spec.eval_prompts = args.eval_prompts
-        heldout = BookPrompts(spec, self.enc, self.reference.config.n_positions).heldout
-        self.prompts = [p for p in heldout for _ in range(args.eval_samples)]  # each window eval-samples times
-        self.reward = make_reward("sentiment", self.enc, device, torch.autocast(device.type, enabled=False))
+        spec = argparse.Namespace(books=args.books, heldout_book=args.heldout_book, prompt_len=PROMPT_LEN)
+        spec.max_new_tokens, spec.eval_prompts = ANSWER_LEN, args.eval_prompts
+        self.windows = BookPrompts(spec, self.enc, self.reference.config.n_positions).heldout
+        self.samples = args.eval_samples
+        self.reward = make_reward("sentiment", self.enc, device, OFF)
 
     @torch.no_grad()
-    def answers(self, policy):
-        """-> the rollout of the held-out answers, their scores (B,) and their KL to the start model (B,)"""
-        generator = torch.Generator(self.device).manual_seed(self.args.seed)
-        off = torch.autocast(self.device.type, enabled=False)
-        rollout = sample_rollout(policy, self.prompts, 24, self.enc.eot_token, off, generator)
-        scores = self.reward(self.prompts, rollout.answers)
-        inputs = (rollout.input_ids, rollout.attention_mask, rollout.P, off)
-        kl = (answer_logprobs(policy, *inputs)[0] - answer_logprobs(self.reference, *inputs)[0]) * rollout.mask
-        return scores, kl.sum(-1).cpu()
+    def answers(self, policy, prompts, with_kl: bool = True, chunk: int = 64):
+        """The policy's answers to prompts, chunk at a time (the logits of 64 answers are 64 x 24 x 50257 floats,
+        300 MB), drawn from one seeded generator. -> scores (B,) and, with_kl, the KL to the start model (B,)"""
+        generator = torch.Generator(self.device).manual_seed(self.seed)
+        scores, kls = [], []
+        for i in range(0, len(prompts), chunk):
+            batch = prompts[i : i + chunk]
+            rollout = sample_rollout(policy, batch, ANSWER_LEN, self.enc.eot_token, OFF, generator)
+            scores.append(self.reward(batch, rollout.answers))
+            if with_kl:
+                inputs = (rollout.input_ids, rollout.attention_mask, rollout.P, OFF)
+                log_ratio = answer_logprobs(policy, *inputs)[0] - answer_logprobs(self.reference, *inputs)[0]
+                kls.append((log_ratio * rollout.mask).sum(-1).cpu())  # (chunk,) sum over the answer's tokens
+        return torch.cat(scores), (torch.cat(kls) if with_kl else None)
 
     def model(self, folder: Path) -> dict:
         policy, _ = load_model(str(folder), self.device, quiet=True)
         policy.eval()
-        scores, kl = self.answers(policy)
+        scores, kl = self.answers(policy, [w for w in self.windows for _ in range(self.samples)])
         return {"kl": kl.mean().item(), "score": scores.mean().item()}
 
     def best_of_n(self, max_n: int) -> list[dict]:
-        """The start model's best of N answers, N = 1, 2, 4 ... max_n: max_n answers per window are sampled once,
-        and the expected best of N is the mean over the max_n / N disjoint groups of N."""
-        saved = self.prompts
-        self.prompts = [p for p in saved[:: self.args.eval_samples] for _ in range(max_n)]
-        scores = self.answers(self.reference)[0].view(-1, max_n)  # (windows, max_n)
-        self.prompts = saved
+        """The start model's best of N answers, N = 1, 2, 4 ... max_n, from max_n answers per window sampled once
+        (only scored: its KL is best_of_n_kl)."""
+        scores = self.answers(self.reference, [w for w in self.windows for _ in range(max_n)], with_kl=False)[0]
+        scores = scores.view(-1, max_n).double().sort(-1).values  # (windows, max_n), ascending
         points, n = [], 1
         while n <= max_n:
-            best = scores[:, : max_n // n * n].reshape(len(scores), -1, n).max(-1).values  # (windows, max_n / n)
-            points.append({"setting": f"N {n}", "kl": best_of_n_kl(n), "score": best.mean().item()})
+            score = (scores @ best_of_n_weights(max_n, n)).mean().item()
+            points.append({"setting": f"N {n}", "kl": best_of_n_kl(n), "score": score})
             n *= 2
         return points
 
 
-def report(out: Path, points: list[dict]):
+# The expected best of N draws, estimated from M >= N draws of which it uses all: of the C(M, N) subsets of N, the
+# i-th smallest of the M (i = 1..M) is the best of C(i - 1, N - 1) of them. -> weights (M,) for the sorted scores
+def best_of_n_weights(m: int, n: int) -> torch.Tensor:
+    return torch.tensor([math.comb(i - 1, n - 1) / math.comb(m, n) for i in range(1, m + 1)], dtype=torch.float64)
+
+
+def report(out: Path, points: list[dict], max_kl: float | None):
     """frontier.json, frontier.md (the table) and frontier.svg (score against KL, one series per method)."""
     atomic_write(out / "frontier.json", json.dumps(points, indent=1) + "\n")
     lines = ["| method | setting | KL to the start model (nats per answer) | held-out score | steps | seconds |"]
     lines.append("|---|---|---|---|---|---|")
     for p in points:
+        if "failed" in p:
+            lines.append(f"| {p['method']} | {p['setting']} | failed: {p['failed']} | | | |")
+            continue
         seconds = "" if p["seconds"] is None else f"{p['seconds']:.0f}"
         numbers = f"{p['kl']:.2f} | {p['score']:.3f} | {p['steps']} | {seconds}"
         lines.append(f"| {p['method']} | {p['setting']} | {numbers} |")
     atomic_write(out / "frontier.md", "\n".join(lines) + "\n")
     series: dict[str, list] = {}
-    for p in sorted(points, key=lambda p: p["kl"]):
-        series.setdefault(p["method"], []).append((p["kl"], p["score"]))
-    plot_curves(out / "frontier.svg", series, "held-out VADER score against KL to nano (nats per answer)", "KL")
+    for p in sorted((p for p in points if "kl" in p), key=lambda p: p["kl"]):
+        if max_kl is None or p["kl"] <= max_kl:
+            series.setdefault(p["method"], []).append((p["kl"], p["score"]))
+    title = "held-out VADER score against KL to the start model (nats per answer)"
+    plot_curves(out / "frontier.svg", series, title + ("" if max_kl is None else f", KL <= {max_kl:g}"), "KL")
 
 
 def main(argv=None):
@@ -230,17 +262,36 @@ def main(argv=None):
 
     # ---- 1. preference pairs from the start model, labelled by the true reward
     pairs = ["-m", "nanotune.pairs", "--model", args.model, "--reward", "sentiment", "--k", str(args.k)]
-    pairs += ["--prompts", str(args.pair_prompts), "--seed", str(args.seed), *book_flags(args)]
-    run_step(pairs, out / "pairs", out / "logs" / "pairs.log")
+    pairs += ["--prompts", str(args.pair_prompts), "--seed", str(args.seed), "--device", args.device]
+    pairs += ["--prompt-len", str(PROMPT_LEN), "--max-new-tokens", str(ANSWER_LEN), *book_flags(args)]
+    try:
+        new_pairs = run_step(pairs, out / "pairs", out / "logs" / "pairs.log")
+    except StepFailed as e:
+        die(str(e))
 
-    # ---- 2. every method at every strength, each run an ordinary command
-    commands = train_commands(args, out)
-    for _, _, folder, command in commands:
-        run_step(command, folder, out / "logs" / f"{folder.name}.log")
+    # ---- 2. every method at every strength, each run an ordinary command; what reads new data runs again, and a
+    # run that fails (diverged, say) is a missing point, not the end of the sweep
+    commands, failed, new_rm = train_commands(args, out), {}, False  # failed: {folder: why}
+    reward_model = commands[0][2]
+    for method, _, folder, command in commands:
+        if method == "PPO-RM" and reward_model in failed:
+            failed[folder] = "the reward model failed"
+            continue
+        reads_new = new_pairs if method.startswith("DPO") or folder == reward_model else new_rm
+        try:
+            ran = run_step(command, folder, out / "logs" / f"{folder.name}.log", again=reads_new)
+        except StepFailed as e:
+            print(f"warning: {e}", file=sys.stderr, flush=True)
+            failed[folder] = str(e).rsplit(": ", 1)[-1]
+            continue
+        new_rm = new_rm or (ran and folder == reward_model)
 
     # ---- 3. every model measured the same way
     measure, points = Measure(args, device), []
     for method, setting, folder, _ in commands[1:]:  # (the reward model is not a policy)
+        if folder in failed:
+            points.append({"method": method, "setting": setting, "failed": failed[folder]})
+            continue
         summary = json.loads((folder / "summary.json").read_text())
         point = {"method": method, "setting": setting, **measure.model(folder)}
         points.append(point | {"steps": summary.get("steps"), "seconds": summary.get("elapsed_s")})
@@ -249,7 +300,7 @@ def main(argv=None):
         points.append({"method": "best-of-N", **point, "steps": 0, "seconds": None})
 
     # ---- 4. the results
-    report(out, points)
+    report(out, points, args.max_kl)
     minutes = (time.time() - started) / 60
     print(f"{len(points)} points in {minutes:.1f} min: {out}/frontier.md and frontier.svg", flush=True)
 

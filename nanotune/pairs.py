@@ -7,8 +7,9 @@ frontier, where DPO learns from the policy's own samples ranked by the reward PP
 
 The prompts are the training prompts train_ppo.py and train_grpo.py answer for the same --reward
 (nanotune/rewards.py): windows of books for sentiment and letter:X, instruction prompts in the SFT template for
-model:DIR, drawn with --seed. Each is answered --k times at temperature 1 (no top-k or top-p: the answers are
-the policy's own distribution), with the KV cache, --batch-size sequences at a time. The same flags give the
+model:DIR (unless --prompt-source says otherwise), drawn with --seed. Each is answered --k times at temperature 1
+(no top-k or top-p: the answers are the policy's own distribution), with the KV cache, --batch-size sequences at
+a time. The same flags give the
 same files (the random draws depend on --batch-size too). Outputs in --out:
 
 - pairs.jsonl: {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}: with --pairs all, every two

@@ -2,6 +2,7 @@
 the --quick sweep end to end on a tiny model."""
 
 import importlib.util
+import itertools
 import json
 import math
 from pathlib import Path
@@ -76,3 +77,11 @@ def test_the_quick_sweep_runs_end_to_end_on_a_tiny_model(tiny, shared, tmp_path,
     frontier.main(["--quick", "--model", tiny, "--out", str(out), *books, *small])  # again: nothing is retrained
     assert capsys.readouterr().out.count("(done already)") == 1 + 1 + 9  # the pairs, the reward model, 9 runs
     assert json.loads((out / "frontier.json").read_text()) == points  # measured with the same seed: the same
+
+
+@pytest.mark.parametrize("m,n", [(4, 1), (4, 2), (6, 3), (5, 5)])
+def test_best_of_n_weights_average_the_best_over_every_subset(m, n):
+    scores = torch.tensor([0.3, -1.0, 2.5, 0.7, 1.1, -0.2], dtype=torch.float64)[:m].sort().values
+    subsets = list(itertools.combinations(range(m), n))
+    brute = sum(max(scores[list(s)]).item() for s in subsets) / len(subsets)
+    assert float(scores @ frontier.best_of_n_weights(m, n)) == pytest.approx(brute, abs=1e-12)
