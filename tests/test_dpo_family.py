@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import train_dpo
 import train_reward
 from nanotune import GPT, load_tokenizer
-from nanotune.instruct import answers_end, encode_pair, format_prompt
+from nanotune.instruct import answers_end, collate, encode_pair, format_prompt, sequence_logprobs
 from train_dpo import dpo_loss, hinge_loss, ipo_loss, make_loss, robust_dpo_loss, simpo_loss
 
 logps = st.floats(-500, 0, allow_nan=False)
@@ -185,6 +185,13 @@ def test_pair_logprobs_counts_the_answer_tokens(tiny):
         logps, lengths = train_dpo.pair_logprobs(model, pairs, 50256, "cpu", contextlib.nullcontext())
     assert logps.shape == lengths.shape == (2, 2)
     assert lengths.tolist() == [[3, 2], [2, 4]]  # row 0 chosen, row 1 rejected; <|endoftext|> counts
+    # the head ran on the answer positions only (from the shortest prompt's last token): the same log-probs as
+    # the full logits give
+    rows = [c for c, _ in pairs] + [r for _, r in pairs]
+    input_ids, labels = collate(rows, 50256, "cpu")
+    with torch.no_grad():
+        full = sequence_logprobs(model(input_ids), labels)  # (4,)
+    assert torch.allclose(logps.flatten(), full, atol=1e-5, rtol=0), (logps, full)
 
 
 # ---------------------------------------------------------------- flags
