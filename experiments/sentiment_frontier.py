@@ -128,7 +128,7 @@ def run_step(argv: list[str], folder: Path, log: Path, again: bool = False) -> b
     of the same command (command.txt) and nothing it reads was made again (again). -> True if it ran now; a
     failed command stops the sweep with its last line (a run that diverged is recorded as such, see main)."""
     command = [sys.executable, *argv, "--out", str(folder), "--overwrite"]
-    shown = shlex.join(command[1:])
+    shown = shlex.join(["python", *command[1:]])
     summary, record = folder / "summary.json", folder / "command.txt"
     done = summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"
     if done and not again and record.is_file() and record.read_text() == shown:
