@@ -74,17 +74,17 @@ def best_of_n_kl_exact(probs: torch.Tensor, n: int) -> float:
 # The methods and their strengths: (method, setting, extra flags). The full sweep spans weak to strong
 # regularisation; --quick keeps one or two settings of each.
 def sweep(quick: bool) -> list[tuple[str, str, list[str]]]:
-    dpo_betas = [0.1, 1.0] if quick else [0.05, 0.1, 0.5, 1.0, 5.0]
+    dpo_betas = [0.1, 1.0] if quick else [0.1, 0.5, 2.0]
     runs = [("DPO", f"beta {b}", ["--loss", "sigmoid", "--beta", str(b)]) for b in dpo_betas]
-    others = {"ipo": [0.5] if quick else [0.1, 0.5, 1.0], "hinge": [1.0] if quick else [0.1, 1.0]}
-    others |= {"robust": [0.1] if quick else [0.1, 1.0], "simpo": [2.0] if quick else [1.0, 2.0, 5.0]}
+    others = {"ipo": [0.5] if quick else [0.05, 0.5], "hinge": [1.0] if quick else [0.1, 1.0]}
+    others |= {"robust": [0.1], "simpo": [2.0] if quick else [1.0, 2.0]}
     for loss, betas in others.items():
         smoothing = ["--label-smoothing", "0.1"] if loss == "robust" else []
         runs += [(f"DPO-{loss}", f"beta {b}", ["--loss", loss, "--beta", str(b)] + smoothing) for b in betas]
-    kl_coefs = [0.05] if quick else [0.01, 0.05, 0.2]
+    kl_coefs = [0.05] if quick else [0.02, 0.1]
     runs += [("PPO-RM", f"kl-coef {c}", ["--kl-coef", str(c)]) for c in kl_coefs]
     runs += [("PPO-GT", f"kl-coef {c}", ["--kl-coef", str(c)]) for c in kl_coefs]
-    runs += [("GRPO-GT", f"beta {b}", ["--beta", str(b)]) for b in ([0.05] if quick else [0.0, 0.05, 0.2])]
+    runs += [("GRPO-GT", f"beta {b}", ["--beta", str(b)]) for b in ([0.05] if quick else [0.0, 0.05])]
     return runs
 
 
@@ -96,19 +96,20 @@ def parse_args(argv=None):
     add("--books", nargs="+", metavar="FILE", help="training books (default: download five, as train_ppo.py)")
     add("--heldout-book", metavar="FILE", help="the book of the held-out prompts (default: Gulliver's Travels)")
     add("--quick", action="store_true", help="a reduced sweep: fewer settings and steps (<= 15 min on 2 CPU cores)")
-    add("--steps", type=integer(1), help="training steps of DPO and the reward model (default 150, --quick 40)")
-    add("--rl-steps", type=integer(1), help="steps of PPO and GRPO (default 30, --quick 6)")
+    add("--steps", type=integer(1), help="training steps of DPO and the reward model (default 100, --quick 30)")
+    add("--rl-steps", type=integer(1), help="steps of PPO and GRPO (default 20, --quick 6)")
     add("--k", type=integer(2), default=4, help="answers sampled per pair prompt (default 4)")
     add("--pair-prompts", type=integer(1), help="training windows the pairs are sampled on (default 512, --quick 128)")
     add("--rollout", type=integer(2), help="answers per PPO/GRPO step (default 64, --quick 32)")
     add("--eval-prompts", type=integer(1), default=64, help="held-out windows every model is measured on (64)")
     add("--eval-samples", type=integer(1), default=4, help="answers per held-out window (default 4)")
-    add("--max-n", type=integer(1), default=64, help="best-of-N up to this N, in powers of two (default 64)")
+    add("--max-n", type=integer(1), help="best-of-N up to this N, in powers of two (default 64, --quick 32)")
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda")
     add("--seed", type=integer(0), default=1337, help="random seed (default 1337)")
     add("--max-kl", type=real(0, low_open=True), help="frontier.svg: draw only the points at KL <= this")
     args = p.parse_args(argv)
-    defaults = {"steps": (150, 40), "rl_steps": (30, 6), "pair_prompts": (512, 128), "rollout": (64, 32)}
+    defaults = {"steps": (100, 30), "rl_steps": (20, 6), "pair_prompts": (512, 128), "rollout": (64, 32)}
+    defaults |= {"max_n": (64, 32)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
