@@ -202,6 +202,7 @@ def reference_logprobs(args, policy, pairs: dict, pad_id: int, run) -> dict:
 
 
 SQUEEZE_PROMPTS, SQUEEZE_TOKENS = 16, 32  # the diagnostic's greedy answers: how many, and up to how long
+SUMMARISED = ("val_reward_accuracy", "val_margin", "val_loss")  # in summary.json, before and after training
 
 
 # The squeezing diagnostic (Ren & Sutherland, ICLR 2025, "Learning dynamics of LLM finetuning"): off-policy DPO's
@@ -324,11 +325,7 @@ def train(args, run):
 
     if run.master and not run.resumed:
         before = evaluate()
-        run.summary.update(
-            val_reward_accuracy_before=before["val_reward_accuracy"],
-            val_margin_before=before["val_margin"],
-            val_loss_before=before["val_loss"],
-        )
+        run.summary.update({f"{key}_before": before[key] for key in SUMMARISED})
         run.log(0, **before)
         # the answers before training go to disk now, so that a resumed run can put its own beside them
         keys = ("record", "instruction", "input", "chosen", "rejected")
@@ -372,13 +369,7 @@ def train(args, run):
     if not run.master:
         return
     after = [m for m in run.history if "val_loss" in m][-1]
-    run.summary.update(
-        val_reward_accuracy_after=after["val_reward_accuracy"],
-        val_margin_after=after["val_margin"],
-        val_loss_after=after["val_loss"],
-        steps=args.steps,
-        lr=args.lr,
-    )
+    run.summary.update({f"{key}_after": after[key] for key in SUMMARISED}, steps=args.steps, lr=args.lr)
     run.save_model(policy)
     with run.optional("answering the test prompts"):
         rows = [json.loads(line) for line in (run.out / "responses.jsonl").read_text().splitlines()]
