@@ -2,6 +2,7 @@
 
 import contextlib
 import importlib
+import importlib.util
 import io
 import re
 import shlex
@@ -41,7 +42,13 @@ def script_of(words: list[str]) -> str | None:
 def help_flags(module: str) -> set[str]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        importlib.import_module(module).main(["--help"])
+        if "/" in module:  # a script in a folder (experiments/sentiment_frontier.py): loaded from its path
+            spec = importlib.util.spec_from_file_location(module.replace("/", "_"), ROOT / f"{module}.py")
+            script = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(script)
+        else:
+            script = importlib.import_module(module)
+        script.main(["--help"])
     return set(re.findall(r"--[a-z0-9][a-z0-9-]*", out.getvalue()))
 
 
