@@ -119,9 +119,10 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         past = 0 if cache is None else cache.length
-        if at is not None:  # GPT.decode_step: into cache slot `at` (a tensor), attending to the whole cache
-            cache.k[layer].index_copy_(2, at, k)
-            cache.v[layer].index_copy_(2, at, v)
+        if at is not None:  # GPT.decode_step: row b into cache slot at[b] (or all into at[0]), seeing the whole cache
+            rows = torch.arange(B, device=x.device)
+            cache.k[layer][rows, :, at] = k[:, :, 0]  # (B, n_head, head_dim)
+            cache.v[layer][rows, :, at] = v[:, :, 0]
             k, v = cache.k[layer], cache.v[layer]
         elif cache is not None:
             cache.k[layer, :, :, past : past + T] = k
@@ -256,11 +257,12 @@ class GPT(nn.Module):
             return F.linear(x.float(), self.wte.weight.float())  # (B, T, vocab_size)
 
     def decode_step(self, token: torch.Tensor, cache: KVCache, at: torch.Tensor) -> torch.Tensor:
-        """One new token per row, written into cache slot `at` (a one-element tensor), every shape fixed: what
-        torch.compile (and on a GPU a CUDA graph) captures once for a whole generation (nanotune/generate.py).
+        """One new token per row, written into cache slot `at`, every shape fixed: what torch.compile (and on a GPU
+        a CUDA graph) captures once for a whole generation (nanotune/generate.py). `at` is a tensor: one slot for
+        every row (1,), or a slot per row (B,), as when rows joined at different times (nanotune/engine.py).
         cache.valid marks the keys of real tokens, so left-padded rows take their own positions.
         token (B, 1) -> the next token's logits (B, vocab_size), float32."""
-        cache.valid.index_fill_(1, at, True)
+        cache.valid[torch.arange(token.shape[0], device=token.device), at] = True
         pos = cache.valid.sum(-1, keepdim=True) - 1  # (B, 1): the real tokens before this one
         x = self.wte(token) + self.wpe(pos)  # (B, 1, C)
         mask = cache.valid[:, None, None, :]  # (B, 1, 1, max_len): the keys each row may see
