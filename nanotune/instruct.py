@@ -34,6 +34,25 @@ def format_prompt(example: dict, template: str = "alpaca") -> str:
     return prompt + "\n\n### Response:\n"
 
 
+def format_chat(messages: list[dict], template: str | None) -> str:
+    """OpenAI-style chat messages ({role, content}, the last one the user's) -> the text the model continues
+    (nanotune.serve). With an instruction template each exchange is laid out as SFT trained it (each answer
+    then goes on to the next instruction); without one (a base model) a plain transcript, "User: ...",
+    "Assistant: ...". A system message comes first, as it is."""
+    system = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system")
+    turns = [m for m in messages if m["role"] != "system"]
+    if template is None:
+        names = {"user": "User", "assistant": "Assistant"}
+        return system + "".join(f"{names[m['role']]}: {m['content']}\n" for m in turns) + "Assistant:"
+    text = system
+    for m in turns:
+        if m["role"] == "user":
+            text += format_prompt({"instruction": m["content"]}, template)
+        else:
+            text += m["content"] + "\n\n"
+    return text
+
+
 def normalize_examples(records: list[dict], path, response_keys=("output",)) -> list[dict]:
     """Alpaca records (instruction, input?, output...) or prompt/response pairs -> {instruction, input, <keys>,
     record}, where record is the example's index in the file (errors name it, whatever the shuffle did)."""

@@ -1,0 +1,269 @@
+"""Continuous batching for the server (nanotune/serve.py): one thread owns the model and decodes every running
+request together, one token per row per step; a request that arrives meanwhile joins the batch at the next step,
+and one that ends (or whose client left) leaves it. So tokens per second grow with the number of clients, where
+one generate() call per request would make them queue.
+
+Each row keeps its own place in one KV cache (model.decode_step with a slot per row): a joining request's prompt
+runs once on its own (prefill) and its keys and values are copied into a new row; cache.valid marks each row's
+real keys, so rows of different lengths never see each other's padding. This module knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .generate import _pick
+from .model import GPT, KVCache, packed_bf16
+
+SLOTS = 64  # the cache grows in steps of this many positions (fewer reallocations, attention over few unused)
+
+
+@dataclass
+class Request:
+    """One prompt to continue n times. The engine calls emit(choice, text, finish_reason, n_tokens) from its own
+    thread for every piece of text (finish_reason None until the choice ends: "stop" or "length")."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: object  # callable(choice: int, text: str, finish_reason: str | None, n_tokens: int)
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    cancelled: bool = False  # set by the server when the client has gone: the rows leave at the next step
+    arrived: float = field(default_factory=time.time)
+
+
+class TextStream:
+    """A choice's tokens -> the text to send so far. Bytes are decoded incrementally (a character split across
+    tokens waits for its last byte), and text that could be the start of a stop string is held back until it
+    cannot (so a stop string is never sent, even in part)."""
+
+    def __init__(self, enc, stop: tuple[str, ...]):
+        self.enc, self.stop = enc, stop
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text, self.sent = "", 0  # all text decoded, how much of it went out
+
+    def feed(self, token: int) -> tuple[str, bool]:
+        """-> (new text to send, whether a stop string ended the choice)."""
+        self.text += self.decoder.decode(self.enc.decode_single_token_bytes(token))
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.sent - len(s)))
+            if at != -1:
+                self.text = self.text[:at]
+                return self._release(len(self.text)), True
+        held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._release(len(self.text) - held), False
+
+    def finish(self) -> str:
+        """The rest, when the choice ends for another reason (the held-back text was no stop string after all)."""
+        self.text += self.decoder.decode(b"", final=True)
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        out, self.sent = self.text[self.sent : upto], max(self.sent, upto)
+        return out
+
+
+@dataclass
+class Row:
+    """One choice of one request: a row of the batch."""
+
+    request: Request
+    choice: int
+    length: int  # positions of the cache it fills (its next token goes into slot `length`)
+    text: TextStream
+    generator: torch.Generator | None
+    produced: int = 0
+
+
+class Engine:
+    """The model, its batch of rows and the queue of requests waiting for room. submit() from any thread;
+    the decoding runs in the engine's own thread (start())."""
+
+    def __init__(self, model: GPT, enc, max_batch: int = 8, max_queue: int = 32, dtype: torch.dtype | None = None):
+        self.model, self.enc, self.max_batch, self.max_queue = model.eval(), enc, max_batch, max_queue
+        self.device = model.wte.weight.device
+        self.dtype = dtype
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.rows: list[Row] = []
+        self.steps = 0  # decode steps run (for the tests and /health)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nanotune-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    # ---- called from the server's threads
+
+    def submit(self, request: Request) -> bool:
+        """Queue a request; False when the queue is full (the server answers 429)."""
+        if self.waiting.qsize() >= self.max_queue:
+            return False
+        self.waiting.put(request)
+        return True
+
+    def stats(self) -> dict:
+        return {"running": len(self.rows), "waiting": self.waiting.qsize(), "steps": self.steps}
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self.waiting.put(None)  # wake the thread if it waits for work
+        self._thread.join(timeout=10)
+
+    # ---- the engine's thread
+
+    def _run(self):
+        packed = self.dtype == torch.bfloat16 and self.device.type == "cpu"
+        bf16 = self.dtype is not None and self.device.type != "cpu"
+        context = packed_bf16(self.model) if packed else contextlib.nullcontext()
+        with torch.inference_mode(), context, torch.autocast(self.device.type, dtype=self.dtype, enabled=bf16):
+            # the tied head copied once for the server's life (see KVCache); the batch's keys and values follow
+            self.cache = KVCache(self.model, 0, SLOTS, copy_head=True, packed=packed)
+            self.logits = torch.empty(0, self.model.config.vocab_size, device=self.device)
+            try:
+                while not self._stop.is_set():
+                    self._admit(block=not self.rows)
+                    self.rows, keep = self._without_cancelled()
+                    self._keep(keep)
+                    if self.rows:
+                        self._step()
+            except BaseException as e:  # every request, running or waiting, ends with it (the server reports it)
+                self.error = e
+                for row in self.rows:
+                    row.request.emit(row.choice, "", "error", row.produced)
+                while not self.waiting.empty():
+                    request = self.waiting.get()
+                    for choice in range(request.n if request else 0):
+                        request.emit(choice, "", "error", 0)
+                traceback.print_exc()  # into the server's log; /health says "error" from now on
+
+    def _admit(self, block: bool):
+        """Move waiting requests into the batch while it has room for all their choices."""
+        while len(self.rows) < self.max_batch:
+            try:
+                request = self.waiting.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            if request is None:  # stop()
+                return
+            if request.cancelled:
+                continue
+            if len(self.rows) + request.n > self.max_batch:  # no room for all its choices yet: it goes first later
+                self._requeue_first(request)
+                return
+            self._prefill(request)
+            block = False
+
+    def _requeue_first(self, request: Request):
+        with self.waiting.mutex:
+            self.waiting.queue.appendleft(request)
+
+    def _prefill(self, request: Request):
+        """The prompt once through the model; its keys and values become n new rows, each with its first token."""
+        model, n = self.model, request.n
+        ids = torch.tensor([request.prompt], device=self.device)
+        own = KVCache(model, 1, len(request.prompt) + model.n_virtual, copy_head=False)
+        logits = model(ids, cache=own)[:, -1].float().expand(n, -1)  # (n, V)
+        length = own.length
+        self._grow(length + 1)
+        width = self.cache.max_len
+        pad = (0, 0, 0, width - length)  # (L, 1, H, length, D) -> (L, 1, H, width, D)
+        k, v = F.pad(own.k[:, :, :, :length], pad), F.pad(own.v[:, :, :, :length], pad)
+        self.cache.k = torch.cat([self.cache.k, k.expand(-1, n, -1, -1, -1)], dim=1)
+        self.cache.v = torch.cat([self.cache.v, v.expand(-1, n, -1, -1, -1)], dim=1)
+        valid = torch.zeros(n, width, dtype=torch.bool, device=self.device)
+        valid[:, :length] = True
+        self.cache.valid = torch.cat([self.cache.valid, valid])
+        self.logits = torch.cat([self.logits, logits])
+        for choice in range(n):
+            generator = None
+            if request.temperature > 0:
+                seed = request.seed + choice if request.seed is not None else int(torch.randint(2**62, ()))
+                generator = torch.Generator(self.device).manual_seed(seed)
+            self.rows.append(Row(request, choice, length, TextStream(self.enc, request.stop), generator))
+
+    def _grow(self, needed: int):
+        """Room in the cache for `needed` positions (rounded up to SLOTS, at most the model's context)."""
+        if needed <= self.cache.max_len:
+            return
+        width = min(-(-needed // SLOTS) * SLOTS, self.model.config.n_positions)
+        extra = width - self.cache.max_len
+        self.cache.k = F.pad(self.cache.k, (0, 0, 0, extra))
+        self.cache.v = F.pad(self.cache.v, (0, 0, 0, extra))
+        self.cache.valid = F.pad(self.cache.valid, (0, extra))
+        self.cache.max_len = width
+
+    def _without_cancelled(self):
+        keep = [i for i, row in enumerate(self.rows) if not row.request.cancelled]
+        return [self.rows[i] for i in keep], keep
+
+    def _keep(self, keep: list[int]):
+        """Only these rows stay in the cache (the others ended or were cancelled); an empty batch shrinks it."""
+        if len(keep) == self.cache.k.shape[1]:
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.cache.k, self.cache.v = self.cache.k.index_select(1, index), self.cache.v.index_select(1, index)
+        self.cache.valid, self.logits = self.cache.valid[index], self.logits[index]
+        if not keep:  # nothing running: back to the smallest cache
+            self.cache.k, self.cache.v = self.cache.k[:, :, :, :SLOTS], self.cache.v[:, :, :, :SLOTS]
+            self.cache.valid, self.cache.max_len = self.cache.valid[:, :SLOTS], SLOTS
+
+    def _step(self):
+        """Pick each row's next token from its logits, send its text, retire the rows that ended, then one
+        decode step for the rest: their next logits."""
+        tokens = self._pick()
+        keep = []
+        for i, (row, token) in enumerate(zip(self.rows, tokens)):
+            row.produced += 1
+            request = row.request
+            finish = None
+            if token == self.enc.eot_token:
+                text, finish = row.text.finish(), "stop"
+            else:
+                text, stopped = row.text.feed(token)
+                if stopped:
+                    finish = "stop"
+                elif row.produced >= request.max_tokens or row.length + 1 >= self.model.config.n_positions:
+                    text, finish = text + row.text.finish(), "length"
+            request.emit(row.choice, text, finish, row.produced)
+            if finish is None:
+                keep.append(i)
+        self.rows = [self.rows[i] for i in keep]
+        self._keep(keep)
+        tokens = [tokens[i] for i in keep]
+        if not self.rows:
+            return
+        self._grow(max(row.length for row in self.rows) + 1)
+        at = torch.tensor([row.length for row in self.rows], device=self.device)  # (B,) each row's next slot
+        token = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
+        self.logits = self.model.decode_step(token, self.cache, at)  # (B, V)
+        for row in self.rows:
+            row.length += 1
+        self.steps += 1
+
+    def _pick(self) -> list[int]:
+        """The next token of every row: greedy rows at once, sampled rows each with its own generator (so a
+        request's seed gives the same answer whoever else is in the batch)."""
+        logits = self.logits.float()
+        tokens = logits.argmax(-1).tolist()
+        for i, row in enumerate(self.rows):
+            if row.request.temperature > 0:
+                request = row.request
+                pick = _pick(logits[i : i + 1], request.temperature, None, request.top_p, _NONE, row.generator)
+                tokens[i] = int(pick)
+        return tokens
+
+
+_NONE = torch.empty(0, dtype=torch.long)  # no banned tokens

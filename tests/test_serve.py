@@ -1,0 +1,406 @@
+"""python -m nanotune.serve, driven as its users drive it: the real openai client against a server process on a
+free localhost port, raw HTTP for what a client library would not send, and a headless Chromium on the chat page."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanotune.engine import Engine, Request, TextStream
+from nanotune.generate import generate
+from nanotune.instruct import format_chat, format_prompt
+from nanotune.model import GPT
+from nanotune.serve import Limits, chat_template, create_app
+from nanotune.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny, tmp_path_factory):
+    """The tiny model as an SFT run leaves it: its summary.json names the alpaca template."""
+    path = tmp_path_factory.mktemp("sft")
+    for f in Path(tiny).iterdir():
+        shutil.copy(f, path / f.name)
+    (path / "summary.json").write_text(json.dumps({"script": "train_sft.py", "args": {"template": "alpaca"}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """A server process; yields its base URL. Its output is shown if it fails to come up."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "nanotune.serve", "--model", str(model_dir), "--name", "tiny", "--port", str(port)]
+    cmd += ["--api-key", KEY, "--max-tokens", "16", "--max-request-bytes", "100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited: {proc.stdout.read()}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the server did not answer /health within 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    """The same model in this process: what the answers must equal."""
+    return GPT.from_pretrained(model_dir).eval(), load_tokenizer()
+
+
+def greedy(local, text: str, max_tokens: int) -> tuple[str, int]:
+    """nanotune's own greedy continuation of text -> (its text, tokens generated)."""
+    model, enc = local
+    ids = enc.encode_ordinary(text)
+    new = generate(model, [ids], max_tokens, temperature=0, eos_token=enc.eot_token)[0][len(ids) :]
+    return enc.decode([t for t in new if t != enc.eot_token]), len(new)
+
+
+def health(server) -> dict:
+    return json.load(urllib.request.urlopen(server + "/health"))
+
+
+def post(server, path, body: bytes, key=KEY):
+    """Raw HTTP: -> (status, parsed JSON)."""
+    request = urllib.request.Request(server + path, body, {"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+# ---- the OpenAI API, through the openai client
+
+
+def test_models_list(client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_chat_at_temperature_0_is_nanotunes_greedy_answer_in_the_sft_template(client, local):
+    messages = [{"role": "user", "content": "Name three rivers."}]
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12)
+    prompt = format_prompt({"instruction": "Name three rivers."}, "alpaca")
+    text, n = greedy(local, prompt, 12)
+    assert r.choices[0].message.content == text
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == ("length" if n == 12 else "stop")
+    assert r.usage.prompt_tokens == len(local[1].encode_ordinary(prompt))
+    assert (r.usage.completion_tokens, r.usage.total_tokens) == (n, r.usage.prompt_tokens + n)
+
+
+def test_completion_at_temperature_0_and_its_stream(client, local):
+    text, n = greedy(local, "It was a dark and stormy night", 10)
+    r = client.completions.create(model="tiny", prompt="It was a dark and stormy night", temperature=0, max_tokens=10)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (text, "length", n)
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="It was a dark and stormy night", temperature=0, max_tokens=10, stream=True
+        )
+    )
+    assert len(chunks) > 2  # streamed piece by piece, not in one go
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_streamed_chat_chunks_add_up_to_the_whole_answer(client):
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], temperature=0, max_tokens=14)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
+    assert chunks[-1].usage.completion_tokens == 14 and not chunks[-1].choices
+
+
+def test_n_choices_and_seed(client):
+    kwargs = dict(model="tiny", prompt="The king said", max_tokens=8, n=2, temperature=1.0, seed=7)
+    first, again = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]  # the seed makes it reproducible
+    assert first.choices[0].text != first.choices[1].text  # each choice samples on its own
+    assert first.usage.completion_tokens == 16
+    greedy_two = client.completions.create(**{**kwargs, "temperature": 0})
+    assert greedy_two.choices[0].text == greedy_two.choices[1].text
+
+
+def test_stop_string_ends_the_answer_before_it(client, local):
+    text, _ = greedy(local, "Once upon a time", 16)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # a piece from the middle of the greedy answer
+    r = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=16, stop=[stop])
+    assert r.choices[0].text == text[: text.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model="tiny", prompt="Once upon a time", temperature=0, max_tokens=16, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == text[: text.index(stop)]
+
+
+def test_default_max_tokens_is_the_servers(client):
+    r = client.completions.create(model="tiny", prompt="A", temperature=0)
+    assert r.usage.completion_tokens == 16  # --max-tokens 16
+
+
+def test_eight_concurrent_clients_are_answered_correctly_and_decoded_together(client, local, server):
+    prompts = [f"Chapter {i}. It was" for i in range(8)]
+    answers, errors = {}, []
+
+    def ask(i):
+        try:
+            r = client.completions.create(model="tiny", prompt=prompts[i], temperature=0, max_tokens=40)
+            answers[i] = r.choices[0].text
+        except Exception as e:  # (reported below; a thread's exception would vanish)
+            errors.append(e)
+
+    steps = health(server)["steps"]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert answers == {i: greedy(local, p, 40)[0] for i, p in enumerate(prompts)}
+    # 8 x 40 tokens: one at a time that is ~8 x 39 decode steps; joined into one batch, far fewer
+    assert health(server)["steps"] - steps < 8 * 39 * 0.6
+
+
+# ---- bad requests: OpenAI's error JSON and a 4xx status, and the server goes on
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(client, server):
+    status, body = post(server, "/v1/completions", b"{not json")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error" and "JSON" in body["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-5", prompt="Hi")
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=300)  # the context is 256
+    assert (e.value.body["code"], e.value.body["param"]) == ("context_length_exceeded", "max_tokens")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[])
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert e.value.body["code"] == "invalid_api_key"
+    status, body = post(server, "/v1/completions", b'{"model": "tiny", "prompt": "' + b"a" * 200_000 + b'"}')
+    assert status == 413 and "error" in body
+    status, body = post(server, "/v1/completions", b'{"model": "tiny", "prompt": 3}')
+    assert status == 400 and body["error"]["param"] == "prompt"
+    r = client.completions.create(model="tiny", prompt="Still there?", temperature=0, max_tokens=3)
+    assert r.usage.completion_tokens == 3
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server, local):
+    body = json.dumps({"model": "tiny", "prompt": "Go on", "max_tokens": 250, "stream": True, "temperature": 0})
+    steps = health(server)["steps"]
+    with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1]))) as s:
+        s.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        received = b""
+        while b"data: " not in received:  # the headers, then the stream's first chunk
+            received += s.recv(4096)
+    for _ in range(100):
+        if health(server)["running"] == 0:
+            break
+        time.sleep(0.02)
+    assert health(server)["running"] == 0
+    assert health(server)["steps"] - steps < 200  # stopped well before its 250 tokens
+
+
+# ---- in process: the queue bound, the template, the text stream
+
+
+def test_a_full_queue_answers_429(tiny):
+    from fastapi.testclient import TestClient
+
+    model, enc = GPT.from_pretrained(tiny), load_tokenizer()
+    engine = Engine(model, enc, max_batch=1, max_queue=1)  # not started: requests wait
+    args = type("Args", (), {"max_tokens": 4, "max_batch": 1, "max_request_bytes": 10_000})
+    http = TestClient(create_app(engine, enc, "tiny", None, Limits(args, 256)))
+    engine.submit(Request([1], 4, emit=lambda *a: None))  # the one place in the queue
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+
+
+def test_a_model_that_fails_mid_decode_ends_every_request_with_a_500_not_a_hang(tiny):
+    from fastapi.testclient import TestClient
+
+    model, enc = GPT.from_pretrained(tiny), load_tokenizer()
+
+    def broken(*args):
+        raise RuntimeError("out of memory (simulated)")
+
+    model.decode_step = broken  # the prompt's forward works; the first decode step fails
+    engine = Engine(model, enc)
+    args = type("Args", (), {"max_tokens": 4, "max_batch": 8, "max_request_bytes": 10_000})
+    http = TestClient(create_app(engine, enc, "tiny", None, Limits(args, 256)))
+    engine.start()
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "temperature": 0})
+    assert r.status_code == 500 and "out of memory (simulated)" in r.json()["error"]["message"]
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi again"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert http.get("/health").json()["status"] == "error"
+
+
+def test_chat_template_comes_from_the_model_folder(model_dir, tiny, tmp_path):
+    assert chat_template(str(model_dir), "auto") == "alpaca"
+    assert chat_template(tiny, "auto") is None  # no summary.json: a base model
+    assert chat_template(str(model_dir), "none") is None and chat_template(tiny, "plain") == "plain"
+    (tmp_path / "summary.json").write_text(json.dumps({"args": {"template": "alpaca", "prompt_source": "books"}}))
+    assert chat_template(str(tmp_path), "auto") is None  # trained on book text, not instructions
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
+    assert format_chat(messages, None) == "Be brief.\n\nUser: Hi\nAssistant: Hello.\nUser: Bye\nAssistant:"
+    alpaca = format_chat(messages, "alpaca")
+    assert alpaca == "Be brief.\n\n" + format_prompt({"instruction": "Hi"}) + "Hello.\n\n" + format_prompt(
+        {"instruction": "Bye"}
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(min_size=1, max_size=40), stop=st.lists(st.text(min_size=1, max_size=4), max_size=3))
+def test_text_stream_sends_the_text_up_to_the_first_stop_and_never_part_of_a_stop(text, stop):
+    enc = load_tokenizer()
+    stream, sent, stopped = TextStream(enc, tuple(stop)), "", False
+    for token in enc.encode_ordinary(text):
+        piece, stopped = stream.feed(token)
+        sent += piece
+        if stopped:
+            break
+    if not stopped:
+        sent += stream.finish()
+    first = min((text.find(s) for s in stop if s in text), default=len(text))
+    assert sent == text[:first]
+
+
+def test_engine_rows_of_different_lengths_match_generate_alone(tiny):
+    """The engine's core without HTTP: requests that join a running batch at different steps, each its own length."""
+    model, enc = GPT.from_pretrained(tiny).eval(), load_tokenizer()
+    engine = Engine(model, enc, max_batch=4)
+    engine.start()
+    prompts = [enc.encode_ordinary(t) for t in ("A", "The quick brown fox jumps over", "Hello there, how", "x y")]
+    done, texts, finished = threading.Event(), {}, set()
+
+    def emit_for(i):
+        def emit(choice, text, finish, n):
+            texts[i] = texts.get(i, "") + text
+            if finish:
+                finished.add(i)
+                if len(finished) == len(prompts):
+                    done.set()
+
+        return emit
+
+    try:
+        for i, p in enumerate(prompts):
+            engine.submit(Request(p, 20 + 5 * i, emit_for(i), temperature=0))
+            time.sleep(0.01 * i)
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    for i, p in enumerate(prompts):
+        new = generate(model, [p], 20 + 5 * i, temperature=0, eos_token=enc.eot_token)[0][len(p) :]
+        assert texts[i] == enc.decode([t for t in new if t != enc.eot_token])
+
+
+# ---- the chat page in a real browser
+
+
+def browser():
+    """Headless Chromium through Selenium, or a skip that says why (never under CI=true: there it must run)."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but chromium/chromedriver are missing (.ci/run installs Debian's packages)")
+        pytest.skip("no chromium + chromedriver here (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):  # fmt: skip
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_the_chat_page_streams_an_answer(server, client):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = browser()
+    try:
+        page.get(server + "/")
+        page.find_element(By.ID, "key-label")  # the server wants a key: the page asks for it
+        WebDriverWait(page, 20).until(lambda p: p.find_element(By.ID, "key-label").is_displayed())
+        page.find_element(By.ID, "key").send_keys(KEY)
+        page.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
+        WebDriverWait(page, 20).until(lambda p: p.find_element(By.ID, "model").text == "tiny")
+        page.execute_script("document.getElementById('temperature').value = '0'")
+        # count the answer's updates: streamed, it grows over several
+        page.execute_script(
+            "window.updates = 0; new MutationObserver(() => window.updates++)"
+            ".observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true})"
+        )
+        page.find_element(By.ID, "input").send_keys("Name three rivers.\n")
+        answered = lambda n: lambda p: p.find_element(By.ID, "send").is_enabled() and len(  # noqa: E731
+            p.find_elements(By.CSS_SELECTOR, ".assistant")) == n  # fmt: skip
+        WebDriverWait(page, 60).until(answered(1))
+        shown = page.execute_script("return document.querySelector('.assistant').textContent")
+        expected = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Name three rivers."}], temperature=0
+        )
+        assert shown == expected.choices[0].message.content  # (tiny's greedy answer: 16 newlines)
+        assert page.execute_script("return window.updates") > 3  # it grew piece by piece
+        # a second turn, sampled: visible text, and the conversation holds both exchanges
+        page.execute_script("document.getElementById('temperature').value = '1.5'")
+        page.find_element(By.ID, "input").send_keys("And three mountains?\n")
+        WebDriverWait(page, 60).until(answered(2))
+        assert page.find_elements(By.CSS_SELECTOR, ".assistant")[1].text.strip()
+        assert len(page.find_elements(By.CSS_SELECTOR, ".msg")) == 4
+        assert not page.find_elements(By.CSS_SELECTOR, ".error")
+        page.find_element(By.ID, "clear").click()
+        assert page.find_elements(By.CSS_SELECTOR, ".msg") == []
+    finally:
+        page.quit()
