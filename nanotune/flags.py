@@ -13,6 +13,7 @@ import sys
 
 from .checkpoint import read_checkpoint_state
 from .peft import METHODS, check_peft_args
+from .tracking import TRACKERS
 from .utils import NanotuneError, die
 
 
@@ -113,6 +114,13 @@ def add_common_args(parser, lr: float, steps: int, batch_size: int, peft_methods
     add("--no-save", action="store_true", help="do not write the fine-tuned weights")
     keep = "keep the last checkpoint (with the optimizer state) after a finished run, to --resume it for more --steps"
     add("--keep-checkpoint", action="store_true", help=keep)
+    tracker = (
+        "mirror every metrics.jsonl line (same names, same steps) to tensorboard (event files in --out/tensorboard/) "
+        "or wandb (Weights & Biases: project $WANDB_PROJECT or nanotune, the run named after --out, files in "
+        "--out/wandb/; online if W&B has an API key (WANDB_API_KEY or wandb login), else offline, to upload later "
+        "with wandb sync; WANDB_MODE, when set, decides); metrics.jsonl stays the record (default none)"
+    )
+    add("--tracker", default="none", choices=TRACKERS, help=tracker)
     add_peft_args(parser, peft_methods)
 
 

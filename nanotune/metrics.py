@@ -89,17 +89,23 @@ def progress(items, what: str, enabled: bool = True, total: int | None = None, *
 
 class MetricsLog:
     """metrics.jsonl, appended to and flushed line by line (a killed run keeps every line written), and the same
-    metrics in memory (history) for the summary and the plots."""
+    metrics in memory (history) for the summary and the plots. A tracker (nanotune/tracking.py: --tracker) is
+    given every line too, from the first write on, the history kept by a --resume first."""
 
-    def __init__(self, path: Path, history: list[dict] | None = None):
-        self.path = path
+    def __init__(self, path: Path, history: list[dict] | None = None, tracker=None):
+        self.path, self.tracker = path, tracker
         self.history = list(history or [])
+        self._mirrored = 0  # the lines of history the tracker has
         self._file = open(path, "a")
 
     def write(self, metrics: dict):
         self.history.append(metrics)
         self._file.write(json.dumps(metrics) + "\n")
         self._file.flush()
+        if self.tracker is not None:
+            for line in self.history[self._mirrored :]:
+                self.tracker.log(line)
+                self._mirrored += 1
 
     def rewrite(self):
         """metrics.jsonl as history holds it (whole or not at all), and appended to from there."""
@@ -113,6 +119,8 @@ class MetricsLog:
 
     def close(self):
         self._file.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def progress_line(metrics: dict, keys, steps: int | None = None) -> str:

@@ -40,6 +40,7 @@ from .checkpoint import CHECKPOINTS, MODEL_FILES, SAVE_ERRORS
 from .divergence import DivergenceRule
 from .metrics import MetricsLog, Progress, clock, fmt, progress_line
 from .outdir import OutputFolder
+from .tracking import TRACKER_FILES, open_tracker
 from .utils import (
     ROOT,
     DivergedError,
@@ -76,7 +77,7 @@ class Run:
         self._folder = self._log = self._bar = None
         self._old_handlers = {}
         self._tokens, self._t_log, self._elapsed_before = 0, time.time(), 0.0
-        self._run_files = ("metrics.jsonl", "summary.json", CHECKPOINTS) + MODEL_FILES + tuple(outputs)
+        self._run_files = ("metrics.jsonl", "summary.json", CHECKPOINTS) + MODEL_FILES + TRACKER_FILES + tuple(outputs)
 
     # ---- start: device, processes, folder, lock, log, signal handlers
 
@@ -120,7 +121,8 @@ class Run:
             self._elapsed_before = state.get("elapsed_s", 0.0)
         else:
             checkpoint.remove_partial_checkpoints(self.out)
-        self._log = MetricsLog(self.out / "metrics.jsonl", history)
+        tracker = open_tracker(self.args.tracker, self.out, self.out.name, vars(self.args))  # no package: stops here
+        self._log = MetricsLog(self.out / "metrics.jsonl", history, tracker)  # mirrored to --tracker
         self.summary.update(status="running", script=self.script.name, args=vars(self.args))
 
     def _on_signal(self, signum, frame):
@@ -128,12 +130,8 @@ class Run:
             raise KeyboardInterrupt
         self.stop_signal = signal.Signals(signum).name
         if self.master:
-            print(
-                f"\n{self.stop_signal}: finishing the current step, then writing a checkpoint "
-                "(press Ctrl-C again to stop at once)",
-                file=sys.stderr,
-                flush=True,
-            )
+            message = "finishing the current step, then writing a checkpoint (press Ctrl-C again to stop at once)"
+            print(f"\n{self.stop_signal}: {message}", file=sys.stderr, flush=True)
 
     def _write_summary(self):
         """summary.json: headline numbers first, the flags last."""
