@@ -120,9 +120,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         past = 0 if cache is None else cache.length
         if at is not None:  # GPT.decode_step: row b into cache slot at[b] (or all into at[0]), seeing the whole cache
-            rows = torch.arange(B, device=x.device)
-            cache.k[layer][rows, :, at] = k[:, :, 0]  # (B, n_head, head_dim)
-            cache.v[layer][rows, :, at] = v[:, :, 0]
+            slot = at.view(-1, 1, 1, 1).expand_as(k)  # (B, n_head, 1, head_dim): where each row's key goes
+            cache.k[layer].scatter_(2, slot, k)
+            cache.v[layer].scatter_(2, slot, v)
             k, v = cache.k[layer], cache.v[layer]
         elif cache is not None:
             cache.k[layer, :, :, past : past + T] = k
@@ -262,7 +262,7 @@ class GPT(nn.Module):
         every row (1,), or a slot per row (B,), as when rows joined at different times (nanotune/engine.py).
         cache.valid marks the keys of real tokens, so left-padded rows take their own positions.
         token (B, 1) -> the next token's logits (B, vocab_size), float32."""
-        cache.valid[torch.arange(token.shape[0], device=token.device), at] = True
+        cache.valid.scatter_(1, at.view(-1, 1).expand(token.shape[0], 1), True)
         pos = cache.valid.sum(-1, keepdim=True) - 1  # (B, 1): the real tokens before this one
         x = self.wte(token) + self.wpe(pos)  # (B, 1, C)
         mask = cache.valid[:, None, None, :]  # (B, 1, 1, max_len): the keys each row may see
