@@ -102,7 +102,7 @@ def decode(model: GPT, idx, attention_mask, max_new_tokens: int, sampling, compi
     banned = torch.tensor(sorted(set(int(t) for t in banned_tokens)), dtype=torch.long, device=device)
     # cache slots rounded up to 64, so that a compiled step serves generations of nearby lengths alike
     slots = min(model.config.n_positions, -(-(total + model.n_virtual) // 64) * 64)
-    cache = KVCache(model, B, slots, copy_head=max_new_tokens >= 32, packed=packed)  # (copy: see KVCache)
+    cache = KVCache(model, B, slots, copy_head=B == 1 and max_new_tokens >= 32, packed=packed)  # (see KVCache)
     out = torch.empty(B, total, dtype=torch.long, device=device)
     out[:, :T] = idx
     done = torch.zeros(B, dtype=torch.bool, device=device)
