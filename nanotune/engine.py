@@ -1,4 +1,4 @@
-"""Continuous batching for the server (nanotune/serve.py): one thread owns the model and decodes every running
+"""Continuous batching for the server (nanotune/serve.py): one loop owns the model and decodes every running
 request together, one token per row per step; a request that arrives meanwhile joins the batch at the next step,
 and one that ends (or whose client left) leaves it. So tokens per second grow with the number of clients, where
 one generate() call per request would make them queue.
@@ -29,8 +29,8 @@ SLOTS = 64  # the cache grows in steps of this many positions (fewer reallocatio
 
 @dataclass
 class Request:
-    """One prompt to continue n times. The engine calls emit(choice, text, finish_reason, n_tokens) from its own
-    thread for every piece of text (finish_reason None until the choice ends: "stop" or "length")."""
+    """One prompt to continue n times. The engine calls emit(choice, text, finish_reason, n_tokens) from its
+    loop's thread for every piece of text (finish_reason None until the choice ends: "stop" or "length")."""
 
     prompt: list[int]
     max_tokens: int
@@ -89,7 +89,7 @@ class Row:
 
 class Engine:
     """The model, its batch of rows and the queue of requests waiting for room. submit() from any thread;
-    the decoding runs in the engine's own thread (start())."""
+    the decoding runs in one thread, run() (or start(): run() in a new thread)."""
 
     def __init__(self, model: GPT, enc, max_batch: int = 8, max_queue: int = 32, dtype: torch.dtype | None = None):
         self.model, self.enc, self.max_batch, self.max_queue = model.eval(), enc, max_batch, max_queue
@@ -99,7 +99,7 @@ class Engine:
         self.rows: list[Row] = []
         self.steps = 0  # decode steps run (for the tests and /health)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="nanotune-engine", daemon=True)
+        self._thread = None
         self.error: BaseException | None = None
 
     # ---- called from the server's threads
@@ -115,16 +115,21 @@ class Engine:
         return {"running": len(self.rows), "waiting": self.waiting.qsize(), "steps": self.steps}
 
     def start(self):
+        """run() in a thread of its own (the server runs it in the main thread instead: see serve.main)."""
+        self._thread = threading.Thread(target=self.run, name="nanotune-engine", daemon=True)
         self._thread.start()
 
     def stop(self):
+        """Make run() return (after the step in progress)."""
         self._stop.set()
-        self.waiting.put(None)  # wake the thread if it waits for work
-        self._thread.join(timeout=10)
+        self.waiting.put(None)  # wake it if it waits for work
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
-    # ---- the engine's thread
+    # ---- the decoding loop
 
-    def _run(self):
+    def run(self):
+        """Decode until stop(): admit waiting requests, drop cancelled rows, one step for all the rest."""
         packed = self.dtype == torch.bfloat16 and self.device.type == "cpu"
         bf16 = self.dtype is not None and self.device.type != "cpu"
         context = packed_bf16(self.model) if packed else contextlib.nullcontext()
@@ -139,7 +144,7 @@ class Engine:
                     self._keep(keep)
                     if self.rows:
                         self._step()
-            except BaseException as e:  # every request, running or waiting, ends with it (the server reports it)
+            except Exception as e:  # every request, running or waiting, ends with it (the server reports it)
                 self.error = e
                 for row in self.rows:
                     row.request.emit(row.choice, "", "error", row.produced)
