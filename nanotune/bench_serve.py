@@ -98,7 +98,7 @@ def start_server(args) -> tuple[subprocess.Popen, int]:
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for _ in range(1200):
         if server.poll() is not None:
-            die(f"the server exited: {server.stderr.read().strip().splitlines()[-1]}")
+            die(f"the server exited: {(server.stderr.read().strip().splitlines() or ['(no output)'])[-1]}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
             return server, port

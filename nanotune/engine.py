@@ -14,9 +14,8 @@ import codecs
 import contextlib
 import queue
 import threading
-import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,6 @@ class Request:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     cancelled: bool = False  # set by the server when the client has gone: the rows leave at the next step
-    arrived: float = field(default_factory=time.time)
 
 
 class TextStream:
@@ -57,11 +55,10 @@ class TextStream:
     def feed(self, token: int) -> tuple[str, bool]:
         """-> (new text to send, whether a stop string ended the choice)."""
         self.text += self.decoder.decode(self.enc.decode_single_token_bytes(token))
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.sent - len(s)))
-            if at != -1:
-                self.text = self.text[:at]
-                return self._release(len(self.text)), True
+        found = [at for s in self.stop if (at := self.text.find(s, max(0, self.sent - len(s)))) != -1]
+        if found:  # the earliest in the text, whichever stop string it is
+            self.text = self.text[: min(found)]
+            return self._release(len(self.text)), True
         held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
         return self._release(len(self.text) - held), False
 
@@ -100,16 +97,26 @@ class Engine:
         self.steps = 0  # decode steps run (for the tests and /health)
         self._stop = threading.Event()
         self._thread = None
-        self.error: BaseException | None = None
+        self._closed = False  # run() has ended: nothing more is taken (under _lock, with submit)
+        self._lock = threading.Lock()
+        self.error: Exception | None = None  # what ended run(), if the model failed
 
     # ---- called from the server's threads
 
     def submit(self, request: Request) -> bool:
-        """Queue a request; False when the queue is full (the server answers 429)."""
-        if self.waiting.qsize() >= self.max_queue:
-            return False
-        self.waiting.put(request)
-        return True
+        """Queue a request; False when the queue is full (the server answers 429). A request that comes after
+        run() ended gets its end at once, finish_reason "error" (the server answers 500)."""
+        if request.n > self.max_batch:
+            raise ValueError(f"n = {request.n} choices cannot fit a batch of {self.max_batch} rows")
+        with self._lock:
+            if self._closed:
+                for choice in range(request.n):
+                    request.emit(choice, "", "error", 0)
+                return True
+            if self.waiting.qsize() >= self.max_queue:
+                return False
+            self.waiting.put(request)
+            return True
 
     def stats(self) -> dict:
         return {"running": len(self.rows), "waiting": self.waiting.qsize(), "steps": self.steps}
@@ -119,8 +126,12 @@ class Engine:
         self._thread = threading.Thread(target=self.run, name="nanotune-engine", daemon=True)
         self._thread.start()
 
+    def stop_soon(self):
+        """Make run() return after the step in progress (within 0.5 s when idle); safe in a signal handler."""
+        self._stop.set()
+
     def stop(self):
-        """Make run() return (after the step in progress)."""
+        """stop_soon(), and wait for run() to end."""
         self._stop.set()
         self.waiting.put(None)  # wake it if it waits for work
         if self._thread is not None:
@@ -129,7 +140,9 @@ class Engine:
     # ---- the decoding loop
 
     def run(self):
-        """Decode until stop(): admit waiting requests, drop cancelled rows, one step for all the rest."""
+        """Decode until stop(): admit waiting requests, drop cancelled rows, one step for all the rest. If the
+        model fails, the error is kept in .error and run() returns; either way every request still running or
+        waiting then ends with finish_reason "error"."""
         packed = self.dtype == torch.bfloat16 and self.device.type == "cpu"
         bf16 = self.dtype is not None and self.device.type != "cpu"
         context = packed_bf16(self.model) if packed else contextlib.nullcontext()
@@ -144,15 +157,23 @@ class Engine:
                     self._keep(keep)
                     if self.rows:
                         self._step()
-            except Exception as e:  # every request, running or waiting, ends with it (the server reports it)
+            except Exception as e:
                 self.error = e
-                for row in self.rows:
-                    row.request.emit(row.choice, "", "error", row.produced)
-                while not self.waiting.empty():
-                    request = self.waiting.get()
-                    for choice in range(request.n if request else 0):
-                        request.emit(choice, "", "error", 0)
-                traceback.print_exc()  # into the server's log; /health says "error" from now on
+                traceback.print_exc()  # into the server's log
+            finally:
+                self._close()
+
+    def _close(self):
+        """No more requests; those running or waiting end now."""
+        with self._lock:
+            self._closed = True
+        for row in self.rows:
+            row.request.emit(row.choice, "", "error", row.produced)
+        self.rows = []
+        while not self.waiting.empty():
+            request = self.waiting.get()
+            for choice in range(request.n if request else 0):
+                request.emit(choice, "", "error", 0)
 
     def _admit(self, block: bool):
         """Move waiting requests into the batch while it has room for all their choices."""

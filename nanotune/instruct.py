@@ -43,7 +43,8 @@ def format_chat(messages: list[dict], template: str | None) -> str:
     turns = [m for m in messages if m["role"] != "system"]
     if template is None:
         names = {"user": "User", "assistant": "Assistant"}
-        return system + "".join(f"{names[m['role']]}: {m['content']}\n" for m in turns) + "Assistant:"
+        # (an answer came back with the space after "Assistant:" that the model wrote: not doubled here)
+        return system + "".join(f"{names[m['role']]}: {m['content'].lstrip()}\n" for m in turns) + "Assistant:"
     text = system
     for m in turns:
         if m["role"] == "user":

@@ -176,6 +176,9 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
     async def read_json(http: HttpRequest) -> dict:
         """The request's JSON object, read only up to --max-request-bytes."""
         authorize(http)
+        # JSON only, as FastAPI's own bodies: a web page cannot send that to this server without asking first (CORS)
+        if http.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise ApiError(415, "send the body as JSON, with the header Content-Type: application/json")
         data = b""
         async for chunk in http.stream():
             data += chunk
@@ -190,8 +193,10 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
         if body.get("model") != model_id:
             raise ApiError(404, f"The model {body.get('model')!r} does not exist: this server serves {model_id!r}",
                            "model", "model_not_found")  # fmt: skip
-        if not isinstance(body.get("stream", False), bool):
+        if not isinstance(body.get("stream") or False, bool):
             raise ApiError(400, "stream must be true or false", "stream")
+        if not isinstance(body.get("stream_options") or {}, dict):
+            raise ApiError(400, 'stream_options must be an object, as {"include_usage": true}', "stream_options")
         return body
 
     @app.get("/", response_class=HTMLResponse)
@@ -227,8 +232,8 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
             r.stop += stop
             base = i * r.n  # choice index = prompt index * n + the prompt's choice
             r.emit = lambda c, text, end, n, b=base: loop.call_soon_threadsafe(events.put_nowait, (b + c, text, end, n))
-        if engine.error is not None:
-            raise ApiError(500, f"the model stopped with an error: {engine.error!r}")
+        if len(requests) > engine.max_queue:
+            raise ApiError(400, f"at most {engine.max_queue} prompts in one request", "prompt")
         for r in requests:
             if not engine.submit(r):
                 cancel(requests)
@@ -238,24 +243,35 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(stream(answer, events, requests, usage), media_type="text/event-stream")
+        check_at = loop.time() + 0.1
         while not answer.done():
             try:
-                answer.add(*await asyncio.wait_for(events.get(), timeout=1.0))
+                answer.add(*await asyncio.wait_for(events.get(), timeout=0.1))
             except asyncio.TimeoutError:
-                if await http.is_disconnected():  # nobody waits for it: free its rows
+                pass
+            if loop.time() >= check_at:  # ten times a second: is anybody still waiting? If not, free its rows
+                check_at = loop.time() + 0.1
+                if await http.is_disconnected():
                     cancel(requests)
                     return JSONResponse({}, status_code=499)
         if "error" in answer.finish:
-            raise ApiError(500, f"the model stopped with an error: {engine.error!r}")
+            raise ApiError(500, engine_failure())
         return answer.whole()
+
+    def engine_failure() -> str:
+        if engine.error is None:
+            return "the server is shutting down"
+        return f"the model failed while decoding: {type(engine.error).__name__}: {engine.error}"
 
     async def stream(answer: Answer, events: asyncio.Queue, requests: list[Request], usage: bool):
         try:
             if answer.kind == "chat.completion":  # each choice opens with the assistant's role
-                yield answer.sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                                  for i in range(len(answer.text))])  # fmt: skip
+                yield answer.sse([answer.chunk(i, "", None, role=True) for i in range(len(answer.text))])
             while not answer.done():
                 index, text, finish, n = await events.get()
+                if finish == "error":  # as OpenAI's streams report an error: an error object, then the end
+                    yield f"data: {json.dumps(ApiError(500, engine_failure()).body())}\n\n"
+                    return
                 answer.add(index, text, finish, n)
                 if text or finish:
                     yield answer.sse([answer.chunk(index, text, finish)])
@@ -295,17 +311,18 @@ class Answer:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}  # fmt: skip
 
-    def choice(self, index: int, text: str, finish: str | None, key: str) -> dict:
+    def choice(self, index: int, text: str, finish: str | None, key: str, role: bool = False) -> dict:
         if self.kind == "chat.completion":
-            return {"index": index, key: {"role": "assistant", "content": text} if key == "message" else
-                    ({"content": text} if text else {}), "logprobs": None, "finish_reason": finish}  # fmt: skip
+            content = {"role": "assistant", "content": text} if role else {"content": text} if text else {}
+            return {"index": index, key: content, "logprobs": None, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
-    def chunk(self, index: int, text: str, finish: str | None) -> dict:
-        return self.choice(index, text, finish, "delta")
+    def chunk(self, index: int, text: str, finish: str | None, role: bool = False) -> dict:
+        """A streamed piece of one choice (chat: role=True for the first, which names the assistant)."""
+        return self.choice(index, text, finish, "delta", role)
 
     def whole(self) -> dict:
-        choices = [self.choice(i, t, f, "message") for i, (t, f) in enumerate(zip(self.text, self.finish))]
+        choices = [self.choice(i, t, f, "message", True) for i, (t, f) in enumerate(zip(self.text, self.finish))]
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}  # fmt: skip
 
@@ -339,6 +356,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="decoding precision")
     args = p.parse_args(argv)
+    if args.api_key is not None and not args.api_key.strip():
+        die("--api-key is empty (an unset variable?): give a key, or leave the flag out to serve without one")
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -371,16 +390,18 @@ def main(argv=None):
     layout = f"the {template} template" if template else "a plain User:/Assistant: transcript"
     print(f"nanotune: serving {model_id} (chat as {layout}) at http://{args.host}:{args.port}/ "
           f"(OpenAI API at /v1; Ctrl-C stops)", flush=True)  # fmt: skip
-    signal.signal(signal.SIGTERM, lambda *_: engine.stop())  # (Ctrl-C: KeyboardInterrupt) both end it cleanly
+    signal.signal(signal.SIGTERM, lambda *_: engine.stop_soon())  # (Ctrl-C: KeyboardInterrupt) both end it cleanly
     try:
-        engine.run()
+        engine.run()  # until SIGTERM, Ctrl-C, the HTTP server's end, or the model failing
     except KeyboardInterrupt:
         pass
     finally:
-        server.should_exit = True
+        server.should_exit = True  # (requests in flight are answered first: 500 if the model failed)
         http.join(timeout=10)
     if not server.started:
         die(f"could not serve on {args.host}:{args.port} (see above)")
+    if engine.error is not None:  # a non-zero exit, for whatever supervises the server to restart it
+        die(f"the model failed while decoding (traceback above): {type(engine.error).__name__}: {engine.error}")
 
 
 if __name__ == "__main__":

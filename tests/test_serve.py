@@ -15,7 +15,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nanotune.engine import Engine, Request, TextStream
@@ -93,9 +93,9 @@ def health(server) -> dict:
     return json.load(urllib.request.urlopen(server + "/health"))
 
 
-def post(server, path, body: bytes, key=KEY):
+def post(server, path, body: bytes, key=KEY, headers=(("Content-Type", "application/json"),)):
     """Raw HTTP: -> (status, parsed JSON)."""
-    request = urllib.request.Request(server + path, body, {"Authorization": f"Bearer {key}"})
+    request = urllib.request.Request(server + path, body, {"Authorization": f"Bearer {key}", **dict(headers)})
     try:
         with urllib.request.urlopen(request) as r:
             return r.status, json.load(r)
@@ -221,22 +221,31 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(client, server):
     assert status == 413 and "error" in body
     status, body = post(server, "/v1/completions", b'{"model": "tiny", "prompt": 3}')
     assert status == 400 and body["error"]["param"] == "prompt"
+    status, body = post(server, "/v1/completions", b'{"model": "tiny", "prompt": "Hi"}', headers={})  # a form post
+    assert status == 415 and "application/json" in body["error"]["message"]
+    status, body = post(server, "/v1/completions", b'{"model": "tiny", "prompt": "Hi", "stream_options": 1}')
+    assert status == 400 and body["error"]["param"] == "stream_options"
     r = client.completions.create(model="tiny", prompt="Still there?", temperature=0, max_tokens=3)
     assert r.usage.completion_tokens == 3
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_row(server, local):
-    body = json.dumps({"model": "tiny", "prompt": "Go on", "max_tokens": 250, "stream": True, "temperature": 0})
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_row(server, stream):
+    body = json.dumps({"model": "tiny", "prompt": "Go on", "max_tokens": 250, "stream": stream, "temperature": 0})
     steps = health(server)["steps"]
     with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1]))) as s:
         s.sendall(
             f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
         )
-        received = b""
-        while b"data: " not in received:  # the headers, then the stream's first chunk
-            received += s.recv(4096)
-    for _ in range(100):
+        if stream:
+            received = b""
+            while b"data: " not in received:  # the headers, then the stream's first chunk
+                received += s.recv(4096)
+        else:
+            while health(server)["running"] == 0:  # it is being decoded
+                time.sleep(0.005)
+    for _ in range(200):
         if health(server)["running"] == 0:
             break
         time.sleep(0.02)
@@ -274,9 +283,13 @@ def test_a_model_that_fails_mid_decode_ends_every_request_with_a_500_not_a_hang(
     engine.start()
     r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "temperature": 0})
     assert r.status_code == 500 and "out of memory (simulated)" in r.json()["error"]["message"]
-    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi again"})
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi again"})  # after: answered at once
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert http.get("/health").json()["status"] == "error"
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "stream": True})
+    events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+    assert "out of memory (simulated)" in json.loads(events[-1])["error"]["message"]  # as OpenAI streams errors
+    assert "[DONE]" not in events
 
 
 def test_chat_template_comes_from_the_model_folder(model_dir, tiny, tmp_path):
@@ -299,6 +312,8 @@ def test_chat_template_comes_from_the_model_folder(model_dir, tiny, tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
+@example(text=" hello there", stop=["lo", "he"])  # two stops in one token: the earlier in the text wins
+@example(text="caf\u00e9 ol\u00e9", stop=["\u00e9 o"])  # (a character of two bytes)
 @given(text=st.text(min_size=1, max_size=40), stop=st.lists(st.text(min_size=1, max_size=4), max_size=3))
 def test_text_stream_sends_the_text_up_to_the_first_stop_and_never_part_of_a_stop(text, stop):
     enc = load_tokenizer()
@@ -315,33 +330,47 @@ def test_text_stream_sends_the_text_up_to_the_first_stop_and_never_part_of_a_sto
 
 
 def test_engine_rows_of_different_lengths_match_generate_alone(tiny):
-    """The engine's core without HTTP: requests that join a running batch at different steps, each its own length."""
+    """The engine's core without HTTP: requests that join a running batch at different steps, each its own length,
+    past the cache's 64-slot steps, one of them with two choices (rows copied from one prefill)."""
     model, enc = GPT.from_pretrained(tiny).eval(), load_tokenizer()
-    engine = Engine(model, enc, max_batch=4)
-    engine.start()
+    engine = Engine(model, enc, max_batch=5)
     prompts = [enc.encode_ordinary(t) for t in ("A", "The quick brown fox jumps over", "Hello there, how", "x y")]
+    budgets = [70, 50, 90, 30]
     done, texts, finished = threading.Event(), {}, set()
 
     def emit_for(i):
         def emit(choice, text, finish, n):
-            texts[i] = texts.get(i, "") + text
+            texts[i, choice] = texts.get((i, choice), "") + text
             if finish:
-                finished.add(i)
-                if len(finished) == len(prompts):
+                finished.add((i, choice))
+                if len(finished) == len(prompts) + 1:
                     done.set()
 
         return emit
 
+    engine.start()
     try:
         for i, p in enumerate(prompts):
-            engine.submit(Request(p, 20 + 5 * i, emit_for(i), temperature=0))
-            time.sleep(0.01 * i)
+            steps = engine.steps
+            engine.submit(Request(p, budgets[i], emit_for(i), n=2 if i == 1 else 1, temperature=0))
+            while engine.steps < steps + 3 and not done.is_set():  # the next one joins a few steps later
+                time.sleep(0.001)
         assert done.wait(60)
     finally:
         engine.stop()
     for i, p in enumerate(prompts):
-        new = generate(model, [p], 20 + 5 * i, temperature=0, eos_token=enc.eot_token)[0][len(p) :]
-        assert texts[i] == enc.decode([t for t in new if t != enc.eot_token])
+        new = generate(model, [p], budgets[i], temperature=0, eos_token=enc.eot_token)[0][len(p) :]
+        expected = enc.decode([t for t in new if t != enc.eot_token])
+        assert texts[i, 0] == expected
+    assert texts[1, 1] == texts[1, 0]
+
+
+def test_an_empty_api_key_is_refused(capsys):
+    from nanotune.serve import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--api-key", " "])
+    assert e.value.code == 2 and "--api-key is empty" in capsys.readouterr().err
 
 
 # ---- the chat page in a real browser
