@@ -15,13 +15,14 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nanotune.engine import Engine, Request, TextStream
 from nanotune.generate import generate
 from nanotune.instruct import format_chat, format_prompt
-from nanotune.model import GPT
+from nanotune.model import GPT, onednn_bf16
 from nanotune.serve import Limits, chat_template, create_app
 from nanotune.tokenizer import load_tokenizer
 
@@ -363,6 +364,38 @@ def test_engine_rows_of_different_lengths_match_generate_alone(tiny):
         expected = enc.decode([t for t in new if t != enc.eot_token])
         assert texts[i, 0] == expected
     assert texts[1, 1] == texts[1, 0]
+
+
+def test_engine_in_bfloat16_matches_generate_in_bfloat16(tiny):
+    """--dtype bfloat16: the engine decodes as generate(dtype=bfloat16) does (packed bfloat16 weights on a CPU
+    with the kernels), so its greedy answers are generate's."""
+    model, enc = GPT.from_pretrained(tiny).eval(), load_tokenizer()
+    engine = Engine(model, enc, dtype=torch.bfloat16)
+    # prompts whose greedy answer from tiny differs between float32 and bfloat16 on a CPU with the kernels
+    prompts = [enc.encode_ordinary(t) for t in ("in king and sea a", "once river the was upon")]
+    texts, finished = {}, threading.Semaphore(0)
+
+    def emit_for(i):
+        def emit(choice, text, finish, n):
+            texts[i] = texts.get(i, "") + text
+            if finish:
+                finished.release()
+
+        return emit
+
+    engine.start()
+    try:
+        for i, p in enumerate(prompts):
+            engine.submit(Request(p, 24, emit_for(i), temperature=0))
+        for _ in prompts:
+            assert finished.acquire(timeout=60)
+    finally:
+        engine.stop()
+    for i, p in enumerate(prompts):
+        new = generate(model, [p], 24, temperature=0, dtype=torch.bfloat16)[0][len(p) :]
+        assert texts[i] == enc.decode(new)
+        if onednn_bf16("cpu"):  # (elsewhere bfloat16 decoding on a CPU is float32's: nothing to tell apart)
+            assert new != generate(model, [p], 24, temperature=0)[0][len(p) :]
 
 
 def test_an_empty_api_key_is_refused(capsys):
