@@ -132,7 +132,7 @@ class Engine:
 
     def stop(self):
         """stop_soon(), and wait for run() to end."""
-        self._stop.set()
+        self.stop_soon()
         self.waiting.put(None)  # wake it if it waits for work
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -201,7 +201,7 @@ class Engine:
         model, n = self.model, request.n
         ids = torch.tensor([request.prompt], device=self.device)
         own = KVCache(model, 1, len(request.prompt) + model.n_virtual, copy_head=False)
-        logits = model(ids, cache=own)[:, -1].float().expand(n, -1)  # (n, V)
+        logits = model(ids, cache=own)[:, -1].expand(n, -1)  # (n, V), float32
         length = own.length
         self._grow(length + 1)
         width = self.cache.max_len
@@ -282,7 +282,7 @@ class Engine:
     def _pick(self) -> list[int]:
         """The next token of every row: greedy rows at once, sampled rows each with its own generator (so a
         request's seed gives the same answer whoever else is in the batch)."""
-        logits = self.logits.float()
+        logits = self.logits  # (B, V), float32: decode_step's head and the prefill's forward return it so
         tokens = logits.argmax(-1).tolist()
         for i, row in enumerate(self.rows):
             if row.request.temperature > 0:

@@ -53,6 +53,7 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="nanotune", docs_url=None, redoc_url=None, openapi_url=None)
+    page_html = PAGE.read_text()  # read once, not on every visit
 
     @app.exception_handler(ApiError)
     async def api_error(http, e: ApiError):
@@ -83,7 +84,7 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return PAGE.read_text()
+        return page_html
 
     @app.get("/health")
     async def health():
