@@ -117,10 +117,10 @@ class MetricsLog:
         """[(step, value)] of every logged entry that has key, for plot_curves."""
         return [(m["step"], m[key]) for m in self.history if m.get(key) is not None]
 
-    def close(self):
+    def close(self, status: str = "finished"):
         self._file.close()
         if self.tracker is not None:
-            self.tracker.close()
+            self.tracker.close(status)
 
 
 def progress_line(metrics: dict, keys, steps: int | None = None) -> str:

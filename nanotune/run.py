@@ -174,7 +174,7 @@ class Run:
                 self._write_summary()
             except OSError as e:
                 print(f"warning: could not write {self.out / 'summary.json'}: {e}", file=sys.stderr)
-        self._release()
+        self._release(status)
         cleanup_distributed()
         if isinstance(exc, NanotuneError):
             die(str(exc))
@@ -182,12 +182,12 @@ class Run:
             raise SystemExit(130)
         return False
 
-    def _release(self):
+    def _release(self, status: str = "failed"):
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
         self._old_handlers = {}
         if self._log is not None:
-            self._log.close()
+            self._log.close(status)  # (the status a tracker marks its run with)
             self._log = None
         if self._folder is not None:
             self._folder.release()

@@ -30,8 +30,9 @@ def scalars(metrics: dict) -> dict[str, float]:
 
 
 class Tracker:
-    """log(metrics): one metrics.jsonl line (it has "step"); close(): flush and end. The backend (a subclass's
-    start, write, finish) starts at the first line."""
+    """log(metrics): one metrics.jsonl line (it has "step"); close(status): flush and end, the run's summary.json
+    status given ("finished", "interrupted", "failed", ...). The backend (a subclass's start, write, finish) starts
+    at the first line."""
 
     kind = "none"
 
@@ -48,10 +49,10 @@ class Tracker:
             self.started = True
         self.write(int(metrics["step"]), scalars(metrics))
 
-    def close(self):
+    def close(self, status: str = "finished"):
         if self.started:
             self.started = False
-            self.finish()
+            self.finish(status)
 
     def start(self):
         pass
@@ -59,7 +60,7 @@ class Tracker:
     def write(self, step: int, values: dict[str, float]):
         pass
 
-    def finish(self):
+    def finish(self, status: str):
         pass
 
 
@@ -83,7 +84,7 @@ class TensorBoard(Tracker):
             self.writer.add_scalar(key, value, step)
         self.writer.flush()  # line by line, as metrics.jsonl: a killed run keeps what it logged
 
-    def finish(self):
+    def finish(self, status: str):
         self.writer.close()
 
 
@@ -116,8 +117,9 @@ class WandB(Tracker):
     def write(self, step: int, values: dict[str, float]):
         self.run.log(values, step=step)
 
-    def finish(self):
-        self.run.finish()
+    def finish(self, status: str):
+        # the exit code W&B shows the run's state by: 0 finished, anything else failed (130: Ctrl-C, as a shell's)
+        self.run.finish(exit_code={"finished": 0, "interrupted": 130}.get(status, 1))
 
 
 def open_tracker(kind: str, out_dir: Path, run_name: str, config: dict) -> Tracker | None:

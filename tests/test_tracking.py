@@ -70,7 +70,9 @@ def test_tensorboard_mirrors_metrics_jsonl_across_a_crash_and_a_resume(tiny, tmp
     out = tmp_path / "run"
     closed = []
     finish = tracking.TensorBoard.finish
-    monkeypatch.setattr(tracking.TensorBoard, "finish", lambda self: closed.append(self) or finish(self))
+    monkeypatch.setattr(
+        tracking.TensorBoard, "finish", lambda self, status: closed.append(status) or finish(self, status)
+    )
     # a crash after step 5 is logged: the step-3 checkpoint stays, and steps 4 and 5 run (and log) again
     due = Run.checkpoint_if_due
 
@@ -83,7 +85,7 @@ def test_tensorboard_mirrors_metrics_jsonl_across_a_crash_and_a_resume(tiny, tmp
     first = ["--model", tiny, "--out", str(out), "--steps", "6", "--save-every", "3", "--tracker", "tensorboard"]
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_xkl.main(first + XKL)
-    assert len(closed) == 1  # closed by the error
+    assert closed == ["failed"]  # closed by the error, and told so
     lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
     curves, flags = tensorboard_curves(out / "tensorboard")
@@ -92,7 +94,7 @@ def test_tensorboard_mirrors_metrics_jsonl_across_a_crash_and_a_resume(tiny, tmp
 
     monkeypatch.setattr(Run, "checkpoint_if_due", due)
     assert run_main(train_xkl.main, ["--resume", str(out)]) == 0
-    assert len(closed) == 2
+    assert closed == ["failed", "finished"]
     lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one file per try
@@ -176,7 +178,8 @@ def wandb_records(run_folder):
 
 
 def wandb_run(run_folder):
-    """-> (the run record, its config {flag: value}, its history {key: [(step, value)]}, whether it ended)."""
+    """-> (the run record, its config {flag: value}, its history {key: [(step, value)]}, its exit code or None if
+    it did not end)."""
     records = wandb_records(run_folder)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     config = {u.key: json.loads(u.value_json) for u in run.config.update if u.key != "_wandb"}
@@ -187,8 +190,8 @@ def wandb_run(run_folder):
                 key = item.key or "/".join(item.nested_key)
                 if not key.startswith("_"):  # (W&B's own: _step, _runtime, _timestamp)
                     curves.setdefault(key, []).append((r.history.step.num, json.loads(item.value_json)))
-    ended = any(r.WhichOneof("record_type") == "exit" for r in records)
-    return run, config, curves, ended
+    exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+    return run, config, curves, exits[-1] if exits else None
 
 
 def test_wandb_offline_run_mirrors_metrics_jsonl_across_ctrl_c_and_resume(tiny, tmp_path):
@@ -235,8 +238,9 @@ def test_wandb_offline_run_mirrors_metrics_jsonl_across_ctrl_c_and_resume(tiny, 
 
     first, resumed = sorted((out / "wandb").glob("offline-run-*"))  # one W&B run per try, both offline
     finished = lines, json.loads((out / "summary.json").read_text())["args"]
-    for folder, (want, flags) in ((first, interrupted), (resumed, finished)):
-        run, config, curves, ended = wandb_run(folder)
-        assert run.project == "nanotune" and run.display_name == "run" and ended  # closed by Ctrl-C, and at the end
+    for folder, (want, flags), code in ((first, interrupted, 130), (resumed, finished, 0)):
+        run, config, curves, exit_code = wandb_run(folder)
+        assert run.project == "nanotune" and run.display_name == "run"
+        assert exit_code == code  # ended, by Ctrl-C (W&B shows it failed) and at the end (finished)
         assert_mirrors(curves, want)  # the resumed W&B run holds the whole history
         assert config == flags and config["tracker"] == "wandb"
