@@ -167,9 +167,11 @@ class Answer:
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}  # fmt: skip
 
-    def sse(self, choices: list[dict], usage: dict | None = None) -> str:
+    def sse(self, choices: list[dict], usage: bool = False, final: bool = False) -> str:
+        """One server-sent chunk. With usage (stream_options.include_usage) every chunk has "usage": null, as
+        OpenAI's do, but the final one, which has no choices and the whole call's counts."""
         kind = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
         chunk = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
-        if usage is not None:
-            chunk["usage"] = usage
+        if usage:
+            chunk["usage"] = self.usage() if final else None
         return f"data: {json.dumps(chunk)}\n\n"

@@ -144,7 +144,8 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
     async def stream(answer: Answer, events: asyncio.Queue, requests: list[Request], usage: bool):
         try:
             if answer.kind == "chat.completion":  # each choice opens with the assistant's role
-                yield answer.sse([answer.chunk(i, "", None, role=True) for i in range(len(answer.text))])
+                for index in range(len(answer.text)):
+                    yield answer.sse([answer.chunk(index, "", None, role=True)], usage)
             while not answer.done():
                 index, text, finish, n = await events.get()
                 if finish == "error":  # as OpenAI's streams report an error: an error object, then the end
@@ -152,9 +153,9 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
                     return
                 answer.add(index, text, finish, n)
                 if text or finish:
-                    yield answer.sse([answer.chunk(index, text, finish)])
+                    yield answer.sse([answer.chunk(index, text, finish)], usage)
             if usage:
-                yield answer.sse([], usage=answer.usage())
+                yield answer.sse([], usage, final=True)
             yield "data: [DONE]\n\n"
         finally:  # finished, or the client went away mid-stream: either way its rows leave the batch
             cancel(requests)

@@ -145,6 +145,12 @@ def test_streamed_chat_chunks_add_up_to_the_whole_answer(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
     assert chunks[-1].usage.completion_tokens == 14 and not chunks[-1].choices
+    # as OpenAI's: every other chunk says "usage": null
+    assert all("usage" in c.model_fields_set and c.usage is None for c in chunks[:-1])
+    # with n 2, as OpenAI's: one choice per chunk, each choice opening with its own role chunk
+    chunks = list(client.chat.completions.create(**kwargs, n=2, stream=True))
+    assert all(len(c.choices) == 1 for c in chunks)
+    assert [c.choices[0].index for c in chunks if c.choices[0].delta.role] == [0, 1]
 
 
 def test_n_choices_and_seed(client):
