@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import statistics
 import tempfile
@@ -178,7 +179,19 @@ def in_child(target, *args):
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    # its result, or its end: a child that dies (out of memory, an error) must not leave the bench waiting
+    result = None
+    while result is None and proc.is_alive():
+        try:
+            result = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            pass
+    if result is None:
+        try:
+            result = queue.get(timeout=5.0)  # (it ended just after reporting)
+        except queue_module.Empty:
+            message = f"{target.__name__} {args[0]}: the child process ended with exit code {proc.exitcode}"
+            raise SystemExit(message + " before reporting") from None
     proc.join()
     return result
 
