@@ -1,0 +1,89 @@
+""".ci/gpu runs only where a GPU is, so here its plumbing is checked with a stand-in python3 that records each
+command instead of running it: every recipe is there (with and without --compile), each command's flags parse
+as its script's own parser reads them, and the summary counts what ran, what failed and what DEADLINE skipped."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_dpo
+import train_grpo
+import train_gulliver
+import train_ppo
+import train_reward
+import train_sft
+import train_xkl
+from nanotune import bench, bench_sampling, verify
+
+ROOT = Path(__file__).resolve().parent.parent
+PARSERS = {
+    "train_xkl.py": train_xkl.parse_args,
+    "train_gulliver.py": train_gulliver.parse_args,
+    "train_sft.py": train_sft.parse_args,
+    "train_dpo.py": train_dpo.parse_args,
+    "train_reward.py": train_reward.parse_args,
+    "train_ppo.py": train_ppo.parse_args,
+    "train_grpo.py": train_grpo.parse_args,
+    "nanotune.verify": verify.parse_args,
+    "nanotune.bench": bench.parse_args,
+    "nanotune.bench_sampling": bench_sampling.parse_args,
+}
+
+
+def run_gpu_check(tmp_path, shared, fail="", **env):
+    """bash .ci/gpu with python3 standing in: the script's own Python (a heredoc, "-") runs; any other command is
+    recorded, and fails when its text contains `fail`. -> (exit code, output, [argv of each command])."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "commands.jsonl"
+    bin_dir.mkdir()
+    record = f"import json, sys; open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')"
+    record += f"; sys.exit(1 if {fail!r} and {fail!r} in ' '.join(sys.argv) else 0)"
+    stand_in = bin_dir / "python3"
+    stand_in.write_text(
+        f'#!/bin/sh\n[ "$1" = - ] && exec {sys.executable} "$@"\nexec {sys.executable} -c "{record}" "$@"\n'
+    )
+    stand_in.chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DEVICE": "cpu", "INSTALL": "0"} | env
+    env |= {"OUT": str(tmp_path / "out"), "DATA": str(shared / "data")}
+    r = subprocess.run(["bash", ".ci/gpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    commands = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return r.returncode, r.stdout + r.stderr, commands
+
+
+def test_every_command_of_the_gpu_check_parses_and_every_recipe_runs_compiled_and_not(tmp_path, shared):
+    code, out, commands = run_gpu_check(tmp_path, shared)
+    assert code == 0, out
+    recipes = {}
+    for argv in commands:
+        name = argv[1] if argv[0] == "-m" else argv[0]
+        args = argv[2:] if argv[0] == "-m" else argv[1:]
+        if name == "pytest":
+            assert all((ROOT / a).is_file() for a in args if a.startswith("tests/")), argv
+            continue
+        if "--resume" in args:  # (its parser reads the folder, which a recorded run did not make)
+            assert args[args.index("--resume") + 1] == str(tmp_path / "out" / "ppo"), argv
+            continue
+        PARSERS[name](args)  # an unknown flag or a bad value: SystemExit 2, and the test fails
+        if name.startswith("train_"):
+            recipes.setdefault(name, set()).add("--compile" in args)
+    assert recipes == {name: {False, True} for name in PARSERS if name.startswith("train_")}
+    assert {p.name for p in ROOT.glob("train_*.py")} == set(recipes)  # a new recipe belongs in .ci/gpu too
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert len(summary["checks"]) == len(commands) == 20  # a command each
+    assert f"GPU check: {len(commands)} passed, 0 failed;" in out
+
+
+@pytest.mark.parametrize("env", [{"fail": "train_dpo.py"}, {"DEADLINE": "1"}])
+def test_the_gpu_check_counts_failures_and_skips(env, tmp_path, shared):
+    code, out, commands = run_gpu_check(tmp_path, shared, **env)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    statuses = {name: check["status"] for name, check in summary["checks"].items()}
+    if "fail" in env:  # the two DPO runs failed, the rest ran: the exit status counts the failures
+        assert code == 2 and {k for k, v in statuses.items() if v == "FAILED"} == {"dpo", "dpo-compiled"}
+        assert "2 failed: dpo-compiled dpo;" in out
+    else:  # past the deadline nothing starts, nothing fails
+        assert code == 0 and commands == [] and set(statuses.values()) == {"skipped"}
+        assert f"0 passed, 0 failed, {len(statuses)} skipped (DEADLINE)" in out
