@@ -64,7 +64,9 @@ def test_every_command_of_the_gpu_check_parses_and_every_recipe_runs_compiled_an
             assert all((ROOT / a).is_file() for a in args if a.startswith("tests/")), argv
             continue
         if "--resume" in args:  # (its parser reads the folder, which a recorded run did not make)
-            assert args[args.index("--resume") + 1] == str(tmp_path / "out" / "ppo"), argv
+            resumed = args[args.index("--resume") + 1]
+            (run,) = [a for a in commands if a[-2:] == ["--out", resumed]]  # the run it resumes: ran before it,
+            assert commands.index(run) < commands.index(argv) and "--keep-checkpoint" in run  # and kept its checkpoint
             continue
         PARSERS[name](args)  # an unknown flag or a bad value: SystemExit 2, and the test fails
         if name.startswith("train_"):
@@ -76,7 +78,14 @@ def test_every_command_of_the_gpu_check_parses_and_every_recipe_runs_compiled_an
     assert f"GPU check: {len(commands)} passed, 0 failed;" in out
 
 
-@pytest.mark.parametrize("env", [{"fail": "train_dpo.py"}, {"DEADLINE": "1"}])
+@pytest.mark.parametrize("part, checks", [("checks", 17), ("bench", 3)])
+def test_the_gpu_check_runs_one_part(part, checks, tmp_path, shared):
+    code, out, commands = run_gpu_check(tmp_path, shared, PART=part)
+    benches = [argv for argv in commands if argv[:2] in (["-m", "nanotune.bench"], ["-m", "nanotune.bench_sampling"])]
+    assert code == 0 and len(commands) == checks and len(benches) == (3 if part == "bench" else 0), out
+
+
+@pytest.mark.parametrize("env", [{"fail": "train_dpo.py"}, {"TIME_LIMIT": "1"}])
 def test_the_gpu_check_counts_failures_and_skips(env, tmp_path, shared):
     code, out, commands = run_gpu_check(tmp_path, shared, **env)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -84,6 +93,6 @@ def test_the_gpu_check_counts_failures_and_skips(env, tmp_path, shared):
     if "fail" in env:  # the two DPO runs failed, the rest ran: the exit status counts the failures
         assert code == 2 and {k for k, v in statuses.items() if v == "FAILED"} == {"dpo", "dpo-compiled"}
         assert "2 failed: dpo-compiled dpo;" in out
-    else:  # past the deadline nothing starts, nothing fails
+    else:  # with no time left nothing starts, nothing fails
         assert code == 0 and commands == [] and set(statuses.values()) == {"skipped"}
-        assert f"0 passed, 0 failed, {len(statuses)} skipped (DEADLINE)" in out
+        assert f"0 passed, 0 failed, {len(statuses)} skipped (TIME_LIMIT)" in out
