@@ -10,7 +10,8 @@ Rows, each greedy decoding of --tokens new tokens after a 16-token prompt, timed
 taking turns for --rounds rounds (a slow spell of a shared machine hits them all) and reported as the median:
   per-token forward   the way nanotune decoded before its static step: GPT.forward with the cache, per token
   static step         nanotune.generate: GPT.decode_step, every shape fixed
-  compiled            the same step through torch.compile (--compile; compiling is not timed)
+  compiled            the same step through torch.compile (--compile; compiling is not timed; on CUDA it also
+                      reports how often inductor skipped CUDA graphs, which it does rather than fail)
   bfloat16            --bf16: generate(dtype=torch.bfloat16); on a CPU with oneDNN's bfloat16 kernels the head and
                       the large layers read packed bfloat16 weights, activations stay float32
   transformers        GPT2LMHeadModel.generate on the same weights (--transformers)
@@ -133,11 +134,15 @@ def main(argv=None):
         share = f"{r['bandwidth_share']:.0%}" if r["bandwidth_share"] is not None else ""
         speedup = r["tokens_per_s"] / baseline[r["batch"]]
         print(f"| {r['batch']} | {r['variant']} | {r['tokens_per_s']:.1f} | {speedup:.2f}x | {share} |", flush=True)
+    report = {"model": name, "weight_bytes": weight_bytes, "copy_gb_s": bandwidth, "rows": results}
+    if args.compile and device.type == "cuda":  # did the compiled step run as CUDA graphs, or did inductor fall back?
+        from torch._dynamo.utils import counters
+
+        report["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+        print(f"CUDA graphs skipped {report['cudagraph_skips']} times (0: the compiled step replayed as graphs)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {"model": name, "weight_bytes": weight_bytes, "copy_gb_s": bandwidth, "rows": results}, f, indent=2
-            )
+            json.dump(report, f, indent=2)
 
 
 @torch.no_grad()
