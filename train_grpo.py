@@ -66,16 +66,20 @@ def k3_kl(logps, ref_logps):
     return torch.expm1(log_ratio) - log_ratio
 
 
-# How per-token losses x (B, L) become one number (mask 1 on answer tokens):
+# How per-token losses x (B, L) of a minibatch become one number (mask 1 on answer tokens):
 #   sequence: mean over each answer's tokens, then over answers      GRPO: a long answer's tokens weigh less
 #   token:    sum over every token / number of tokens                DAPO: every token weighs the same
 #   constant: sum over every token / (B * max_new_tokens)           Dr. GRPO: a fixed normaliser, no length bias
-def aggregate(x, mask, kind: str, max_new_tokens: int):
+# For a micro-batch (--grad-accum), x and mask are its rows and minibatch_mask the whole minibatch's (B, L): its
+# share is its rows' sum over the minibatch's normaliser, so the micro-batches add up to the minibatch's loss
+# (a token mean of micro-batch token means would weigh a micro-batch of short answers as much as one of long ones).
+def aggregate(x, mask, kind: str, max_new_tokens: int, minibatch_mask=None):
+    minibatch_mask = mask if minibatch_mask is None else minibatch_mask
     if kind == "sequence":
-        return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / minibatch_mask.shape[0]
     if kind == "token":
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum() / (mask.shape[0] * max_new_tokens)
+        return (x * mask).sum() / minibatch_mask.sum().clamp(min=1)
+    return (x * mask).sum() / (minibatch_mask.shape[0] * max_new_tokens)
 
 
 def parse_args(argv=None):
@@ -154,6 +158,8 @@ def grpo_update(args, run, step, train_policy, policy, optimizer, rollout, exp, 
         order = torch.randperm(B, generator=data_rng).to(run.device)
         for start in range(0, B, args.batch_size):
             minibatch, step_sums = order[start : start + args.batch_size], {}
+            minibatch_mask = rollout.mask[minibatch]  # (batch_size, L)
+            tokens = minibatch_mask.sum()  # the statistics below are token means over the minibatch
             for k in range(args.grad_accum):
                 micro = minibatch[k :: args.grad_accum]
                 m = rollout.mask[micro]
@@ -166,11 +172,9 @@ def grpo_update(args, run, step, train_policy, policy, optimizer, rollout, exp, 
                         logps, old, exp["advantages"][micro], args.clip_low, args.clip_high
                     )
                     kl = k3_kl(logps, exp["ref_logps"][micro]) if args.beta else torch.zeros_like(logps)  # (B, L)
-                    # equal micro-batches: each adds 1/grad_accum of the minibatch's loss
-                    loss = aggregate(objective + args.beta * kl, m, args.loss_agg, args.max_new_tokens)
-                    loss = loss / args.grad_accum
+                    # this micro-batch's share of the minibatch's loss (the shares add up to it)
+                    loss = aggregate(objective + args.beta * kl, m, args.loss_agg, args.max_new_tokens, minibatch_mask)
                     loss.backward()
-                tokens = m.sum() * args.grad_accum
                 parts = {
                     "loss": loss,
                     "kl_k3": (kl.detach() * m).sum() / tokens,
@@ -181,8 +185,8 @@ def grpo_update(args, run, step, train_policy, policy, optimizer, rollout, exp, 
                 }
                 for key, value in parts.items():
                     step_sums[key] = step_sums.get(key, 0.0) + value.detach()
-            grad_norm = clip_gradients(policy, args.grad_clip)  # the norm before clipping
-            run.check(step, step_sums["loss"], grad_norm)  # NaN/inf or an exploding loss stops here, before the update
+            step_sums["grad_norm"] = clip_gradients(policy, args.grad_clip)  # the norm before clipping
+            run.check(step, step_sums["loss"], step_sums["grad_norm"])  # NaN/inf or an exploding loss stops here
             if n_updates == 0:
                 sums["first_ratio"] = step_sums["ratio"]  # 1 exactly: the first update is on-policy
             optimizer.step()
@@ -190,7 +194,7 @@ def grpo_update(args, run, step, train_policy, policy, optimizer, rollout, exp, 
             for key, value in step_sums.items():
                 sums[key] = sums.get(key, 0.0) + value
             n_updates += 1
-    return {k: v / (1 if k == "first_ratio" else n_updates) for k, v in sums.items()} | {"grad_norm": grad_norm}
+    return {k: v / (1 if k == "first_ratio" else n_updates) for k, v in sums.items()}
 
 
 def train(args, run):

@@ -133,6 +133,33 @@ def test_one_update_raises_the_better_answers_of_a_group(tiny):
     assert gain[:2].min() > 0 > gain[2:].max(), gain
 
 
+@pytest.mark.parametrize("loss_agg", ["sequence", "token", "constant"])
+def test_grad_accum_changes_memory_not_the_update(loss_agg, tiny):
+    # answers of 1, 2, 3 and 5 tokens, so that any two micro-batches of two hold different numbers of tokens: one
+    # minibatch of 4 in one piece or as 2 micro-batches must give the same step and the same statistics
+    prompt, answers = [464, 3290, 318], [[11], [14, 15], [16, 17, 18], [19, 20, 21, 22, 23]]
+    rollout = layout([prompt] * 4, [prompt + a for a in answers], 50256, torch.device("cpu"))
+    inputs = (rollout.input_ids, rollout.attention_mask, rollout.P, contextlib.nullcontext())
+    run = argparse.Namespace(device=torch.device("cpu"), ctx=contextlib.nullcontext(), check=lambda *a: None)
+    results = []
+    for grad_accum in (1, 2):
+        policy = GPT.from_pretrained(tiny).train()
+        start = torch.cat([p.detach().flatten() for p in policy.parameters()])
+        with torch.no_grad():
+            old = answer_logprobs(policy, *inputs)[0] - 0.05  # off-policy a little, so the ratio matters
+        exp = {"old_logps": old, "ref_logps": old - 0.1, "advantages": torch.tensor([1.0, -0.5, 0.8, -1.2])}
+        args = argparse.Namespace(epochs=1, batch_size=4, grad_accum=grad_accum, clip_low=0.2, clip_high=0.2,
+                                  beta=0.1, loss_agg=loss_agg, max_new_tokens=5, grad_clip=0.0)  # fmt: skip
+        optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+        rng = torch.Generator().manual_seed(0)
+        stats = train_grpo.grpo_update(args, run, 1, policy, policy, optimizer, rollout, exp, rng)
+        results.append((stats, torch.cat([p.detach().flatten() for p in policy.parameters()]) - start))
+    (whole, update), (pieces, update_accum) = results
+    for key in ("loss", "kl_k3", "entropy", "ratio", "clip_low", "clip_high"):
+        assert pieces[key].item() == pytest.approx(whole[key].item(), rel=1e-5, abs=1e-7), key
+    assert (update_accum - update).norm() < 1e-4 * update.norm()  # the same step, up to float rounding
+
+
 def book_args(shared, **overrides):
     data = shared / "data"
     flags = {
