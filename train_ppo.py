@@ -155,7 +155,9 @@ def parse_args(argv=None):
     add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
     add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
     # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
-    return settle_reward_args(parse_run_args(p, argv, fixed_on_resume=REWARD_FLAGS + " --eval-prompts"))
+    # (--kl-coef: the checkpoint holds the coefficient, which --target-kl moves; a new one would be ignored)
+    fixed = REWARD_FLAGS + " --eval-prompts --kl-coef --target-kl --kl-horizon"
+    return settle_reward_args(parse_run_args(p, argv, fixed_on_resume=fixed))
 
 
 def main(argv=None):
@@ -233,14 +235,14 @@ def ppo_update(args, run, step, models, optimizer, rollout, exp, prompts, data_r
                     loss.backward()
                 for key, value in {"loss": loss, **parts}.items():  # tensors: read back when logged
                     step_sums[key] = step_sums.get(key, 0.0) + value.detach()
-            grad_norm = clip_gradients(trained, args.grad_clip)  # the norm before clipping
-            run.check(step, step_sums["loss"], grad_norm)  # NaN/inf or an exploding loss stops here, before the update
+            step_sums["grad_norm"] = clip_gradients(trained, args.grad_clip)  # the norm before clipping
+            run.check(step, step_sums["loss"], step_sums["grad_norm"])  # NaN/inf or an exploding loss stops here
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             for key, value in step_sums.items():
                 sums[key] = sums.get(key, 0.0) + value
             n_updates += 1
-    return {k: v / n_updates for k, v in sums.items()} | {"grad_norm": grad_norm}
+    return {k: v / n_updates for k, v in sums.items()}
 
 
 # PPO-ptx: the next-token loss on training text (InstructGPT). input_ids, labels (n, T) -> scalar
