@@ -49,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-tokens", type=integer(1), default=100, help="tokens per sample (default 100)")
     p.add_argument("--prompt", default="", help="samples continue this text (default: start of a document)")
     # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
-    return parse_run_args(p, argv, fixed_on_resume="--data --val-fraction --seq-len --eval-batches")
+    fixed = "--data --val-fraction --seq-len --eval-batches --samples --sample-tokens --prompt"  # (top100_share's)
+    return parse_run_args(p, argv, fixed_on_resume=fixed)
 
 
 def main(argv=None):

@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="The", help="the fixed context the samples start from")
     # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
     return parse_run_args(
-        p, argv, fixed_on_resume="--letter --case-sensitive --target --alpha --input --prompt --gen-tokens"
+        p, argv, fixed_on_resume="--letter --case-sensitive --target --alpha --input --positions --prompt --gen-tokens"
     )
 
 

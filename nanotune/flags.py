@@ -149,8 +149,9 @@ def add_peft_args(parser, methods=METHODS):
         add("--prompt-tokens", type=integer(1), default=20, help="prompt-tuning embeddings (default 20)")
 
 
-# what a run trained and measured: a resumed run keeps them (a recipe adds its own, e.g. PPO's --reward)
-FIXED_ON_RESUME = ("model", "peft", "lora_r", "lora_alpha", "lora_targets", "adapter_size", "prompt_tokens")
+# what a run trained and measured: a resumed run keeps them (a recipe adds its own, e.g. PPO's --reward). --seed
+# picks the data split and the held-out examples: another seed would evaluate on what the run trained on
+FIXED_ON_RESUME = ("model", "seed", "peft", "lora_r", "lora_alpha", "lora_targets", "adapter_size", "prompt_tokens")
 
 
 def parse_run_args(parser: argparse.ArgumentParser, argv=None, fixed_on_resume: str = "") -> argparse.Namespace:

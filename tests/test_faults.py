@@ -51,6 +51,8 @@ def test_a_refused_or_failed_resume_leaves_the_finished_run_as_it_was(tiny, tmp_
         (["--lora-r", "4"], "trained with --lora-r 8, not 4"),
         (["--peft", "none"], "trained with --peft lora, not none"),
         (["--letter", "e"], "trained with --letter X, not e"),
+        (["--seed", "7"], "trained with --seed 1337, not 7"),
+        (["--positions", "last"], "trained with --positions all, not last"),
     ]:
         assert run_main(train_xkl.main, ["--resume", str(out), "--steps", "6"] + flags) == 2
         one_line_error(capsys, f"--resume {out}", message)
@@ -75,6 +77,8 @@ def test_ppo_resume_with_another_reward_is_refused(tiny, shared, tmp_path, capsy
     capsys.readouterr()
     assert run_main(train_ppo.main, ["--resume", str(out), "--steps", "3", "--reward", "letter:e"]) == 2
     one_line_error(capsys, "trained with --reward letter:x, not letter:e")
+    assert run_main(train_ppo.main, ["--resume", str(out), "--steps", "3", "--kl-coef", "0.2"]) == 2
+    one_line_error(capsys, "trained with --kl-coef 0.05, not 0.2")
 
 
 def test_a_finished_run_keeps_no_checkpoint_unless_asked(tiny, tmp_path, capsys):
