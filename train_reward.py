@@ -85,7 +85,9 @@ def encode_rankings(enc, examples, args, path):
         answers = []
         for response in ex["responses"]:
             p, r, cut = encode_pair(enc, prompt, response, args.max_len, where, answers_end(args.template))
-            answers.append(p + [t for t in r if t != enc.eot_token])  # the reward is read at the last token
+            # the reward is read at the last token; the whole sequence is the input (encode_pair leaves max_len + 1
+            # tokens, as SFT and DPO drop the last from their inputs), so at most --max-len
+            answers.append((p + [t for t in r if t != enc.eot_token])[: args.max_len])
             truncated += cut
         pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]  # i ranked above j
         rankings.append((answers, pairs))

@@ -1,6 +1,7 @@
 """The reward model (nanotune/reward.py) and train_reward.py: the loss maths, rankings -> pairs, rewards that
 padding cannot change, transformers parity of the saved files, learning a preference, and bad records."""
 
+import argparse
 import json
 import math
 import random
@@ -178,3 +179,17 @@ def test_lora_reward_model_trains_adapters_and_head_on_a_frozen_body_and_saves_i
     idx = torch.randint(0, 50000, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(idx) - hf(idx).logits.squeeze(-1)).abs().max() <= 1e-4
+
+
+def test_answers_fit_max_len_the_models_input(shared):
+    # the whole prompt + answer is the reward model's input: at most --max-len tokens (at --max-len 1024 on gpt2,
+    # one more would not fit the context)
+    from nanotune import load_tokenizer
+    from nanotune.data import read_records
+
+    enc, path = load_tokenizer(), shared / "data" / "instruction-data-with-preference.json"
+    examples = ranked_examples(read_records(path, 200), path)
+    args = argparse.Namespace(max_len=96, template="alpaca")
+    rankings, truncated = train_reward.encode_rankings(enc, examples, args, path)
+    lengths = [len(answer) for answers, _ in rankings for answer in answers]
+    assert max(lengths) == 96 and truncated > 0
