@@ -224,7 +224,7 @@ def squeezing_diagnostic(model, val_logps, val_lengths, prompts, budget: int, eo
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    add_common_args(p, lr=5e-6, steps=100, batch_size=8)
+    add_common_args(p, lr=5e-6, steps=100, batch_size=8, lora_dropout=False)  # (see add_common_args)
     data = "JSON/JSONL: instruction, input?, chosen, rejected (default: download the set of 'LLMs from scratch')"
     p.add_argument("--data", default=None, help=data)
     p.add_argument("--ref-model", default=None, help="reference model (default: a frozen copy of --model)")
@@ -294,6 +294,9 @@ def train(args, run):
             f"effective batch {args.batch_size * run.world}",
             flush=True,
         )
+    # the reference is the model before --peft: the policy at step 0 for LoRA and adapters (they start as the
+    # identity); prompt tuning's embeddings start random, so its policy starts a little off the plain model, which
+    # stays the reference (as in PPO and GRPO)
     ref_logps = reference_logprobs(args, policy, pairs, enc.eot_token, run)  # SimPO: none
     apply_peft(policy, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
     if run.master:

@@ -84,7 +84,7 @@ def aggregate(x, mask, kind: str, max_new_tokens: int, minibatch_mask=None):
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    add_common_args(p, lr=1e-5, steps=100, batch_size=16)
+    add_common_args(p, lr=1e-5, steps=100, batch_size=16, lora_dropout=False)  # (see add_common_args)
     add = p.add_argument
     add_reward_args(p)  # --reward, --ref-model, the prompts' source and the answer length: nanotune/rewards.py
     add("--group-size", type=integer(2), default=8, help="G: answers sampled for each prompt (default 8)")

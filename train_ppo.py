@@ -132,7 +132,7 @@ def whiten_scores(scores, token_scores=None):
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    add_common_args(p, lr=1e-5, steps=100, batch_size=4)
+    add_common_args(p, lr=1e-5, steps=100, batch_size=4, lora_dropout=False)  # (see add_common_args)
     add = p.add_argument
     add_reward_args(p)  # --reward, --ref-model, the prompts' source and the answer length: nanotune/rewards.py
     add("--rollout-batch", type=integer(1), default=16, help="answers sampled per step per process (default 16)")

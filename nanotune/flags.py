@@ -67,8 +67,10 @@ def real(low: float | None = None, high: float | None = None, low_open: bool = F
     return parse
 
 
-def add_common_args(parser, lr: float, steps: int, batch_size: int, peft_methods=METHODS):
-    """The flags every train_*.py shares; peft_methods: the --peft choices the recipe supports."""
+def add_common_args(parser, lr: float, steps: int, batch_size: int, peft_methods=METHODS, lora_dropout=True):
+    """The flags every train_*.py shares; peft_methods: the --peft choices the recipe supports; lora_dropout=False
+    for a recipe that compares the policy's log-probs with ones read without dropout (DPO's reference, PPO's and
+    GRPO's sampling policy): there dropout's noise would enter every log-ratio."""
     add = parser.add_argument
     add(
         "--model",
@@ -121,7 +123,7 @@ def add_common_args(parser, lr: float, steps: int, batch_size: int, peft_methods
         "with wandb sync; WANDB_MODE, when set, decides); metrics.jsonl stays the record (default none)"
     )
     add("--tracker", default="none", choices=TRACKERS, help=tracker)
-    add_peft_args(parser, peft_methods)
+    add_peft_args(parser, peft_methods, lora_dropout)
 
 
 PEFT_HELP = {
@@ -133,14 +135,15 @@ PEFT_HELP = {
 }
 
 
-def add_peft_args(parser, methods=METHODS):
-    """--peft and the sizes of the methods offered (nanotune/peft.py)."""
+def add_peft_args(parser, methods=METHODS, lora_dropout=True):
+    """--peft and the sizes of the methods offered (nanotune/peft.py); --lora-dropout unless lora_dropout=False."""
     add = parser.add_argument
     add("--peft", default="none", choices=methods, help="; ".join(PEFT_HELP[m] for m in methods))
     if any("lora" in m for m in methods):
         add("--lora-r", type=integer(1), default=8, help="LoRA rank (default 8)")
         add("--lora-alpha", type=real(0, low_open=True), default=16, help="LoRA scale: update x alpha / r (16)")
-        add("--lora-dropout", type=real(0, 1, high_open=True), default=0.0, help="dropout on LoRA's input (0)")
+        if lora_dropout:
+            add("--lora-dropout", type=real(0, 1, high_open=True), default=0.0, help="dropout on LoRA's input (0)")
         targets = "comma-separated Conv1D layers to adapt: c_attn (default, as the LoRA paper did), c_proj, c_fc, all"
         add("--lora-targets", default="c_attn", help=targets)
     if any("adapter" in m for m in methods):

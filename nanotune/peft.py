@@ -162,8 +162,9 @@ def apply_peft(model: GPT, args, base_name: str) -> GPT:
         p.requires_grad_(False)
     if args.peft in ("lora", "lora+adapter"):
         targets = lora_targets(args.lora_targets)
-        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, targets)
-        model.peft.update(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, targets=targets)
+        dropout = getattr(args, "lora_dropout", 0.0)  # (a recipe that compares log-probs offers none)
+        add_lora(model, args.lora_r, args.lora_alpha, dropout, targets)
+        model.peft.update(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=dropout, targets=targets)
     if args.peft in ("adapter", "lora+adapter"):
         add_adapters(model, args.adapter_size)
         model.peft.update(adapter_size=args.adapter_size)

@@ -2,6 +2,7 @@
 own tensors, saves and loads (LoRA in the peft library's format, both ways), and refuses bad settings."""
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -365,3 +366,13 @@ def test_lm_weight_trains_the_prompt_tokens_too(tiny, shared, tmp_path):
         losses[w], weights[w] = first["loss"], load_file(str(out / "model.safetensors"))
     assert losses["0.5"] > losses["0"] + 2.0  # + 0.5 x ~10.8 nats of prompt NLL on a random model
     assert not torch.equal(weights["0"]["h.0.attn.c_attn.weight"], weights["0.5"]["h.0.attn.c_attn.weight"])
+
+
+@pytest.mark.parametrize("recipe", ["train_dpo", "train_ppo", "train_grpo"])
+def test_recipes_that_compare_log_probs_offer_no_lora_dropout(recipe, capsys):
+    # their log-ratios compare the policy with log-probs read without dropout: its noise would enter every ratio
+    module = importlib.import_module(recipe)
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--peft", "lora", "--lora-dropout", "0.1"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --lora-dropout" in capsys.readouterr().err
+    assert importlib.import_module("train_sft").parse_args(["--lora-dropout", "0.1"]).lora_dropout == 0.1
