@@ -38,14 +38,6 @@ from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unl
 from nanotune.utils import NanotuneError, perplexity
 
 
-# NLL = -sum_{unmasked (b, t)} log p(labels[b, t]) / #unmasked.  logits (B, T, V), labels (B, T) -> scalar.
-def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    n = (labels != IGNORE).sum()
-    if n == 0:
-        raise ValueError("masked_nll: every label is masked, there is nothing to learn from")
-    return -token_logprobs(logits, labels).sum() / n
-
-
 # L3 = L2 + lm_weight * L1, GPT-1's auxiliary objective (Radford et al. 2018): L2 = mean NLL of the response
 # tokens (labels), L1 = mean NLL of the prompt's own next tokens (prompt_labels), i.e. plain language modelling
 # of the instruction. n_response / n_prompt are the token counts the two means divide by: the whole batch's when

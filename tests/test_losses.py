@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 from nanotune.instruct import IGNORE, collate, sequence_logprobs, token_logprobs
 from train_dpo import dpo_loss
 from train_gulliver import next_token_nll
-from train_sft import masked_nll
+from train_sft import sft_loss
 from train_xkl import target_distribution, xkl_loss
 
 finite = st.floats(-30, 30, allow_nan=False, width=32)
@@ -138,13 +138,13 @@ def test_labels_unmask_exactly_the_response_and_its_endoftext(lengths, seed):
 
 @settings(max_examples=100, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 10), st.integers(2, 30), st.integers(0, 2**31 - 1))
-def test_masked_nll_equals_float64_and_cross_entropy(B, T, V, seed):
+def test_sft_response_loss_equals_float64_and_cross_entropy(B, T, V, seed):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, T, V, generator=g) * 4
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[torch.rand(B, T, generator=g) < 0.5] = IGNORE
     labels[0, 0] = 1  # at least one kept
-    ours = masked_nll(logits, labels).item()
+    ours = sft_loss(logits, labels).item()  # L2: the mean NLL of the response tokens
     expected = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE).item()
     assert ours == pytest.approx(expected, rel=1e-5, abs=5e-6)  # (logsumexp's rounding, as above)
     l64 = logits.double().numpy()
@@ -156,11 +156,6 @@ def test_masked_nll_equals_float64_and_cross_entropy(B, T, V, seed):
                 total += -(row[labels[b, t]] - row.max() - math.log(np.exp(row - row.max()).sum()))
                 count += 1
     assert ours == pytest.approx(total / count, rel=1e-5, abs=5e-6)
-
-
-def test_masked_nll_refuses_a_fully_masked_batch():
-    with pytest.raises(ValueError, match="every label is masked"):
-        masked_nll(torch.randn(1, 3, 5), torch.full((1, 3), IGNORE))
 
 
 @settings(max_examples=50, deadline=None)
