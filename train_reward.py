@@ -192,7 +192,7 @@ def train(args, run):
         model.train()
         chosen, rejected = torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
         return {
-            "val_loss": reward_loss(chosen, rejected, args.margin).item(),
+            "val_loss": reward_loss(chosen, rejected, args.margin, args.center_coef).item(),  # (training's loss)
             "val_accuracy": (chosen > rejected).float().mean().item(),
             "val_margin": (chosen - rejected).mean().item(),
         }

@@ -193,3 +193,16 @@ def test_answers_fit_max_len_the_models_input(shared):
     rankings, truncated = train_reward.encode_rankings(enc, examples, args, path)
     lengths = [len(answer) for answers, _ in rankings for answer in answers]
     assert max(lengths) == 96 and truncated > 0
+
+
+def test_validation_loss_is_the_training_loss_center_term_included(tiny, tmp_path):
+    (tmp_path / "ranked.jsonl").write_text("\n".join(json.dumps(r) for r in synthetic_rankings(40)))
+    val_loss = {}
+    for coef in ("0", "4"):
+        out = tmp_path / f"rm-{coef}"
+        argv = ["--model", tiny, "--data", str(tmp_path / "ranked.jsonl"), "--out", str(out), "--steps", "0"]
+        train_reward.main(argv + ["--max-len", "64", "--center-coef", coef])
+        (before,) = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["step"] == 0]
+        val_loss[coef] = before["val_loss"]
+    # the same untrained model: the difference is 4 x mean((r_chosen + r_rejected)^2) of its random rewards
+    assert val_loss["4"] > val_loss["0"] + 1e-4, val_loss
