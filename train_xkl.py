@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--case-sensitive", action="store_true", help="count only the letter's exact case")
     p.add_argument("--target", default="uniform", choices=["uniform", "smoothed"], help="target distribution shape")
     alpha = "with --target smoothed: the mass on letter tokens, in (0, 1) (default 0.9)"
-    p.add_argument("--alpha", type=real(0, 1, low_open=True, high_open=True), default=0.9, help=alpha)
+    p.add_argument("--alpha", type=real(0, 1, low_open=True, high_open=True), default=None, help=alpha)
     p.add_argument(
         "--input",
         nargs="+",
@@ -82,6 +82,10 @@ def main(argv=None):
     args = parse_args(argv)
     if len(args.letter) != 1:
         die(f"--letter must be a single character, got {args.letter!r}")
+    if args.target == "uniform" and args.alpha is not None and not args.resume:
+        die("--alpha is --target smoothed's mass on the letter: --target uniform has none (add --target smoothed)")
+    if args.target == "smoothed" and args.alpha is None:
+        args.alpha = 0.9
     if (
         args.input[0] not in ("random", "text")
         or (args.input[0] == "random") != (len(args.input) == 1)

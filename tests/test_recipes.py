@@ -299,6 +299,7 @@ def test_xkl_bad_input(tiny, tmp_path, capsys):
     refused(
         train_xkl.main, base + ["--target", "smoothed", "--alpha", "0"], capsys, "--alpha: must lie in (0, 1), got 0"
     )
+    refused(train_xkl.main, base + ["--alpha", "0.5"], capsys, "--target uniform has none")  # (not ignored)
     refused(train_xkl.main, base + ["--letter", "\u263a"], capsys, "no token of the vocabulary contains")
     refused(train_xkl.main, base + ["--input", "text", str(tmp_path / "missing.txt")], capsys, "does not exist")
     (tmp_path / "empty.txt").write_text("")
