@@ -580,7 +580,7 @@ def test_bad_data_files_are_one_line_errors(tiny, shared, tmp_path, capsys):
         capsys,
         "config.json: expected a JSON object of GPT-2 settings, got a JSON list",
     )
-    pairs = [{"instruction": "Say hi.", "chosen": "Hi.", "rejected": "Go away."}] * 40
+    pairs = [{"instruction": f"Say hi ({i}).", "chosen": "Hi.", "rejected": "Go away."} for i in range(40)]
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
     refused(
         train_dpo.main,

@@ -162,6 +162,20 @@ def transformers_val_loss(model_dir, data, limit, max_len, seed=1337):
     return total / count
 
 
+@pytest.mark.parametrize("seed", [1337, 0, 7])
+def test_the_split_never_trains_on_a_held_out_prompt(seed, shared):
+    from nanotune.data import read_records
+    from nanotune.instruct import normalize_examples, split_examples
+
+    data = shared / "data" / "instruction-data.json"  # 1,100 records, 1,075 distinct prompts
+    examples = normalize_examples(read_records(data), data)
+    train, val, test = split_examples(examples, seed)
+    prompts = [{(e["instruction"], e["input"]) for e in part} for part in (train, val, test)]
+    assert not prompts[0] & (prompts[1] | prompts[2]) and not prompts[1] & prompts[2]
+    assert sorted(map(id, train + val + test)) == sorted(map(id, examples))  # every example once
+    assert abs(len(val) - 55) <= 10 and abs(len(test) - 110) <= 15  # ~5% and ~10%, give or take the repeats
+
+
 def test_sft_lowers_validation_perplexity(sft_out, shared):
     s = summary(sft_out)
     print(
@@ -329,15 +343,15 @@ def test_sft_and_dpo_bad_input(tiny, tmp_path, capsys):
     good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     (tmp_path / "missing.json").write_text(json.dumps([good, good, {"instruction": "No answer"}]))
     refused(train_sft.main, base + ["--data", str(tmp_path / "missing.json")], capsys, "record 2 has no 'output' key")
-    long_prompt = {"instruction": "word " * 400, "input": "", "output": "ok"}
-    (tmp_path / "long.json").write_text(json.dumps([long_prompt] * 40))
+    long_prompts = [{"instruction": "word " * 400, "input": str(i), "output": "ok"} for i in range(40)]
+    (tmp_path / "long.json").write_text(json.dumps(long_prompts))
     refused(
         train_sft.main,
         base + ["--data", str(tmp_path / "long.json"), "--max-len", "64"],
         capsys,
         "leaving no room for a response within --max-len 64",
     )
-    pairs = [{"instruction": "Say hi.", "chosen": "Hi.", "rejected": "Go away."}] * 40
+    pairs = [{"instruction": f"Say hi ({i}).", "chosen": "Hi.", "rejected": "Go away."} for i in range(40)]
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
     refused(
         train_dpo.main,
