@@ -152,6 +152,7 @@ def train(args, run):
         # micro-batches hold different numbers of response tokens, so a plain mean per micro-batch divided by
         # grad_accum would weight a token of a short micro-batch more: dividing every micro-batch's sum by the
         # whole batch's token count makes the micro-batch losses add up to exactly the batch's per-token mean
+        # (this process's batch: under DDP the processes' means are averaged, each weighing the same, as nanoGPT's)
         n_response = sum(len(r) for _, r in batch)
         n_prompt = sum(len(p) - 1 for p, _ in batch)  # prompt tokens that have a next prompt token
         step_loss, n_tokens = 0.0, 0

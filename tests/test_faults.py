@@ -272,7 +272,7 @@ def test_preference_pairs_of_identical_answers_are_flagged(tiny, tmp_path, capsy
     (tmp_path / "same.json").write_text(json.dumps(same))
     assert run_main(train_reward.main, base + ["--data", str(tmp_path / "same.json")]) == 2
     one_line_error(capsys, "every training pair ranks two identical answers")
-    some = same[:20] + [{"instruction": f"Say {i}.", "chosen": "Yes.", "rejected": "No."} for i in range(20)]
+    some = same[:20] + [{"instruction": f"Tell {i}.", "chosen": "Yes.", "rejected": "No."} for i in range(20)]
     (tmp_path / "some.json").write_text(json.dumps(some))
     assert run_main(train_reward.main, base + ["--data", str(tmp_path / "some.json")]) == 0
     assert "training pairs rank two identical answers (they teach nothing)" in capsys.readouterr().err
