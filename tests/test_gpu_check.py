@@ -1,6 +1,6 @@
 """.ci/gpu runs only where a GPU is, so here its plumbing is checked with a stand-in python3 that records each
 command instead of running it: every recipe is there (with and without --compile), each command's flags parse
-as its script's own parser reads them, and the summary counts what ran, what failed and what DEADLINE skipped."""
+as its script's own parser reads them, and the summary counts what ran, what failed and what TIME_LIMIT cut."""
 
 import json
 import os
@@ -34,13 +34,14 @@ PARSERS = {
 }
 
 
-def run_gpu_check(tmp_path, shared, fail="", **env):
+def run_gpu_check(tmp_path, shared, fail="", fail_code=1, **env):
     """bash .ci/gpu with python3 standing in: the script's own Python (a heredoc, "-") runs; any other command is
-    recorded, and fails when its text contains `fail`. -> (exit code, output, [argv of each command])."""
+    recorded, and exits with fail_code when its text contains `fail` (124: as `timeout` does when it stops one).
+    -> (exit code, output, [argv of each command])."""
     bin_dir, log = tmp_path / "bin", tmp_path / "commands.jsonl"
     bin_dir.mkdir()
     record = f"import json, sys; open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')"
-    record += f"; sys.exit(1 if {fail!r} and {fail!r} in ' '.join(sys.argv) else 0)"
+    record += f"; sys.exit({fail_code} if {fail!r} and {fail!r} in ' '.join(sys.argv) else 0)"
     stand_in = bin_dir / "python3"
     stand_in.write_text(
         f'#!/bin/sh\n[ "$1" = - ] && exec {sys.executable} "$@"\nexec {sys.executable} -c "{record}" "$@"\n'
@@ -85,14 +86,26 @@ def test_the_gpu_check_runs_one_part(part, checks, tmp_path, shared):
     assert code == 0 and len(commands) == checks and len(benches) == (3 if part == "bench" else 0), out
 
 
-@pytest.mark.parametrize("env", [{"fail": "train_dpo.py"}, {"TIME_LIMIT": "1"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"fail": "train_dpo.py"},  # two checks fail
+        {"fail": "train_dpo.py", "fail_code": 124},  # two stop at CHECK_TIMEOUT (a hang): they failed too
+        {"fail": "train_dpo.py", "fail_code": 124, "TIME_LIMIT": "800"},  # two stop at TIME_LIMIT: not a failure
+        {"TIME_LIMIT": "1"},  # no time to start anything
+    ],
+)
 def test_the_gpu_check_counts_failures_and_skips(env, tmp_path, shared):
     code, out, commands = run_gpu_check(tmp_path, shared, **env)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     statuses = {name: check["status"] for name, check in summary["checks"].items()}
-    if "fail" in env:  # the two DPO runs failed, the rest ran: the exit status counts the failures
-        assert code == 2 and {k for k, v in statuses.items() if v == "FAILED"} == {"dpo", "dpo-compiled"}
+    dpo = {k: v for k, v in statuses.items() if k.startswith("dpo")}
+    if "TIME_LIMIT" in env and "fail" in env:  # cut short by the time limit, the rest ran: exit status 0
+        assert code == 0 and dpo == {"dpo": "stopped", "dpo-compiled": "stopped"}
+        assert "0 failed, 2 not run to the end (TIME_LIMIT): dpo-compiled dpo;" in out
+    elif "fail" in env:  # the two DPO runs failed, the rest ran: the exit status counts the failures
+        assert code == 2 and dpo == {"dpo": "FAILED", "dpo-compiled": "FAILED"}
         assert "2 failed: dpo-compiled dpo;" in out
     else:  # with no time left nothing starts, nothing fails
         assert code == 0 and commands == [] and set(statuses.values()) == {"skipped"}
-        assert f"0 passed, 0 failed, {len(statuses)} skipped (TIME_LIMIT)" in out
+        assert f"0 passed, 0 failed, {len(statuses)} not run to the end (TIME_LIMIT)" in out
