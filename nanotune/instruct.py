@@ -82,20 +82,21 @@ def normalize_examples(records: list[dict], path, response_keys=("output",)) -> 
 
 
 def split_examples(examples: list, seed: int, fractions=(0.85, 0.05)):
-    """Seeded shuffle, then train / validation / test = 85% / 5% / 10%, by prompt: an example whose prompt
-    (instruction and input) came earlier in the shuffle joins that one's split, so a held-out prompt is never
-    trained on, not even with another answer (the bundled instruction data repeats 25 of its 1,100 prompts). The
-    same seed and file give the same split in every recipe, so DPO, the reward model and PPO never train on SFT's
-    held-out prompts."""
-    order = list(range(len(examples)))
+    """Seeded shuffle of the distinct prompts (instruction and input), then train / validation / test = 85% / 5% /
+    10% of them, each prompt's examples together: a held-out prompt is never trained on, not even with another
+    answer (the bundled instruction data repeats 25 of its 1,100 prompts; preference pairs made by
+    nanotune.pairs hold several pairs per prompt). With one example per prompt this is a shuffle of the examples.
+    The same seed and file give the same split in every recipe, so DPO, the reward model and PPO never train on
+    SFT's held-out prompts."""
+    by_prompt = {}  # prompt -> its examples, in the file's order
+    for example in examples:
+        by_prompt.setdefault((example["instruction"], example.get("input") or ""), []).append(example)
+    prompts = list(by_prompt)
+    order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)
     n_train, n_val = int(len(order) * fractions[0]), int(len(order) * fractions[1])
-    splits, split_of_prompt = ([], [], []), {}
-    for position, i in enumerate(order):
-        split = 0 if position < n_train else 1 if position < n_train + n_val else 2
-        prompt = (examples[i]["instruction"], examples[i].get("input") or "")
-        splits[split_of_prompt.setdefault(prompt, split)].append(examples[i])
-    return splits
+    pick = lambda ids: [example for i in ids for example in by_prompt[prompts[i]]]  # noqa: E731
+    return pick(order[:n_train]), pick(order[n_train : n_train + n_val]), pick(order[n_train + n_val :])
 
 
 def answers_end(template: str) -> bool:

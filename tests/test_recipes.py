@@ -4,6 +4,7 @@ their refusals of bad input. Each run is called in-process through the script's 
 import json
 import math
 import os
+import random
 
 import pytest
 import torch
@@ -174,6 +175,19 @@ def test_the_split_never_trains_on_a_held_out_prompt(seed, shared):
     assert not prompts[0] & (prompts[1] | prompts[2]) and not prompts[1] & prompts[2]
     assert sorted(map(id, train + val + test)) == sorted(map(id, examples))  # every example once
     assert abs(len(val) - 55) <= 10 and abs(len(test) - 110) <= 15  # ~5% and ~10%, give or take the repeats
+    # preference pairs as nanotune.pairs writes them, 6 to a prompt: 5% of 40 prompts is 2 held out, with their pairs
+    pairs = [{"instruction": f"prompt {i}", "input": ""} for i in range(40) for _ in range(6)]
+    assert [len(part) for part in split_examples(pairs, seed)] == [34 * 6, 2 * 6, 4 * 6]
+
+
+def test_the_split_of_distinct_prompts_is_a_seeded_shuffle():  # (as before prompts were grouped: same results)
+    from nanotune.instruct import split_examples
+
+    examples = [{"instruction": f"prompt {i}", "input": ""} for i in range(200)]
+    order = list(range(200))
+    random.Random(1337).shuffle(order)
+    train, val, test = split_examples(examples, 1337)
+    assert train + val + test == [examples[i] for i in order] and (len(train), len(val)) == (170, 10)
 
 
 def test_sft_lowers_validation_perplexity(sft_out, shared):
