@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .folder import FILES, write_model_files
 from .peft import load_new_tensors, load_peft, merge, save_peft
 from .reward import RewardModel
 from .utils import NanotuneError, save_json, set_device_rng_state
@@ -28,7 +29,7 @@ from .weights import load_checkpoint, save_tensors
 CHECKPOINTS = "checkpoints"
 # what writing weights or a checkpoint raises when the disk is full or the folder cannot be written
 SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
-# what save_trained may write into a folder
+# what save_trained and save_complete may write into a folder
 MODEL_FILES = (
     "model.safetensors",
     "config.json",
@@ -36,6 +37,7 @@ MODEL_FILES = (
     "adapter_config.json",
     "lora",
     "score.safetensors",
+    *FILES,
 )
 
 
@@ -65,6 +67,18 @@ def save_trained(model, directory: Path, final: bool = True):
     save_peft(model, directory)
     if final and method == "lora":
         merge(copy.deepcopy(model)).save_pretrained(directory)  # a merged copy: the run's model keeps training
+
+
+def save_complete(model, directory: Path, template: str | None, prompt_source: str | None = None):
+    """The run's output as a whole Hugging Face model folder: save_trained's weights, then the tokenizer,
+    generation config and chat template (nanotune/folder.py), in lora/ as well (peft loads that on its base).
+    template: the recipe's --template; PPO and GRPO on book windows (prompt_source books) learned raw text."""
+    save_trained(model, directory)
+    template = None if prompt_source == "books" else template
+    context = model.config.n_positions
+    write_model_files(directory, context, template)
+    if (Path(directory) / "lora").is_dir():
+        write_model_files(Path(directory) / "lora", context, template)
 
 
 def load_trained(model, directory: Path):

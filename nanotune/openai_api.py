@@ -5,8 +5,8 @@ import json
 import time
 import uuid
 
+from .chat import render
 from .engine import Request
-from .instruct import format_chat
 
 
 class ApiError(Exception):
@@ -98,7 +98,8 @@ def sampling_request(body: dict, prompt: list[int], limits: Limits, emit) -> Req
     )
 
 
-def chat_prompt(body: dict, template: str | None) -> str:
+def chat_prompt(body: dict, template: str, enc) -> list[int]:
+    """The messages, checked, as the token ids the model continues (nanotune/chat.py's renderer)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content}", "messages")
@@ -114,7 +115,7 @@ def chat_prompt(body: dict, template: str | None) -> str:
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be text", f"messages[{i}].content")
         checked.append({"role": m["role"], "content": content})
-    return format_chat(checked, template)
+    return render(enc, checked, template, add_generation_prompt=True)[0]
 
 
 def completion_prompts(body: dict, enc) -> list[list[int]]:

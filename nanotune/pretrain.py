@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from nanotune import GPT, GPTConfig, generate, load_tokenizer
 from nanotune.data import read_book
 from nanotune.flags import Parser, integer, real
+from nanotune.folder import write_model_files
 from nanotune.plot import plot_curves
 from nanotune.training import lr_at, make_optimizer
 from nanotune.utils import NanotuneError, autocast, die, pick_device, save_json, seed_everything
@@ -216,6 +217,7 @@ def pretrain(args):
 
     final_val = evaluate(model, val, args, device, ctx, 4 * args.eval_batches)
     model.save_pretrained(out, dtype=getattr(torch, args.save_dtype))
+    write_model_files(out, model.config.n_positions)  # tokenizer, generation config, a base model's chat template
     model.eval()
     prompt = torch.tensor([enc.encode_ordinary("It was a dark and stormy night, and")], device=device)
     generator = torch.Generator(device).manual_seed(0)  # on the model's device: multinomial samples there

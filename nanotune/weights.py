@@ -246,7 +246,9 @@ def save_checkpoint(model, directory: Path, dtype: torch.dtype | None = None) ->
             t = t.to(dtype)
         tensors[key] = t.contiguous().cpu()
     config = model.config.to_hf_dict()
-    config["torch_dtype"] = str(dtype or model.wte.weight.dtype).removeprefix("torch.")
+    # the dtype to compute in, which a smaller stored dtype does not change: nanotune reads a float16 file (nano's,
+    # half the size) into float32, and transformers, reading this key, does the same
+    config["torch_dtype"] = str(model.wte.weight.dtype).removeprefix("torch.")
     return write_weights(Path(directory), tensors, config)
 
 

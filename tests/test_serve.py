@@ -19,9 +19,11 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from nanotune.chat import render_text
 from nanotune.engine import Engine, Request, TextStream
+from nanotune.folder import write_model_files
 from nanotune.generate import generate
-from nanotune.instruct import format_chat, format_prompt
+from nanotune.instruct import format_prompt
 from nanotune.model import GPT, onednn_bf16
 from nanotune.serve import Limits, chat_template, create_app
 from nanotune.tokenizer import load_tokenizer
@@ -305,17 +307,22 @@ def test_chat_template_comes_from_the_model_folder(model_dir, tiny, tmp_path):
     assert chat_template(str(model_dir), "none") is None and chat_template(tiny, "plain") == "plain"
     (tmp_path / "summary.json").write_text(json.dumps({"args": {"template": "alpaca", "prompt_source": "books"}}))
     assert chat_template(str(tmp_path), "auto") is None  # trained on book text, not instructions
+    write_model_files(tmp_path, 256, "plain")  # a folder's chat_template.jinja wins over its summary.json
+    assert chat_template(str(tmp_path), "auto") == "plain"
+    write_model_files(tmp_path, 256, None)
+    assert chat_template(str(tmp_path), "auto") is None  # a base model's: the transcript
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": "Bye"},
     ]
-    assert format_chat(messages, None) == "Be brief.\n\nUser: Hi\nAssistant: Hello.\nUser: Bye\nAssistant:"
-    alpaca = format_chat(messages, "alpaca")
-    assert alpaca == "Be brief.\n\n" + format_prompt({"instruction": "Hi"}) + "Hello.\n\n" + format_prompt(
-        {"instruction": "Bye"}
-    )
+    transcript = render_text(messages, "transcript", add_generation_prompt=True)
+    assert transcript == "Be brief.\n\nUser: Hi\nAssistant: Hello.\nUser: Bye\nAssistant:"
+    # an instruction template: each exchange as SFT trains it, each earlier answer ended by <|endoftext|>
+    alpaca = render_text(messages, "alpaca", add_generation_prompt=True)
+    hi, bye = (format_prompt({"instruction": text}) for text in ("Hi", "Bye"))
+    assert alpaca == "Be brief.\n\n" + hi + "Hello.<|endoftext|>" + bye
 
 
 @settings(max_examples=60, deadline=None)
