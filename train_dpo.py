@@ -22,17 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from nanotune import generate, load_tokenizer
-from nanotune.data import PREFERENCES_URL, default_file, read_records
+from nanotune.data import PREFERENCES_URL, default_file
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.instruct import (
     TEMPLATES,
     answers_end,
     check_answerable,
     encode_pair,
-    format_prompt,
-    normalize_examples,
+    load_splits,
+    prompt_ids,
     response_logprobs,
-    split_examples,
 )
 from nanotune.loader import load_model
 from nanotune.metrics import progress
@@ -141,29 +140,28 @@ def preference_metrics(loss, chosen_rewards, rejected_rewards) -> dict:
 def load_pairs(enc, args, master: bool):
     """The preference data, split as SFT splits it (so the held-out prompts were never trained on there either);
     train and validation encoded as [((prompt ids, chosen ids), (prompt ids, rejected ids))], answers truncated to
-    --max-len and ended by <|endoftext|> unless --template raw. -> {split: pairs}, test examples, truncated, path"""
-    path = args.data or default_file("instruction-data-with-preference.json", PREFERENCES_URL)
-    examples = normalize_examples(read_records(path, args.limit), path, response_keys=("chosen", "rejected"))
-    train, val, test = split_examples(examples, args.seed)
+    --max-len and ended by <|endoftext|> unless --template raw. -> {split: pairs}, test examples, truncated"""
+    sources = args.data or [default_file("instruction-data-with-preference.json", PREFERENCES_URL)]
+    train, val, test = load_splits(sources, "preference", args.limit, args.seed)
     if not train or not val:
         raise NanotuneError(
-            f"{path}: {len(examples)} examples give {len(train)} training and {len(val)} "
-            "validation pairs; need at least one of each"
+            f"{' '.join(map(str, sources))}: {len(train) + len(val) + len(test)} examples give {len(train)} "
+            f"training and {len(val)} validation pairs; need at least one of each"
         )
     pairs, truncated, end = {"train": [], "val": []}, 0, answers_end(args.template)
     for name, split in (("train", train), ("val", val)):
         for ex in split:
-            prompt, where = format_prompt(ex, args.template), f"{path}: record {ex['record']}"
+            prompt, where = prompt_ids(enc, ex, args.template), f"{ex['source']}: record {ex['record']}"
             p, chosen, cut_chosen = encode_pair(enc, prompt, ex["chosen"], args.max_len, where, end)
             _, rejected, cut_rejected = encode_pair(enc, prompt, ex["rejected"], args.max_len, where, end)
             pairs[name].append(((p, chosen), (p, rejected)))
             truncated += cut_chosen + cut_rejected
     same = sum(chosen == rejected for chosen, rejected in pairs["train"])  # no preference: the loss stays log 2
     if same == len(pairs["train"]):
-        raise NanotuneError(f"{path}: every training pair's chosen answer is its rejected one: nothing to learn")
+        raise NanotuneError(f"{sources[0]}: every training pair's chosen answer is its rejected one: nothing to learn")
     if same and master:
         print(f"warning: {same} of {len(pairs['train'])} training pairs have chosen == rejected", file=sys.stderr)
-    return pairs, test, truncated, path
+    return pairs, test, truncated
 
 
 def pair_logprobs(model, pairs, pad_id: int, device, ctx):
@@ -225,8 +223,9 @@ def squeezing_diagnostic(model, val_logps, val_lengths, prompts, budget: int, eo
 def parse_args(argv=None):
     p = Parser(__doc__)
     add_common_args(p, lr=5e-6, steps=100, batch_size=8, lora_dropout=False)  # (see add_common_args)
-    data = "JSON/JSONL: instruction, input?, chosen, rejected (default: download the set of 'LLMs from scratch')"
-    p.add_argument("--data", default=None, help=data)
+    data = "preference data, one or more sources of any format in docs/data.md (default: download the set of "
+    data += "'LLMs from scratch')"
+    p.add_argument("--data", nargs="+", default=None, metavar="SOURCE", help=data)
     p.add_argument("--ref-model", default=None, help="reference model (default: a frozen copy of --model)")
     loss = "sigmoid (DPO, default), ipo, hinge (SLiC), robust (robust DPO) or simpo (SimPO, no reference model)"
     p.add_argument("--loss", default="sigmoid", choices=list(LOSSES), help=loss)
@@ -272,14 +271,14 @@ def main(argv=None):
 def train(args, run):
     device = run.device
     enc = load_tokenizer()
-    pairs, test, truncated, path = load_pairs(enc, args, run.master)
+    pairs, test, truncated = load_pairs(enc, args, run.master)
 
     policy, model_name = load_model(args.model, device, quiet=not run.master)
     context = policy.config.n_positions - (args.prompt_tokens if args.peft == "prompt" else 0)  # (less prompt tuning's)
     if args.max_len > context:
         raise NanotuneError(f"--max-len {args.max_len} exceeds the model's context of {context}")
     answered = test[: args.responses]
-    answer_prompts = check_answerable(enc, answered, args.template, context, path)
+    answer_prompts = check_answerable(enc, answered, args.template, context)
     squeeze_prompts = [prompt for (prompt, _), _ in pairs["val"][:SQUEEZE_PROMPTS]]
     squeeze_budget = min(args.max_new_tokens, SQUEEZE_TOKENS, context - max(map(len, squeeze_prompts)))
 
@@ -331,7 +330,7 @@ def train(args, run):
         run.summary.update({f"{key}_before": before[key] for key in SUMMARISED})
         run.log(0, **before)
         # the answers before training go to disk now, so that a resumed run can put its own beside them
-        keys = ("record", "instruction", "input", "chosen", "rejected")
+        keys = ("source", "record", "prompt", "chosen", "rejected")
         rows = [{k: ex[k] for k in keys} | {"before": answer} for ex, answer in zip(answered, answers())]
         run.write_text("responses.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 

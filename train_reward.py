@@ -8,8 +8,8 @@ model learns to score the better answer of every pair higher. Its scores then ju
     python train_reward.py --data ranked.jsonl   # {"instruction", "input"?, "responses": [best, ..., worst]}
     python train_reward.py --data pairs.jsonl --template raw   # {"prompt", "chosen", "rejected"}: continuations
 
-Data: the preference format (instruction, input?, chosen, rejected) or ranked records (responses: K >= 2
-answers, best first). The prompt template and the seeded train/validation/test split are the SFT recipe's
+Data: preference records of any format in docs/data.md, or ranked records (responses: K >= 2 answers, best
+first). The prompt template and the seeded train/validation/test split are the SFT recipe's
 (nanotune/instruct.py), so a prompt held out there is held out here. The pairs of one prompt stay together,
 in one split and in one batch, as InstructGPT did. The reward of (prompt, answer) is the head's output at the
 answer's last token. Outputs in --out: metrics.jsonl, summary.json, loss.svg and the reward model in the
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from nanotune import load_tokenizer
-from nanotune.data import PREFERENCES_URL, default_file, read_records
+from nanotune.data import PREFERENCES_URL, default_file
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
-from nanotune.instruct import TEMPLATES, answers_end, encode_pair, format_prompt, split_examples
+from nanotune.instruct import TEMPLATES, answers_end, encode_pair, load_splits, prompt_ids
 from nanotune.loader import load_model
 from nanotune.peft import apply_peft, describe_trainable
 from nanotune.plot import plot_curves
@@ -47,41 +47,12 @@ def reward_loss(chosen_rewards, rejected_rewards, margin=None, center_coef: floa
     return loss
 
 
-def ranked_examples(records: list[dict], path) -> list[dict]:
-    """Preference records (chosen, rejected) or ranked records (responses, best first) -> {instruction, input,
-    responses, record}; a record that cannot be ranked stops everything, naming it."""
-    examples = []
-    for i, r in enumerate(records):
-        if "responses" in r:
-            responses = r["responses"]
-            if not isinstance(responses, list) or len(responses) < 2:
-                raise NanotuneError(
-                    f"{path}: record {i}: 'responses' must list at least 2 answers (best first), got "
-                    f"{len(responses) if isinstance(responses, list) else type(responses).__name__}"
-                )
-        elif "chosen" in r and "rejected" in r:
-            responses = [r["chosen"], r["rejected"]]
-        else:
-            raise NanotuneError(
-                f"{path}: record {i} has neither 'responses' nor both 'chosen' and 'rejected' "
-                f"(it has {', '.join(sorted(r)) or 'none'})"
-            )
-        if "instruction" not in r and "prompt" not in r:
-            raise NanotuneError(f"{path}: record {i} has no 'instruction' (or 'prompt') key")
-        instruction, text = r.get("instruction", r.get("prompt")), r.get("input") or ""
-        for name, value in [("instruction", instruction), ("input", text)] + [("responses", v) for v in responses]:
-            if not isinstance(value, str):
-                raise NanotuneError(f"{path}: record {i} key {name!r} holds a {type(value).__name__}, expected text")
-        examples.append({"instruction": instruction, "input": text, "responses": responses, "record": i})
-    return examples
-
-
-def encode_rankings(enc, examples, args, path):
+def encode_rankings(enc, examples, args):
     """Ranked examples -> [(answers, pairs)]: each answer's prompt + answer ids, truncated to --max-len, and the
     pairs (i, j) of answer indices, i ranked above j. -> rankings, how many answers were truncated"""
     rankings, truncated = [], 0
     for ex in examples:
-        prompt, where = format_prompt(ex, args.template), f"{path}: record {ex['record']}"
+        prompt, where = prompt_ids(enc, ex, args.template), f"{ex['source']}: record {ex['record']}"
         answers = []
         for response in ex["responses"]:
             p, r, cut = encode_pair(enc, prompt, response, args.max_len, where, answers_end(args.template))
@@ -97,8 +68,9 @@ def encode_rankings(enc, examples, args, path):
 def parse_args(argv=None):
     p = Parser(__doc__)
     add_common_args(p, lr=1e-5, steps=200, batch_size=8, peft_methods=("none", "lora"))  # LoRA: merged at the end
-    data = "JSON/JSONL of preference or ranked records (default: download the preference set of 'LLMs from scratch')"
-    p.add_argument("--data", default=None, help=data)
+    data = "preference or ranked records, one or more sources of any format in docs/data.md (default: download the "
+    data += "preference set of 'LLMs from scratch')"
+    p.add_argument("--data", nargs="+", default=None, metavar="SOURCE", help=data)
     template = "prompt layout (as in SFT); raw: the prompt verbatim, the answer continues it (no <|endoftext|>)"
     p.add_argument("--template", default="alpaca", choices=TEMPLATES, help=template)
     max_len = "longest prompt + answer; longer answers are truncated (default 256)"
@@ -126,15 +98,15 @@ def train(args, run):
     enc = load_tokenizer()
 
     # ---- data: rankings -> token ids per answer; pairs (better, worse) index into a prompt's answers
-    path = args.data or default_file("instruction-data-with-preference.json", PREFERENCES_URL)
-    examples = ranked_examples(read_records(path, args.limit), path)
-    train, val, _ = split_examples(examples, args.seed)  # the test split stays untouched, for evaluation
+    sources = args.data or [default_file("instruction-data-with-preference.json", PREFERENCES_URL)]
+    path = " ".join(map(str, sources))
+    train, val, test = load_splits(sources, "ranked", args.limit, args.seed)  # test stays untouched, for evaluation
     if not train or not val:
         raise NanotuneError(
-            f"{path}: {len(examples)} records give {len(train)} training and {len(val)} validation "
-            "prompts; need at least one of each"
+            f"{path}: {len(train) + len(val) + len(test)} records give {len(train)} training and {len(val)} "
+            "validation prompts; need at least one of each"
         )
-    (rankings_train, cut_train), (rankings_val, cut_val) = (encode_rankings(enc, s, args, path) for s in (train, val))
+    (rankings_train, cut_train), (rankings_val, cut_val) = (encode_rankings(enc, s, args) for s in (train, val))
     rankings, truncated = {"train": rankings_train, "val": rankings_val}, cut_train + cut_val
     n_pairs = {name: sum(len(p) for _, p in rankings[name]) for name in rankings}
     # a pair of two identical answers carries no preference: its loss stays log 2, whatever the model learns

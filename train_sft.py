@@ -1,11 +1,13 @@
 """Instruction-tune GPT-2: supervised fine-tuning with the loss on response tokens only.
 
-Recipe 3 of the research notes. Each example becomes `prompt + response + <|endoftext|>` (the Alpaca
-template below). The labels mask every prompt token and every padding position, so the model is trained to
-answer, not to repeat instructions. Validation perplexity = exp(mean NLL over response tokens).
+Recipe 3 of the research notes. Each example becomes `prompt + response + <|endoftext|>` in the chat template
+(nanotune/chat.py); a conversation, every exchange so, each answer ending in <|endoftext|>. The labels mask every
+prompt and user token and every padding position, so the model is trained to answer, not to repeat
+instructions. Validation perplexity = exp(mean NLL over response tokens), overall and per source.
 
     python train_sft.py                                         # downloads the 1,100-example Alpaca-style set
-    python train_sft.py --data my.jsonl --template plain        # {"prompt", "response"} pairs work too
+    python train_sft.py --data chats.jsonl --template plain     # any format of docs/data.md: messages, ShareGPT...
+    python train_sft.py --data a.jsonl org/name:train --mix 3,1 # several sources at once, drawn 3 to 1
     python train_dpo.py --model out/sft-.../                    # then preference-tune the result
 
 Outputs in --out: metrics.jsonl, summary.json, responses.jsonl (greedy answers to the test prompts),
@@ -17,15 +19,18 @@ import json
 import torch
 
 from nanotune import generate, load_tokenizer
-from nanotune.data import INSTRUCTIONS_URL, default_file, read_records
+from nanotune.data import INSTRUCTIONS_URL, default_file
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
+from nanotune.formats import last_user
 from nanotune.instruct import (
     IGNORE,
+    Mixture,
     check_answerable,
-    collate,
-    encode_pair,
-    format_prompt,
-    normalize_examples,
+    collate_masked,
+    encode_example,
+    load_examples,
+    parse_mix,
+    source_names,
     split_examples,
     token_logprobs,
 )
@@ -52,14 +57,59 @@ def sft_loss(logits, labels, prompt_labels=None, lm_weight: float = 0.0, n_respo
     return loss
 
 
+def load_data(enc, sources: list, args):
+    """Each source read and split on its own -> {"train"|"val": one list of (token ids, trained mask) per source},
+    the test examples that have a question (plain text has none), how many examples were cut to --max-len."""
+    encoded, test, truncated = {"train": [], "val": []}, [], 0
+    for source in sources:
+        train_split, val_split, test_split = split_examples(load_examples(source, "sft", args.limit), args.seed)
+        if not train_split or not val_split:
+            raise NanotuneError(
+                f"{source}: {len(train_split) + len(val_split) + len(test_split)} examples give {len(train_split)} "
+                f"training and {len(val_split)} validation examples; need at least one of each"
+            )
+        for split, examples in (("train", train_split), ("val", val_split)):
+            rows = []
+            for ex in examples:
+                ids, mask, cut = encode_example(
+                    enc, ex, args.template, args.max_len, f"{source}: record {ex['record']}"
+                )
+                rows.append((ids, mask))
+                truncated += cut
+            encoded[split].append(rows)
+        test += [ex for ex in test_split if ex["text"] is None]
+    return encoded, test, truncated
+
+
+@torch.no_grad()
+def validation_nll(model, sources: list, batch_size: int, pad_id: int, device, ctx) -> list[tuple[float, int]]:
+    """Per source: the summed NLL of its validation rows' trained tokens, and how many there are."""
+    sums = []
+    for rows in sources:
+        total, count = 0.0, 0
+        for i in range(0, len(rows), batch_size):
+            input_ids, labels = collate_masked(rows[i : i + batch_size], pad_id, device)
+            with ctx:
+                logits = model(input_ids)  # (B, T, V)
+            total -= token_logprobs(logits, labels).sum().item()
+            count += int((labels != IGNORE).sum())
+        sums.append((total, count))
+    return sums
+
+
 def parse_args(argv=None):
     p = Parser(__doc__)
     add_common_args(p, lr=5e-5, steps=200, batch_size=8)
-    data = "JSON list or JSONL of examples (default: download the 1,100-example set of 'LLMs from scratch' into data/)"
-    p.add_argument("--data", default=None, help=data)
-    p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (default alpaca)")
+    data = (
+        "one or more sources: .json/.jsonl/.parquet/.csv files, datasets folders, Hub names (org/name[:config]:split);"
+    )
+    data += " any format of docs/data.md (default: download the 1,100-example set of 'LLMs from scratch' into data/)"
+    p.add_argument("--data", nargs="+", default=None, metavar="SOURCE", help=data)
+    mix = "with several --data: how often each is drawn, e.g. 3,1,1 (default: in proportion to their sizes)"
+    p.add_argument("--mix", type=parse_mix, default=None, help=mix)
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="chat template (default alpaca)")
     p.add_argument("--max-len", type=integer(2), default=256, help="longest sequence; longer ones are truncated")
-    p.add_argument("--limit", type=integer(1), default=None, help="use only the first N examples (quick runs)")
+    p.add_argument("--limit", type=integer(1), default=None, help="use only the first N examples of each source")
     p.add_argument("--weight-decay", type=real(0), default=0.0, help="AdamW weight decay (default 0)")
     lm_weight = "add this times the next-token loss on the prompt tokens (GPT-1's L3 = L2 + L * L1; default 0)"
     p.add_argument("--lm-weight", type=real(0), default=0.0, help=lm_weight)
@@ -68,13 +118,18 @@ def parse_args(argv=None):
     p.add_argument("--responses", type=integer(0), default=20, help=responses)
     p.add_argument("--max-new-tokens", type=integer(1), default=128, help="length limit of those answers")
     # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
-    return parse_run_args(p, argv, fixed_on_resume="--data --template --limit --max-len")
+    args = parse_run_args(p, argv, fixed_on_resume="--data --mix --template --limit --max-len")
+    if args.mix is not None and len(args.mix) != len(args.data or [None]):
+        p.error(f"--mix gives {len(args.mix)} weights for {len(args.data or [None])} --data sources")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    per_source = [f"val_ppl/{name}" for name in source_names(args.data)] if len(args.data or []) > 1 else []
+    show = ("loss", "val_loss", "val_ppl", *per_source)
     # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
-    with Run(args, __file__, outputs=("responses.jsonl", "loss.svg"), show=("loss", "val_loss", "val_ppl")) as run:
+    with Run(args, __file__, outputs=("responses.jsonl", "loss.svg"), show=show) as run:
         train(args, run)
 
 
@@ -82,24 +137,11 @@ def train(args, run):
     device = run.device
     enc = load_tokenizer()
 
-    # ---- data: every example checked, templated and tokenised before any training
-    path = args.data or default_file("instruction-data.json", INSTRUCTIONS_URL)
-    examples = normalize_examples(read_records(path, args.limit), path)
-    train, val, test = split_examples(examples, args.seed)
-    if not train or not val:
-        raise NanotuneError(
-            f"{path}: {len(examples)} examples give {len(train)} training and {len(val)} validation "
-            "examples; need at least one of each"
-        )
-    encoded, truncated = {}, 0
-    for name, split in (("train", train), ("val", val)):
-        encoded[name] = []
-        for ex in split:
-            prompt_ids, response_ids, cut = encode_pair(
-                enc, format_prompt(ex, args.template), ex["output"], args.max_len, f"{path}: record {ex['record']}"
-            )
-            encoded[name].append((prompt_ids, response_ids))
-            truncated += cut
+    # ---- data: every source read, each record's format detected, templated and tokenised before any training
+    sources = args.data or [default_file("instruction-data.json", INSTRUCTIONS_URL)]
+    names = source_names(sources)
+    encoded, test, truncated = load_data(enc, sources, args)
+    mixture = Mixture([len(rows) for rows in encoded["train"]], args.mix)
 
     model, model_name = load_model(args.model, device, quiet=not run.master)
     apply_peft(model, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
@@ -110,33 +152,35 @@ def train(args, run):
             + (f" ({model.n_virtual} taken by --prompt-tokens)" if model.n_virtual else "")
         )
     answered = test[: args.responses]
-    answer_prompts = check_answerable(enc, answered, args.template, context, path)
-    run.summary.update(model=model_name, train_examples=len(train), truncated_examples=truncated, world_size=run.world)
+    answer_prompts = check_answerable(enc, answered, args.template, context)
+    n_train, n_val = sum(map(len, encoded["train"])), sum(map(len, encoded["val"]))
+    run.summary.update(
+        model=model_name,
+        train_examples=n_train,
+        truncated_examples=truncated,
+        world_size=run.world,
+        sources={name: {"train": n, "weight": w} for name, n, w in zip(names, mixture.sizes, mixture.weights)},
+    )
     if run.master:
         print(
             f"model {model_name} ({args.peft}: {describe_trainable(model)}) on {device} ({run.dtype}); "
-            f"{len(train)} train / {len(val)} val / {len(test)} test examples; {truncated} truncated to "
-            f"--max-len {args.max_len}; effective batch {args.batch_size * run.world}",
+            f"{n_train} train / {n_val} val / {len(test)} test examples from {mixture.describe(names)}; "
+            f"{truncated} truncated to --max-len {args.max_len}; effective batch {args.batch_size * run.world}",
             flush=True,
         )
 
-    @torch.no_grad()
-    def val_loss():
-        """Mean NLL over every response token of the validation split (token-weighted, like the training loss)."""
+    def validate() -> dict:
+        """Mean NLL per response token of the validation split (token-weighted, like the training loss) and its
+        perplexity, overall and, with several sources, per source (val_loss/<name>, val_ppl/<name>)."""
         model.eval()
-        total, count = 0.0, 0
-        for i in range(0, len(encoded["val"]), args.batch_size):
-            input_ids, labels = collate(encoded["val"][i : i + args.batch_size], enc.eot_token, device)
-            with run.ctx:
-                logits = model(input_ids)
-            total -= token_logprobs(logits, labels).sum().item()
-            count += int((labels != IGNORE).sum())
+        sums = validation_nll(model, encoded["val"], args.batch_size, enc.eot_token, device, run.ctx)
         model.train()
-        return total / count
+        losses = {"val_loss": sum(total for total, _ in sums) / sum(n for _, n in sums)}
+        losses |= {f"val_loss/{name}": total / n for name, (total, n) in zip(names, sums)} if len(names) > 1 else {}
+        return losses | {key.replace("loss", "ppl"): perplexity(loss) for key, loss in losses.items()}
 
     if run.master and not run.resumed:
-        loss = val_loss()
-        run.log(0, val_loss=loss, val_ppl=perplexity(loss))
+        run.log(0, **validate())
 
     optimizer = make_optimizer(model, "adamw", args.lr, args.weight_decay, device)
     data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own examples
@@ -147,18 +191,17 @@ def train(args, run):
         lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids = torch.randint(len(encoded["train"]), (args.batch_size,), generator=data_rng).tolist()
-        batch = [encoded["train"][i] for i in ids]
+        batch = [encoded["train"][source][i] for source, i in mixture.sample(args.batch_size, data_rng)]
         # micro-batches hold different numbers of response tokens, so a plain mean per micro-batch divided by
         # grad_accum would weight a token of a short micro-batch more: dividing every micro-batch's sum by the
         # whole batch's token count makes the micro-batch losses add up to exactly the batch's per-token mean
         # (this process's batch: under DDP the processes' means are averaged, each weighing the same, as nanoGPT's)
-        n_response = sum(len(r) for _, r in batch)
-        n_prompt = sum(len(p) - 1 for p, _ in batch)  # prompt tokens that have a next prompt token
+        n_response = sum(int(mask[1:].sum()) for _, mask in batch)  # the tokens that are labels
+        n_prompt = sum(len(mask) - 1 for _, mask in batch) - n_response  # the untrained ones that are labels
         step_loss, n_tokens = 0.0, 0
         for k in range(args.grad_accum):
             micro = batch[k :: args.grad_accum]
-            input_ids, labels, prompt_labels = collate(micro, enc.eot_token, device, prompt_labels=True)
+            input_ids, labels, prompt_labels = collate_masked(micro, enc.eot_token, device, prompt_labels=True)
             # under DDP the gradients are all-reduced once, in the last micro-batch's backward
             with no_sync_unless_last(train_model, last=k == args.grad_accum - 1):
                 with run.ctx:
@@ -172,8 +215,7 @@ def train(args, run):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
-            loss = val_loss()
-            run.log(step, val_loss=loss, val_ppl=perplexity(loss))
+            run.log(step, **validate())
         run.log_step(step, n_tokens, loss=step_loss, lr=lr, grad_norm=grad_norm)
         run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
 
@@ -191,6 +233,12 @@ def train(args, run):
         steps=args.steps,
         lr=args.lr,
     )
+    for name in names if len(names) > 1 else ():  # each source's validation perplexity before and after
+        curve = run.curve(f"val_loss/{name}")
+        run.summary.setdefault("per_source", {})[name] = {
+            "val_ppl_before": perplexity(curve[0][1]),
+            "val_ppl_after": perplexity(curve[-1][1]),
+        }
     run.save_model(model)
     with run.optional("answering the test prompts"):
         # greedy answers to held-out test prompts, stopping at <|endoftext|> (each prompt was checked to fit)
@@ -203,19 +251,12 @@ def train(args, run):
                 outputs = generate(model, prompts, budget, temperature=0, eos_token=enc.eot_token)
             for ex, prompt, seq in zip(answered[i : i + 8], prompts, outputs):
                 answer = enc.decode([t for t in seq[len(prompt) :] if t != enc.eot_token]).strip()
-                responses.append(
-                    {
-                        "record": ex["record"],
-                        "instruction": ex["instruction"],
-                        "input": ex["input"],
-                        "reference": ex["output"],
-                        "model": answer,
-                    }
-                )
+                row = {key: ex[key] for key in ("source", "record", "prompt")}
+                responses.append(row | {"reference": ex["answer"], "model": answer})
         run.write_text("responses.jsonl", "".join(json.dumps(r) + "\n" for r in responses))
         if responses:
             first = responses[0]
-            print(f"--- test prompt ---\n{first['instruction']}\n--- model ---\n{first['model']}\n---", flush=True)
+            print(f"--- test prompt ---\n{last_user(answered[0])}\n--- model ---\n{first['model']}\n---", flush=True)
     with run.optional("the loss plot"):
         plot_curves(
             run.out / "loss.svg",

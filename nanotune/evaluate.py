@@ -16,7 +16,8 @@ them), or every record with --all. Answers: greedy by default (batched KV-cache 
   a tie (|reward difference| < 1e-6) counting half, with a 95% bootstrap confidence interval over prompts.
 
 Writes comparisons.jsonl (prompt, every answer and reward) and summary.json to --out.
---answers FILE: JSON lines {"instruction", "input"?, "reference"?, "answers": {"model name": "answer", ...}}
+--answers FILE: JSON lines {"instruction", "input"?, "reference"?, "answers": {"model name": "answer", ...}} ("prompt"
+as text or messages in place of "instruction")
 with exactly two models; the normalized score needs "reference".
 """
 
@@ -34,8 +35,9 @@ import torch
 
 from .data import INSTRUCTIONS_URL, default_file, read_records
 from .flags import Parser, integer, real
+from .formats import prompt_messages
 from .generate import generate
-from .instruct import check_answerable, format_prompt, normalize_examples, split_examples
+from .instruct import check_answerable, load_examples, load_splits, prompt_ids
 from .loader import check_model, load_model, load_reward_model
 from .metrics import progress
 from .reward import PAD, RewardModel
@@ -61,7 +63,8 @@ def parse_args(argv=None):
     add("--models", nargs=2, metavar=("A", "B"), help="two models: presets, output folders or files")
     add("--answers", default=None, help="score answers from this JSONL instead of generating them")
     add("--judge", required=True, help="a reward model folder (train_reward.py output)")
-    add("--data", default=None, help="instruction data (default: the SFT recipe's default set)")
+    data = "instruction or preference data, one or more sources of any format in docs/data.md (default: the SFT "
+    add("--data", nargs="+", default=None, metavar="SOURCE", help=data + "recipe's default set)")
     add("--all", action="store_true", help="every record of --data, not only the held-out test split")
     add("--n", type=integer(1), default=None, help="at most this many prompts (default: all of them)")
     add("--samples-per-prompt", type=integer(1), default=1, help="answers per prompt and model (default 1)")
@@ -114,26 +117,26 @@ def bootstrap_interval(per_prompt: list[list[float]], resamples: int, seed: int)
 
 
 def load_prompts(args, enc):
-    """-> [{instruction, input, reference, record}] from --data (test split unless --all)."""
-    path = args.data or default_file("instruction-data.json", INSTRUCTIONS_URL)
-    records = read_records(path)
-    key = "chosen" if all("chosen" in r for r in records) else "output"  # preference data: the chosen answer
-    examples = normalize_examples(records, path, response_keys=(key,))
-    if not args.all:
-        examples = split_examples(examples, args.seed)[2]
+    """-> [{prompt, reference, record, source}] from --data (test split unless --all); the reference of preference
+    data is its chosen answer."""
+    sources = args.data or [default_file("instruction-data.json", INSTRUCTIONS_URL)]
+    if args.all:
+        examples = [ex for source in sources for ex in load_examples(source, "prompt")]
+    else:
+        examples = load_splits(sources, "prompt", None, args.seed)[2]
     examples = examples[: args.n]
     if not examples:
-        raise NanotuneError(f"{path}: the test split is empty ({len(records)} records); use --all or more data")
+        raise NanotuneError(f"{' '.join(map(str, sources))}: the test split is empty; use --all or more data")
     for ex in examples:
-        ex["reference"] = ex.pop(key)
-    return examples, path
+        ex["reference"] = ex.pop("answer")
+    return examples, " ".join(map(str, sources))
 
 
 def generate_answers(model_name, examples, args, device, enc):
     """Every prompt's answers from one model: --samples-per-prompt each, batched, ending at <|endoftext|>."""
     model, _ = load_model(model_name, device, quiet=True)
     context = model.config.n_positions - model.n_virtual
-    prompts = check_answerable(enc, examples, args.template, context, args.data or "the data")
+    prompts = check_answerable(enc, examples, args.template, context)
     generator = torch.Generator(device).manual_seed(args.seed)
     answers = [[] for _ in examples]
     dtype = {"float32": None, "bfloat16": torch.bfloat16}[default_dtype(device) if args.dtype == "auto" else args.dtype]
@@ -158,7 +161,7 @@ def score(
     rewards = []
     for start in progress(range(0, len(items), batch_size), "judging"):
         seqs = [
-            (enc.encode_ordinary(format_prompt(ex, template)) + enc.encode_ordinary(answer))[:context]
+            (prompt_ids(enc, ex, template) + enc.encode_ordinary(answer))[:context]
             for ex, answer in items[start : start + batch_size]
         ]
         width = max(map(len, seqs))
@@ -180,13 +183,13 @@ def read_answers(path):
             names = list(r["answers"])
         if list(r["answers"]) != names:
             raise NanotuneError(f"{path}: record {i} answers for {list(r['answers'])}, record 0 for {names}")
-        if not isinstance(r.get("instruction", r.get("prompt")), str):
-            raise NanotuneError(f"{path}: record {i} has no 'instruction' (or 'prompt') text")
+        if r.get("instruction", r.get("prompt")) is None:
+            raise NanotuneError(f"{path}: record {i} has no 'instruction' (or 'prompt')")
         for name, text in [(f"answers.{n}", r["answers"][n]) for n in names] + [("reference", r.get("reference", ""))]:
             if not isinstance(text, str) and not (name == "reference" and text is None):
                 raise NanotuneError(f"{path}: record {i} key {name!r} holds a {type(text).__name__}, expected text")
-        instruction, text = r.get("instruction", r.get("prompt")), r.get("input") or ""
-        examples.append({"instruction": instruction, "input": text, "reference": r.get("reference"), "record": i})
+        prompt = prompt_messages(r, f"{path}: record {i}")  # text, or messages
+        examples.append({"prompt": prompt, "reference": r.get("reference"), "record": i, "source": str(path)})
         for name in names:
             answers.setdefault(name, []).append([r["answers"][name]])
     return examples, names, [answers[n] for n in names]
@@ -280,8 +283,7 @@ def main(argv=None):
         rows.append(
             {
                 "record": ex["record"],
-                "instruction": ex["instruction"],
-                "input": ex["input"],
+                "prompt": ex["prompt"],
                 "reference": ex.get("reference"),
                 "reference_reward": reference_rewards[i],
                 **{name: {"answers": answers[m][i], "rewards": by_prompt[m][i]} for m, name in enumerate(names)},

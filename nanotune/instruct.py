@@ -1,13 +1,21 @@
-"""Instruction data shared by the SFT, DPO, reward and PPO recipes: the prompt template, the seeded
+"""Instruction data shared by the SFT, DPO, reward and PPO recipes: examples read from any source, the seeded
 train/validation/test split (so a held-out prompt is held out in every recipe), tokenisation, collation with
 response-only labels, and per-token log-probabilities."""
 
 from __future__ import annotations
 
+import argparse
+import bisect
+import math
 import random
+import re
 
+import numpy as np
 import torch
 
+from .chat import render, render_text
+from .data import read_records
+from .formats import examples, prompt_key
 from .utils import NanotuneError
 
 IGNORE = -100  # label value of positions the loss skips
@@ -19,78 +27,37 @@ TEMPLATES = ("alpaca", "plain", "raw")
 
 
 def format_prompt(example: dict, template: str = "alpaca") -> str:
-    """The text the model sees before its answer."""
-    text = example["instruction"] + (f"\n{example['input']}" if example.get("input") else "")
-    if template == "raw":
-        return text
-    if template == "plain":
-        return f"Instruction: {text}\nResponse: "
-    prompt = (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        f"\n\n### Instruction:\n{example['instruction']}"
-    )
-    if example.get("input"):
-        prompt += f"\n\n### Input:\n{example['input']}"
-    return prompt + "\n\n### Response:\n"
+    """The text the model sees before its answer to one instruction ({instruction, input?})."""
+    user = {"role": "user", "content": example["instruction"], "input": example.get("input") or ""}
+    return render_text([user], template, add_generation_prompt=True)
 
 
-def format_chat(messages: list[dict], template: str | None) -> str:
-    """OpenAI-style chat messages ({role, content}, the last one the user's) -> the text the model continues
-    (nanotune.serve). With an instruction template each exchange is laid out as SFT trained it (each answer
-    then goes on to the next instruction); without one (a base model) a plain transcript, "User: ...",
-    "Assistant: ...". A system message comes first, as it is."""
-    system = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system")
-    turns = [m for m in messages if m["role"] != "system"]
-    if template is None:
-        names = {"user": "User", "assistant": "Assistant"}
-        # (an answer came back with the space after "Assistant:" that the model wrote: not doubled here)
-        return system + "".join(f"{names[m['role']]}: {m['content'].lstrip()}\n" for m in turns) + "Assistant:"
-    text = system
-    for m in turns:
-        if m["role"] == "user":
-            text += format_prompt({"instruction": m["content"]}, template)
-        else:
-            text += m["content"] + "\n\n"
-    return text
+def load_examples(path, kind: str = "sft", limit: int | None = None) -> list[dict]:
+    """A data source (nanotune/data.py reads files, folders and Hub names) -> examples of a kind
+    (nanotune/formats.py: every record shape detected on its own)."""
+    return examples(read_records(path, limit), path, kind)
 
 
-def normalize_examples(records: list[dict], path, response_keys=("output",)) -> list[dict]:
-    """Alpaca records (instruction, input?, output...) or prompt/response pairs -> {instruction, input, <keys>,
-    record}, where record is the example's index in the file (errors name it, whatever the shuffle did)."""
-    examples = []
-    for i, r in enumerate(records):
-        if "prompt" in r and "instruction" not in r:  # prompt/response pairs (e.g. a scraped Q&A set)
-            r = {"instruction": r["prompt"], "input": "", **{k: r[k] for k in r if k != "prompt"}}
-            if "response" in r:
-                r.setdefault("output", r["response"])
-        for key in ("instruction", *response_keys):
-            if key not in r:
-                raise NanotuneError(f"{path}: record {i} has no {key!r} key (it has {', '.join(sorted(r)) or 'none'})")
-            if not isinstance(r[key], str):
-                raise NanotuneError(f"{path}: record {i} key {key!r} is a {type(r[key]).__name__}, expected text")
-        if r.get("input") is not None and not isinstance(r["input"], str):
-            raise NanotuneError(f"{path}: record {i} key 'input' is a {type(r['input']).__name__}, expected text")
-        examples.append(
-            {
-                "instruction": r["instruction"],
-                "input": r.get("input") or "",
-                **{k: r[k] for k in response_keys},
-                "record": i,
-            }
-        )
-    return examples
+def load_splits(sources: list, kind: str, limit: int | None, seed: int) -> tuple[list, list, list]:
+    """Several sources, each read and split on its own (a source's split does not depend on what is passed
+    beside it) -> train, validation, test, the sources' examples in their order."""
+    splits = ([], [], [])
+    for source in sources:
+        for whole, part in zip(splits, split_examples(load_examples(source, kind, limit), seed)):
+            whole += part
+    return splits
 
 
 def split_examples(examples: list, seed: int, fractions=(0.85, 0.05)):
-    """Seeded shuffle of the distinct prompts (instruction and input), then train / validation / test = 85% / 5% /
-    10% of them, each prompt's examples together: a held-out prompt is never trained on, not even with another
-    answer (the bundled instruction data repeats 25 of its 1,100 prompts; preference pairs made by
+    """Seeded shuffle of the distinct prompts (every message before the answer), then train / validation / test =
+    85% / 5% / 10% of them, each prompt's examples together: a held-out prompt is never trained on, not even with
+    another answer (the bundled instruction data repeats 25 of its 1,100 prompts; preference pairs made by
     nanotune.pairs hold several pairs per prompt). With one example per prompt this is a shuffle of the examples.
     The same seed and file give the same split in every recipe, so DPO, the reward model and PPO never train on
     SFT's held-out prompts."""
     by_prompt = {}  # prompt -> its examples, in the file's order
     for example in examples:
-        by_prompt.setdefault((example["instruction"], example.get("input") or ""), []).append(example)
+        by_prompt.setdefault(prompt_key(example), []).append(example)
     prompts = list(by_prompt)
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)
@@ -105,30 +72,57 @@ def answers_end(template: str) -> bool:
     return template != "raw"
 
 
-def encode_pair(enc, prompt: str, response: str, max_len: int, where: str, append_eot: bool = True):
+def prompt_ids(enc, example: dict, template: str) -> list[int]:
+    """An example's prompt as the model reads it before answering (nanotune/chat.py)."""
+    return render(enc, example["prompt"], template, add_generation_prompt=True)[0]
+
+
+def encode_pair(enc, prompt: list[int], response: str, max_len: int, where: str, append_eot: bool = True):
     """-> (prompt ids, response ids (+ <|endoftext|> if append_eot), truncated?) fitting in max_len + 1 tokens."""
-    prompt_ids = enc.encode_ordinary(prompt)
     response_ids = enc.encode_ordinary(response) + ([enc.eot_token] if append_eot else [])
-    if not prompt_ids:  # (a raw prompt can be empty; the first label is predicted from the prompt's last token)
+    if not prompt:  # (a raw prompt can be empty; the first label is predicted from the prompt's last token)
         raise NanotuneError(f"{where}: the prompt is empty: the model needs at least one token to continue")
-    if len(prompt_ids) >= max_len:
+    if len(prompt) >= max_len:
         raise NanotuneError(
-            f"{where}: the prompt has {len(prompt_ids)} tokens, leaving no room for a response "
+            f"{where}: the prompt has {len(prompt)} tokens, leaving no room for a response "
             f"within --max-len {max_len}; raise --max-len or shorten the prompt"
         )
-    room = max_len + 1 - len(prompt_ids)  # the input is one shorter than prompt + response (see collate)
-    return prompt_ids, response_ids[:room], len(response_ids) > room
+    room = max_len + 1 - len(prompt)  # the input is one shorter than prompt + response (see collate)
+    return prompt, response_ids[:room], len(response_ids) > room
 
 
-def check_answerable(enc, examples: list[dict], template: str, context: int, path) -> list[list[int]]:
+def encode_example(enc, example: dict, template: str, max_len: int, where: str):
+    """An SFT example -> (token ids, trained mask, truncated?), at most max_len + 1 tokens (the input is one
+    shorter). A conversation: every assistant answer of weight 1 and its <|endoftext|> train; plain text: every
+    token, then <|endoftext|>. The ids are uint16 and the mask bool arrays: a large dataset is held once,
+    tokenised, and Python lists of ints would take about 16 times the memory (GPT-2's 50,257 ids fit 16 bits)."""
+    if example["text"] is not None:
+        ids = enc.encode_ordinary(example["text"]) + [enc.eot_token]
+        mask = [True] * len(ids)
+        mask[0] = False  # nothing comes before the first token to predict it from
+    else:
+        ids, mask = render(enc, example["conversation"], template)
+    first = mask.index(True) if True in mask else len(mask)
+    if first == 0 or len(ids) < 2:
+        raise NanotuneError(f"{where}: nothing before the first trained token: the model needs one to go on from")
+    if first >= max_len:
+        raise NanotuneError(
+            f"{where}: the prompt has {first} tokens, leaving no room for a response "
+            f"within --max-len {max_len}; raise --max-len or shorten the prompt"
+        )
+    compact = np.array(ids[: max_len + 1], dtype=np.uint16), np.array(mask[: max_len + 1], dtype=bool)
+    return *compact, len(ids) > max_len + 1
+
+
+def check_answerable(enc, examples: list[dict], template: str, context: int) -> list[list[int]]:
     """Token ids of the prompts a recipe will answer after training, each checked to leave room for at least
     one generated token, so a long held-out prompt stops the run before training rather than after it."""
     prompts = []
     for ex in examples:
-        ids = enc.encode_ordinary(format_prompt(ex, template))
+        ids = prompt_ids(enc, ex, template)
         if len(ids) >= context:
             raise NanotuneError(
-                f"{path}: record {ex['record']} (a held-out prompt answered after training) has "
+                f"{ex['source']}: record {ex['record']} (a held-out prompt answered after training) has "
                 f"{len(ids)} tokens, leaving no room for an answer in the model's context of "
                 f"{context}; lower --responses or remove the record"
             )
@@ -137,22 +131,28 @@ def check_answerable(enc, examples: list[dict], template: str, context: int, pat
 
 
 def collate(pairs, pad_id: int, device, prompt_labels: bool = False):
-    """[(prompt ids, response ids)] -> input_ids, labels, both (B, T) right-padded to the longest row.
+    """[(prompt ids, response ids)] -> input_ids, labels (B, T): collate_masked with the response trained."""
+    rows = [(p + r, [False] * len(p) + [True] * len(r)) for p, r in pairs]
+    return collate_masked(rows, pad_id, device, prompt_labels)
+
+
+def collate_masked(rows, pad_id: int, device, prompt_labels: bool = False):
+    """[(token ids, trained mask)] -> input_ids, labels, both (B, T) right-padded to the longest row.
 
     labels[b, t] is the token that logits[b, t] must predict, i.e. input_ids shifted left by one, with IGNORE
-    wherever that token belongs to the prompt or is padding. Right padding needs no attention mask: causal
-    attention never lets a real token see the padding after it. With prompt_labels, also the opposite mask:
-    the prompt's own next tokens (for SFT's auxiliary language-modelling loss).
+    wherever that token is not trained (a prompt, a user turn) or is padding. Right padding needs no attention
+    mask: causal attention never lets a real token see the padding after it. With prompt_labels, also the
+    opposite: the untrained tokens as next tokens (for SFT's auxiliary language-modelling loss).
     """
-    rows = [p + r for p, r in pairs]
-    T = max(len(row) for row in rows) - 1
+    T = max(len(ids) for ids, _ in rows) - 1
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
     prompt_next = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    for b, ((prompt, response), row) in enumerate(zip(pairs, rows)):
-        input_ids[b, : len(row) - 1] = torch.tensor(row[:-1])
-        labels[b, len(prompt) - 1 : len(row) - 1] = torch.tensor(response)  # targets = the response tokens
-        prompt_next[b, : len(prompt) - 1] = torch.tensor(prompt[1:])  # targets = the prompt's next tokens
+    for b, (ids, mask) in enumerate(rows):  # (lists, or encode_example's uint16 and bool arrays)
+        row, trained = torch.tensor(np.asarray(ids, dtype=np.int64)), torch.tensor(np.asarray(mask, dtype=bool))
+        input_ids[b, : len(ids) - 1] = row[:-1]
+        labels[b, : len(ids) - 1] = torch.where(trained[1:], row[1:], IGNORE)  # targets = the trained tokens
+        prompt_next[b, : len(ids) - 1] = torch.where(trained[1:], IGNORE, row[1:])  # targets = the others
     if prompt_labels:
         return input_ids.to(device), labels.to(device), prompt_next.to(device)
     return input_ids.to(device), labels.to(device)
@@ -186,3 +186,51 @@ def response_logprobs(model, rows, pad_id: int, device, ctx):
     with ctx:
         logits = model(input_ids, positions=positions)  # (N, T - first, V)
     return sequence_logprobs(logits, labels[:, first:]), (labels != IGNORE).sum(dim=-1)  # (N,), (N,)
+
+
+# ---------------------------------------------------------------- several sources at once
+
+
+def parse_mix(text: str) -> list[float]:
+    """--mix 3,1,1 -> [3.0, 1.0, 1.0] (each > 0)."""
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 3,1,1; got {text!r}") from None
+    if not all(w > 0 and math.isfinite(w) for w in weights):
+        raise argparse.ArgumentTypeError(f"every weight must be a positive number; got {text!r}")
+    return weights
+
+
+def source_names(sources: list | None) -> list[str]:
+    """Short names for metrics (val_ppl/<name>): a file's stem, a folder's or a Hub dataset's last part; a name
+    given twice gets its position appended."""
+    names = [re.sub(r"\.(jsonl?|parquet|csv)$", "", str(s).rstrip("/").split("/")[-1]) for s in sources or ["data"]]
+    return [f"{n}-{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+class Mixture:
+    """Where each example of a batch comes from: source s with probability weights[s] / sum(weights), then an
+    example of it uniformly; a small source repeats rather than running out. Weights default to the sources'
+    sizes: every example then as likely as any other, drawn exactly as from one list (one source: as before)."""
+
+    def __init__(self, sizes: list[int], weights: list[float] | None = None):
+        self.sizes = sizes
+        self.weights = [float(w) for w in (sizes if weights is None else weights)]
+        self.proportional = weights is None
+
+    def sample(self, n: int, rng: torch.Generator) -> list[tuple[int, int]]:
+        """n draws -> [(source, index in it)]."""
+        if self.proportional:  # one index into the sources laid end to end
+            starts = [sum(self.sizes[:s]) for s in range(len(self.sizes))]
+            flat = torch.randint(sum(self.sizes), (n,), generator=rng).tolist()
+            return [(s, i - starts[s]) for i in flat for s in [bisect.bisect_right(starts, i) - 1]]
+        sources = torch.multinomial(torch.tensor(self.weights), n, replacement=True, generator=rng).tolist()
+        fractions = torch.rand(n, generator=rng).tolist()
+        return [(s, min(int(f * self.sizes[s]), self.sizes[s] - 1)) for s, f in zip(sources, fractions)]
+
+    def describe(self, names: list[str]) -> str:
+        total = sum(self.weights)
+        return ", ".join(
+            f"{name} ({n} train, {w / total:.0%} of draws)" for name, n, w in zip(names, self.sizes, self.weights)
+        )

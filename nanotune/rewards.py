@@ -19,9 +19,9 @@ import argparse
 
 import torch
 
-from .data import GULLIVER_URL, INSTRUCTIONS_URL, default_file, read_book, read_records
+from .data import GULLIVER_URL, INSTRUCTIONS_URL, default_file, read_book
 from .flags import integer
-from .instruct import collate, encode_pair, format_prompt, normalize_examples, split_examples
+from .instruct import collate, encode_pair, load_splits, prompt_ids
 from .loader import load_reward_model
 from .reward import PAD
 from .tokenizer import letter_tokens
@@ -68,11 +68,12 @@ def add_reward_args(parser, default: str = "sentiment", reference: bool = True):
     add("--prompt-source", choices=["books", "instructions"], default=None, help=source)
     if reference:
         add("--ref-model", default=None, help="KL reference (default: a frozen copy of --model)")
-    add("--data", default=None, help="instruction prompts: JSON/JSONL (default: download SFT's set)")
+    data = "instruction prompts: one or more sources of any SFT or preference format in docs/data.md (default: "
+    add("--data", nargs="+", default=None, metavar="SOURCE", help=data + "download SFT's set)")
     add("--books", nargs="+", metavar="FILE", help="book prompts: the training books (default: download five)")
     add("--heldout-book", metavar="FILE", help="the book of the held-out prompts (default: Gulliver's Travels)")
     add("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")
-    add("--limit", type=integer(1), default=None, help="use only the first N instruction records (quick runs)")
+    add("--limit", type=integer(1), default=None, help="use only the first N records of each source (quick runs)")
     add("--prompt-len", type=integer(1), default=64, help="book prompts: tokens per window (default 64)")
     add("--max-new-tokens", type=integer(1), help="answer length limit (default 24 for books, 64 for model:DIR)")
 
@@ -156,11 +157,10 @@ class InstructionPrompts:
     the SFT examples, loss on their response tokens."""
 
     def __init__(self, args, enc, context: int, with_text: bool = False):
-        path = args.data or default_file("instruction-data.json", INSTRUCTIONS_URL)
-        examples = normalize_examples(read_records(path, args.limit), path)
-        train, _, test = split_examples(examples, args.seed)
+        sources = args.data or [default_file("instruction-data.json", INSTRUCTIONS_URL)]
+        train, _, test = load_splits(sources, "prompt", args.limit, args.seed)  # a conversation: all before its answer
         encoded = {
-            name: [enc.encode_ordinary(format_prompt(ex, args.template)) for ex in split]
+            name: [prompt_ids(enc, ex, args.template) for ex in split]
             for name, split in (("train", train), ("test", test))
         }
         fitting = {name: [p for p in ids if len(p) + args.max_new_tokens <= context] for name, ids in encoded.items()}
@@ -172,7 +172,7 @@ class InstructionPrompts:
                 "lower --max-new-tokens"
             )
         self.texts = [  # the SFT examples whose prompt fits, their response cut to the context
-            encode_pair(enc, format_prompt(ex, args.template), ex["output"], context - 1, "")[:2]
+            encode_pair(enc, ids, ex["answer"], context - 1, "")[:2]
             for ex, ids in zip(train, encoded["train"])
             if with_text and len(ids) < context - 1
         ]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import train_dpo
 import train_reward
-from nanotune import GPT, load_tokenizer
+from nanotune import GPT, formats, load_tokenizer
 from nanotune.instruct import answers_end, collate, encode_pair, format_prompt, sequence_logprobs
 from train_dpo import dpo_loss, hinge_loss, ipo_loss, make_loss, robust_dpo_loss, simpo_loss
 
@@ -273,17 +273,16 @@ def test_ipo_run_and_the_squeezing_diagnostic(tiny, tmp_path, shared, capsys):
 def test_squeezing_diagnostic_is_the_log_prob_per_token_of_all_answers(tiny, tmp_path, shared):
     # at step 0 the logged figures must equal a per-token mean (summed log-probs over summed token counts) that a
     # plain loop computes with the same model
-    from nanotune.data import read_records
-    from nanotune.instruct import normalize_examples, split_examples
+    from nanotune.instruct import load_splits, prompt_ids
 
     data = shared / "data" / "instruction-data-with-preference.json"
     _, metrics = run_dpo(tiny, data, tmp_path / "steps0", "--steps", "0", "--limit", "40")
     enc, model = load_tokenizer(), GPT.from_pretrained(tiny).eval()
-    _, val, _ = split_examples(normalize_examples(read_records(data, 40), data, ("chosen", "rejected")), 1337)
+    _, val, _ = load_splits([data], "preference", 40, 1337)
     for key in ("chosen", "rejected"):
         total, tokens = 0.0, 0
         for ex in val:
-            prompt, answer, _ = encode_pair(enc, format_prompt(ex), ex[key], 64, "")
+            prompt, answer, _ = encode_pair(enc, prompt_ids(enc, ex, "alpaca"), ex[key], 64, "")
             ids = prompt + answer
             with torch.no_grad():
                 logprobs = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
@@ -293,7 +292,7 @@ def test_squeezing_diagnostic_is_the_log_prob_per_token_of_all_answers(tiny, tmp
     # the greedy answers, decoded one argmax at a time: up to min(--max-new-tokens 128, 32) tokens, or <|endoftext|>
     total, tokens = 0.0, 0
     for ex in val:
-        ids = enc.encode_ordinary(format_prompt(ex))
+        ids = prompt_ids(enc, ex, "alpaca")
         for _ in range(32):
             with torch.no_grad():
                 logprobs = torch.log_softmax(model(torch.tensor([ids]))[0, -1].double(), -1)
@@ -326,12 +325,14 @@ def test_raw_prompts_are_verbatim_and_raw_answers_have_no_endoftext():
     ex = {"instruction": "It was a dark and stormy", "input": ""}
     assert format_prompt(ex, "raw") == "It was a dark and stormy"
     assert format_prompt(ex | {"input": "night."}, "raw") == "It was a dark and stormy\nnight."
-    prompt, answer, cut = encode_pair(enc, format_prompt(ex, "raw"), " night; the rain", 64, "", answers_end("raw"))
+    raw = enc.encode_ordinary(format_prompt(ex, "raw"))
+    prompt, answer, cut = encode_pair(enc, raw, " night; the rain", 64, "", answers_end("raw"))
     assert prompt + answer == enc.encode_ordinary("It was a dark and stormy") + enc.encode_ordinary(" night; the rain")
     assert enc.eot_token not in answer and not cut
     # alpaca and plain answers still end with <|endoftext|>
     for template in ("alpaca", "plain"):
-        _, answer, _ = encode_pair(enc, format_prompt(ex, template), " night", 64, "", answers_end(template))
+        prompt = enc.encode_ordinary(format_prompt(ex, template))
+        _, answer, _ = encode_pair(enc, prompt, " night", 64, "", answers_end(template))
         assert answer == enc.encode_ordinary(" night") + [enc.eot_token]
 
 
@@ -341,7 +342,7 @@ def test_train_dpo_on_raw_continuations(tiny, tmp_path, shared):
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     enc = load_tokenizer()
     args = train_dpo.parse_args(["--data", str(data), "--template", "raw", "--max-len", "96"])
-    pairs, _, truncated, _ = train_dpo.load_pairs(enc, args, master=True)
+    pairs, _, truncated = train_dpo.load_pairs(enc, args, master=True)
     by_prompt = {r["prompt"]: r for r in records}
     assert truncated == 0 and len(pairs["train"]) + len(pairs["val"]) >= 35
     for (prompt, chosen), (same_prompt, rejected) in pairs["train"] + pairs["val"]:
@@ -378,11 +379,12 @@ def test_train_reward_on_raw_continuations(tiny, tmp_path, shared):
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     enc = load_tokenizer()
     args = train_reward.parse_args(["--data", str(data), "--template", "raw", "--max-len", "96"])
-    examples = train_reward.ranked_examples(records, data)
-    rankings, truncated = train_reward.encode_rankings(enc, examples, args, data)
+    examples = formats.examples(records, data, "ranked")
+    rankings, truncated = train_reward.encode_rankings(enc, examples, args)
     assert truncated == 0
     for ex, (answers, pairs) in zip(examples, rankings):
-        expected = [enc.encode_ordinary(ex["instruction"]) + enc.encode_ordinary(r) for r in ex["responses"]]
+        prompt = ex["prompt"][0]["content"]
+        expected = [enc.encode_ordinary(prompt) + enc.encode_ordinary(r) for r in ex["responses"]]
         assert answers == expected and len(pairs) == len(answers) * (len(answers) - 1) // 2
     out = tmp_path / "rm-raw"
     argv = ["--model", tiny, "--data", str(data), "--out", str(out), "--template", "raw", "--max-len", "96"]

@@ -10,7 +10,7 @@ import torch
 
 from nanotune import GPT, load_tokenizer
 from nanotune.evaluate import bootstrap_interval, main, normalized_score, win_rate
-from nanotune.instruct import format_prompt, normalize_examples, split_examples
+from nanotune.instruct import format_prompt, load_splits, prompt_ids
 from nanotune.reward import PAD, RewardModel
 
 N, NEW = 6, 4  # prompts and answer tokens: seconds on the tiny model
@@ -55,16 +55,16 @@ def test_identical_models_tie_exactly(tiny, judge, shared, tmp_path):
     # the prompts are the shared split's test prompts, the reference is the preference data's chosen answer,
     # and each reward is the judge's own on prompt + answer
     enc, rm = load_tokenizer(), RewardModel.from_pretrained(judge)
-    test = split_examples(normalize_examples(json.loads(data.read_text()), data, ("chosen",)), 1337)[2][:N]
+    test = load_splits([data], "preference", None, 1337)[2][:N]
     assert [r["record"] for r in rows] == [ex["record"] for ex in test]
     for row, ex in zip(rows, test):
         assert row["reference"] == ex["chosen"]
         name = s["models"][0]
-        ids = enc.encode_ordinary(format_prompt(ex)) + enc.encode_ordinary(row[name]["answers"][0])
+        ids = prompt_ids(enc, ex, "alpaca") + enc.encode_ordinary(row[name]["answers"][0])
         with torch.no_grad():
             expected = rm(torch.tensor([ids])).item()
         assert row[name]["rewards"][0] == pytest.approx(expected, abs=1e-5)
-        ref_ids = enc.encode_ordinary(format_prompt(ex)) + enc.encode_ordinary(ex["chosen"])
+        ref_ids = prompt_ids(enc, ex, "alpaca") + enc.encode_ordinary(ex["chosen"])
         with torch.no_grad():
             assert row["reference_reward"] == pytest.approx(rm(torch.tensor([ref_ids])).item(), abs=1e-5)
 
@@ -82,11 +82,11 @@ def forced(tiny, token, folder):
 def test_a_judge_pleasing_copy_wins(tiny, judge, shared, tmp_path):
     data = shared / "data" / "instruction-data.json"
     enc, rm = load_tokenizer(), RewardModel.from_pretrained(judge)
-    test = split_examples(normalize_examples(json.loads(data.read_text()), data), 1337)[2][:N]
+    test = load_splits([data], "sft", None, 1337)[2][:N]
 
     def judged(token):  # the judge's rewards for an answer of NEW copies of token, as evaluate will see it
         answer = enc.decode([token] * NEW).strip()
-        seqs = [enc.encode_ordinary(format_prompt(ex)) + enc.encode_ordinary(answer) for ex in test]
+        seqs = [prompt_ids(enc, ex, "alpaca") + enc.encode_ordinary(answer) for ex in test]
         width = max(map(len, seqs))
         with torch.no_grad():
             return rm(torch.tensor([s + [PAD] * (width - len(s)) for s in seqs])).tolist()

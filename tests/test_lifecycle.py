@@ -23,7 +23,8 @@ import train_reward
 import train_sft
 import train_xkl
 from nanotune import GPT, GPTConfig
-from nanotune.instruct import normalize_examples, split_examples
+from nanotune.formats import examples as read_examples
+from nanotune.instruct import split_examples
 from nanotune.run import Run
 from nanotune.utils import perplexity, save_json
 
@@ -593,7 +594,7 @@ def test_bad_data_files_are_one_line_errors(tiny, shared, tmp_path, capsys):
 
 def test_long_prompts_are_named_by_their_record_in_the_file_before_training(tiny, tmp_path, capsys):
     records = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(40)]
-    examples = normalize_examples(records, "x")
+    examples = read_examples(records, "x")
     train, _, test = split_examples(examples, 1337)
     long_train, long_test = train[5]["record"], test[0]["record"]
     base = ["--model", tiny, "--out", str(tmp_path / "s")]

@@ -145,16 +145,16 @@ def transformers_val_loss(model_dir, data, limit, max_len, seed=1337):
     from transformers import GPT2LMHeadModel
 
     from nanotune import load_tokenizer
-    from nanotune.data import read_records
-    from nanotune.instruct import format_prompt, normalize_examples, split_examples
+    from nanotune.instruct import format_prompt, load_splits
 
     enc = load_tokenizer()
     hf = GPT2LMHeadModel.from_pretrained(model_dir).eval()
-    _, val, _ = split_examples(normalize_examples(read_records(data, limit), data), seed)
+    _, val, _ = load_splits([data], "sft", limit, seed)
     total, count = 0.0, 0
     for ex in val:
-        prompt = enc.encode_ordinary(format_prompt(ex))
-        ids = (prompt + enc.encode_ordinary(ex["output"]) + [enc.eot_token])[: max_len + 1]
+        (user,) = ex["prompt"]  # one instruction and its input: the Alpaca layout written out here
+        prompt = enc.encode_ordinary(format_prompt({"instruction": user["content"], "input": user.get("input")}))
+        ids = (prompt + enc.encode_ordinary(ex["answer"]) + [enc.eot_token])[: max_len + 1]
         labels = torch.tensor([-100] * len(prompt) + ids[len(prompt) :])  # transformers shifts labels itself
         with torch.no_grad():
             loss = hf(torch.tensor([ids]), labels=labels[None]).loss.item()
@@ -165,25 +165,25 @@ def transformers_val_loss(model_dir, data, limit, max_len, seed=1337):
 
 @pytest.mark.parametrize("seed", [1337, 0, 7])
 def test_the_split_never_trains_on_a_held_out_prompt(seed, shared):
-    from nanotune.data import read_records
-    from nanotune.instruct import normalize_examples, split_examples
+    from nanotune.formats import prompt_key
+    from nanotune.instruct import load_examples, split_examples
 
     data = shared / "data" / "instruction-data.json"  # 1,100 records, 1,075 distinct prompts
-    examples = normalize_examples(read_records(data), data)
+    examples = load_examples(data)
     train, val, test = split_examples(examples, seed)
-    prompts = [{(e["instruction"], e["input"]) for e in part} for part in (train, val, test)]
+    prompts = [{prompt_key(e) for e in part} for part in (train, val, test)]
     assert not prompts[0] & (prompts[1] | prompts[2]) and not prompts[1] & prompts[2]
     assert sorted(map(id, train + val + test)) == sorted(map(id, examples))  # every example once
     assert abs(len(val) - 55) <= 10 and abs(len(test) - 110) <= 15  # ~5% and ~10%, give or take the repeats
     # preference pairs as nanotune.pairs writes them, 6 to a prompt: 5% of 40 prompts is 2 held out, with their pairs
-    pairs = [{"instruction": f"prompt {i}", "input": ""} for i in range(40) for _ in range(6)]
+    pairs = [{"prompt": [{"role": "user", "content": f"prompt {i}"}]} for i in range(40) for _ in range(6)]
     assert [len(part) for part in split_examples(pairs, seed)] == [34 * 6, 2 * 6, 4 * 6]
 
 
 def test_the_split_of_distinct_prompts_is_a_seeded_shuffle():  # (as before prompts were grouped: same results)
     from nanotune.instruct import split_examples
 
-    examples = [{"instruction": f"prompt {i}", "input": ""} for i in range(200)]
+    examples = [{"prompt": [{"role": "user", "content": f"prompt {i}"}]} for i in range(200)]
     order = list(range(200))
     random.Random(1337).shuffle(order)
     train, val, test = split_examples(examples, 1337)
@@ -203,7 +203,7 @@ def test_sft_lowers_validation_perplexity(sft_out, shared):
     assert s["val_ppl_after"] == pytest.approx(math.exp(expected), rel=1e-4)
     assert s["train_examples"] == 255 and s["truncated_examples"] > 0  # 300 * 0.85; --max-len 80 cuts a few
     responses = [json.loads(line) for line in (sft_out / "responses.jsonl").read_text().splitlines()]
-    assert len(responses) == 3 and {"instruction", "input", "reference", "model"} <= set(responses[0])
+    assert len(responses) == 3 and {"source", "record", "prompt", "reference", "model"} <= set(responses[0])
     assert_outputs(sft_out, "responses.jsonl", "loss.svg")
 
 
@@ -254,8 +254,7 @@ def test_dpo_metrics_before_training_equal_an_independent_computation(sft_out, t
     from transformers import GPT2LMHeadModel
 
     from nanotune import load_tokenizer
-    from nanotune.data import read_records
-    from nanotune.instruct import format_prompt, normalize_examples, split_examples
+    from nanotune.instruct import format_prompt, load_splits
 
     data = shared / "data" / "instruction-data-with-preference.json"
     out = tmp_path / "dpo"
@@ -284,7 +283,7 @@ def test_dpo_metrics_before_training_equal_an_independent_computation(sft_out, t
     s = summary(out)
     enc = load_tokenizer()
     policy, reference = (GPT2LMHeadModel.from_pretrained(m).eval() for m in (sft_out, tiny))
-    _, val, _ = split_examples(normalize_examples(read_records(data, 120), data, ("chosen", "rejected")), 1337)
+    _, val, _ = load_splits([data], "preference", 120, 1337)
 
     def logp(model, prompt, response):
         ids = (prompt + enc.encode_ordinary(response) + [enc.eot_token])[:97]
@@ -294,7 +293,8 @@ def test_dpo_metrics_before_training_equal_an_independent_computation(sft_out, t
 
     losses, wins = [], []
     for ex in val:
-        prompt = enc.encode_ordinary(format_prompt(ex))
+        (user,) = ex["prompt"]
+        prompt = enc.encode_ordinary(format_prompt({"instruction": user["content"], "input": user.get("input")}))
         chosen = logp(policy, prompt, ex["chosen"]) - logp(reference, prompt, ex["chosen"])
         rejected = logp(policy, prompt, ex["rejected"]) - logp(reference, prompt, ex["rejected"])
         z = 0.5 * (chosen - rejected)

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 import train_reward
 from nanotune import GPT
+from nanotune.formats import examples as read_examples
 from nanotune.reward import PAD, RewardModel, last_token_index
-from train_reward import ranked_examples, reward_loss
+from train_reward import reward_loss
 
 rewards = st.floats(-1e4, 1e4, allow_nan=False)
 
@@ -46,9 +47,9 @@ def test_ranked_records_keep_their_order_and_preference_records_become_rankings_
         {"instruction": "a", "responses": ["best", "good", "ok", "bad"]},
         {"prompt": "b", "chosen": "yes", "rejected": "no"},
     ]
-    first, second = ranked_examples(records, "x")
+    first, second = read_examples(records, "x", "ranked")
     assert first["responses"] == ["best", "good", "ok", "bad"] and first["record"] == 0
-    assert second["responses"] == ["yes", "no"] and second["instruction"] == "b"
+    assert second["responses"] == ["yes", "no"] and second["prompt"] == [{"role": "user", "content": "b"}]
     # K answers give K(K-1)/2 pairs (the count the end-to-end test below checks on a whole file)
 
 
@@ -188,9 +189,9 @@ def test_answers_fit_max_len_the_models_input(shared):
     from nanotune.data import read_records
 
     enc, path = load_tokenizer(), shared / "data" / "instruction-data-with-preference.json"
-    examples = ranked_examples(read_records(path, 200), path)
+    examples = read_examples(read_records(path, 200), path, "ranked")
     args = argparse.Namespace(max_len=96, template="alpaca")
-    rankings, truncated = train_reward.encode_rankings(enc, examples, args, path)
+    rankings, truncated = train_reward.encode_rankings(enc, examples, args)
     lengths = [len(answer) for answers, _ in rankings for answer in answers]
     assert max(lengths) == 96 and truncated > 0
 
