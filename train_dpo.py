@@ -225,7 +225,7 @@ def parse_args(argv=None):
     add_common_args(p, lr=5e-6, steps=100, batch_size=8, lora_dropout=False)  # (see add_common_args)
     data = "preference data, one or more sources of any format in docs/data.md (default: download the set of "
     data += "'LLMs from scratch')"
-    p.add_argument("--data", nargs="+", default=None, metavar="SOURCE", help=data)
+    p.add_argument("--data", nargs="+", action="extend", default=None, metavar="SOURCE", help=data)
     p.add_argument("--ref-model", default=None, help="reference model (default: a frozen copy of --model)")
     loss = "sigmoid (DPO, default), ipo, hinge (SLiC), robust (robust DPO) or simpo (SimPO, no reference model)"
     p.add_argument("--loss", default="sigmoid", choices=list(LOSSES), help=loss)

@@ -70,7 +70,7 @@ def parse_args(argv=None):
     add_common_args(p, lr=1e-5, steps=200, batch_size=8, peft_methods=("none", "lora"))  # LoRA: merged at the end
     data = "preference or ranked records, one or more sources of any format in docs/data.md (default: download the "
     data += "preference set of 'LLMs from scratch')"
-    p.add_argument("--data", nargs="+", default=None, metavar="SOURCE", help=data)
+    p.add_argument("--data", nargs="+", action="extend", default=None, metavar="SOURCE", help=data)
     template = "prompt layout (as in SFT); raw: the prompt verbatim, the answer continues it (no <|endoftext|>)"
     p.add_argument("--template", default="alpaca", choices=TEMPLATES, help=template)
     max_len = "longest prompt + answer; longer answers are truncated (default 256)"

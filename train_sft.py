@@ -104,7 +104,7 @@ def parse_args(argv=None):
         "one or more sources: .json/.jsonl/.parquet/.csv files, datasets folders, Hub names (org/name[:config]:split);"
     )
     data += " any format of docs/data.md (default: download the 1,100-example set of 'LLMs from scratch' into data/)"
-    p.add_argument("--data", nargs="+", default=None, metavar="SOURCE", help=data)
+    p.add_argument("--data", nargs="+", action="extend", default=None, metavar="SOURCE", help=data)
     mix = "with several --data: how often each is drawn, e.g. 3,1,1 (default: in proportion to their sizes)"
     p.add_argument("--mix", type=parse_mix, default=None, help=mix)
     p.add_argument("--template", default="alpaca", choices=["alpaca", "plain"], help="chat template (default alpaca)")
@@ -233,13 +233,13 @@ def train(args, run):
         steps=args.steps,
         lr=args.lr,
     )
+    run.save_model(model)
     for name in names if len(names) > 1 else ():  # each source's validation perplexity before and after
         curve = run.curve(f"val_loss/{name}")
         run.summary.setdefault("per_source", {})[name] = {
             "val_ppl_before": perplexity(curve[0][1]),
             "val_ppl_after": perplexity(curve[-1][1]),
         }
-    run.save_model(model)
     with run.optional("answering the test prompts"):
         # greedy answers to held-out test prompts, stopping at <|endoftext|> (each prompt was checked to fit)
         model.eval()

@@ -64,7 +64,7 @@ def parse_args(argv=None):
     add("--answers", default=None, help="score answers from this JSONL instead of generating them")
     add("--judge", required=True, help="a reward model folder (train_reward.py output)")
     data = "instruction or preference data, one or more sources of any format in docs/data.md (default: the SFT "
-    add("--data", nargs="+", default=None, metavar="SOURCE", help=data + "recipe's default set)")
+    add("--data", nargs="+", action="extend", default=None, metavar="SOURCE", help=data + "recipe's default set)")
     add("--all", action="store_true", help="every record of --data, not only the held-out test split")
     add("--n", type=integer(1), default=None, help="at most this many prompts (default: all of them)")
     add("--samples-per-prompt", type=integer(1), default=1, help="answers per prompt and model (default 1)")

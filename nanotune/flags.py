@@ -168,6 +168,9 @@ def parse_run_args(parser: argparse.ArgumentParser, argv=None, fixed_on_resume: 
             saved = read_checkpoint_state(args.resume)["args"]
         except NanotuneError as e:
             die(str(e))
+        for action in parser._actions:  # a flag that now takes several values, saved when it took one: a list
+            if action.nargs in ("+", "*") and isinstance(saved.get(action.dest), str):
+                saved[action.dest] = [saved[action.dest]]
         parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "overwrite", "out")})
         args = parser.parse_args(argv)
         args.out = args.resume

@@ -78,15 +78,11 @@ def messages(value, where: str, sharegpt: bool = False) -> list[dict]:
 
 
 def prompt_messages(record: dict, where: str) -> list[dict]:
-    """The prompt of a record that names one: 'prompt' (text or messages), or 'instruction' and 'input'."""
-    if present(record, "prompt"):
-        prompt = record["prompt"]
-        return (
-            messages(prompt, where)
-            if isinstance(prompt, list)
-            else [{"role": "user", "content": text(prompt, where, "prompt")}]
-        )
-    user = {"role": "user", "content": text(record["instruction"], where, "instruction")}
+    """The prompt of a record that names one: 'instruction' or 'prompt' (text or messages), with an 'input'."""
+    if not present(record, "instruction") and isinstance(record["prompt"], list):
+        return messages(record["prompt"], where)
+    key = "instruction" if present(record, "instruction") else "prompt"
+    user = {"role": "user", "content": text(record[key], where, key)}
     if present(record, "input") and text(record["input"], where, "input"):  # (Alpaca's empty input: none)
         user["input"] = record["input"]
     return [user]
@@ -140,8 +136,10 @@ def shared_prompt(chosen, rejected, where: str):
     beginning is the prompt (for text, as TRL's extract_prompt: cut before the space ahead of the first
     difference). -> prompt messages, chosen answer, rejected answer."""
     if isinstance(chosen, str) and isinstance(rejected, str):
-        cut = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
-        if cut and chosen[cut - 1] == " ":
+        cut = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), None)
+        if cut is None:  # one is the beginning of the other: TRL's loop ends one short of the shorter
+            cut = min(len(chosen), len(rejected)) - 1
+        elif cut and chosen[cut - 1] == " ":
             cut -= 1
         if not cut:
             raise NanotuneError(f"{where}: chosen and rejected share no beginning, so there is no prompt")
@@ -160,6 +158,10 @@ def shared_prompt(chosen, rejected, where: str):
 
 def preference_example(record: dict, where: str) -> dict:
     """One preference record of any shape -> {prompt, chosen, rejected}."""
+    whole = [isinstance(record.get(k), list) and len(record[k]) > 1 for k in ("chosen", "rejected")]
+    if all(whole) and not isinstance(record.get("prompt"), list):  # whole conversations (UltraFeedback's layout):
+        prompt, chosen, rejected = shared_prompt(record["chosen"], record["rejected"], where)  # as TRL reads them
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if not present(record, "prompt") and not present(record, "instruction"):
         if present(record, "chosen") and present(record, "rejected"):
             prompt, chosen, rejected = shared_prompt(record["chosen"], record["rejected"], where)

@@ -73,8 +73,12 @@ def answers_end(template: str) -> bool:
 
 
 def prompt_ids(enc, example: dict, template: str) -> list[int]:
-    """An example's prompt as the model reads it before answering (nanotune/chat.py)."""
-    return render(enc, example["prompt"], template, add_generation_prompt=True)[0]
+    """An example's prompt as the model reads it before answering (nanotune/chat.py); a prompt the template cannot
+    lay out (a conversation under --template raw) is an error naming its source and record."""
+    try:
+        return render(enc, example["prompt"], template, add_generation_prompt=True)[0]
+    except NanotuneError as e:
+        raise NanotuneError(f"{example.get('source', 'the data')}: record {example.get('record')}: {e}") from None
 
 
 def encode_pair(enc, prompt: list[int], response: str, max_len: int, where: str, append_eot: bool = True):
@@ -101,7 +105,10 @@ def encode_example(enc, example: dict, template: str, max_len: int, where: str):
         mask = [True] * len(ids)
         mask[0] = False  # nothing comes before the first token to predict it from
     else:
-        ids, mask = render(enc, example["conversation"], template)
+        try:
+            ids, mask = render(enc, example["conversation"], template)
+        except NanotuneError as e:
+            raise NanotuneError(f"{where}: {e}") from None
     first = mask.index(True) if True in mask else len(mask)
     if first == 0 or len(ids) < 2:
         raise NanotuneError(f"{where}: nothing before the first trained token: the model needs one to go on from")

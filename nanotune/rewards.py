@@ -69,7 +69,7 @@ def add_reward_args(parser, default: str = "sentiment", reference: bool = True):
     if reference:
         add("--ref-model", default=None, help="KL reference (default: a frozen copy of --model)")
     data = "instruction prompts: one or more sources of any SFT or preference format in docs/data.md (default: "
-    add("--data", nargs="+", default=None, metavar="SOURCE", help=data + "download SFT's set)")
+    add("--data", nargs="+", action="extend", default=None, metavar="SOURCE", help=data + "download SFT's set)")
     add("--books", nargs="+", metavar="FILE", help="book prompts: the training books (default: download five)")
     add("--heldout-book", metavar="FILE", help="the book of the held-out prompts (default: Gulliver's Travels)")
     add("--template", default="alpaca", choices=["alpaca", "plain"], help="prompt layout (as in SFT)")

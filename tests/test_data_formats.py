@@ -271,3 +271,38 @@ def test_dpo_reward_and_rl_prompts_take_conversations_whose_prompt_is_all_before
         rl = InstructionPrompts(rl_args, enc, 256, with_text=True)
         assert {tuple(p) for p in rl.train + rl.heldout} <= expected and len(rl.train) == 34
         assert all(enc.decode(answer) == "The Nile.<|endoftext|>" for _, answer in rl.texts)
+
+
+def test_the_review_cases_prompt_input_whole_conversations_prefix_answers_and_raw_conversations():
+    # a prompt/response record's input, as an Alpaca one's; instruction wins over prompt, as before
+    ex = one({"prompt": "Translate.", "input": "chat", "response": "Katze"})
+    assert ex["prompt"] == [{"role": "user", "content": "Translate.", "input": "chat"}]
+    assert one({"instruction": "A", "prompt": "B", "output": "C"})["prompt"] == [{"role": "user", "content": "A"}]
+    # UltraFeedback's layout: a text prompt beside whole conversations; their shared beginning is the prompt
+    paris = {"role": "assistant", "content": "Paris."}
+    ex = one({"prompt": "Name a river.", "chosen": [USER, ANSWER], "rejected": [USER, paris]}, "preference")
+    assert (ex["prompt"], ex["chosen"], ex["rejected"]) == ([USER], "The Nile.", "Paris.")
+    # one answer the beginning of the other: TRL's extract_prompt stops one character short of the shorter
+    ex = one({"chosen": "Q: a river? The Nile", "rejected": "Q: a river? The Nile, surely"}, "preference")
+    assert (ex["prompt"][0]["content"], ex["chosen"], ex["rejected"]) == ("Q: a river? The Nil", "e", "e, surely")
+    # a conversation under --template raw: an error that names the record
+    from nanotune.instruct import prompt_ids
+
+    (pair,) = examples([{"prompt": [{"role": "system", "content": "S"}, USER], "chosen": "a", "rejected": "b"}],
+                       "pairs.jsonl", "preference")  # fmt: skip
+    with pytest.raises(NanotuneError, match="^pairs.jsonl: record 0: --template raw takes a single prompt"):
+        prompt_ids(load_tokenizer(), pair, "raw")
+
+
+def test_data_given_twice_adds_up_and_a_resume_reads_a_single_saved_source_as_one(tmp_path):
+    assert train_sft.parse_args(["--data", "a.jsonl", "--data", "b.jsonl", "c.jsonl"]).data == [
+        "a.jsonl",
+        "b.jsonl",
+        "c.jsonl",
+    ]
+    # a run saved when --data took one value: resumed, it is still one source, not a list of characters
+    state = tmp_path / "checkpoints" / "step-000010"
+    state.mkdir(parents=True)
+    saved = vars(train_sft.parse_args([])) | {"data": "my.jsonl", "steps": 20}
+    (state / "state.json").write_text(json.dumps({"args": saved}))
+    assert train_sft.parse_args(["--resume", str(tmp_path)]).data == ["my.jsonl"]
