@@ -14,6 +14,7 @@ Outputs in --out: metrics.jsonl, summary.json, responses.jsonl (greedy answers t
 loss.svg and the fine-tuned weights.
 """
 
+import itertools
 import json
 
 import torch
@@ -60,7 +61,7 @@ def sft_loss(logits, labels, prompt_labels=None, lm_weight: float = 0.0, n_respo
 def load_data(enc, sources: list, args):
     """Each source read and split on its own -> {"train"|"val": one list of (token ids, trained mask) per source},
     the test examples that have a question (plain text has none), how many examples were cut to --max-len."""
-    encoded, test, truncated = {"train": [], "val": []}, [], 0
+    encoded, tests, truncated = {"train": [], "val": []}, [], 0
     for source in sources:
         train_split, val_split, test_split = split_examples(load_examples(source, "sft", args.limit), args.seed)
         if not train_split or not val_split:
@@ -77,8 +78,9 @@ def load_data(enc, sources: list, args):
                 rows.append((ids, mask))
                 truncated += cut
             encoded[split].append(rows)
-        test += [ex for ex in test_split if ex["text"] is None]
-    return encoded, test, truncated
+        tests.append([ex for ex in test_split if ex["text"] is None])
+    # the sources' test examples taken in turn, so that --responses answers some of each
+    return encoded, [ex for turn in itertools.zip_longest(*tests) for ex in turn if ex is not None], truncated
 
 
 @torch.no_grad()

@@ -220,6 +220,8 @@ def prompt_key(example: dict) -> tuple:
     """What makes two examples the same prompt (the split keeps such examples together)."""
     if example.get("text") is not None:
         return ("text", example["text"])
+    if not example["prompt"]:  # a conversation that opens with its answer: nothing shared to keep together
+        return ("answer", example.get("answer"), example["record"], example.get("source"))
     return tuple((m["role"], m["content"], m.get("input") or "") for m in example["prompt"])
 
 

@@ -226,6 +226,8 @@ def test_sft_on_two_sources_of_different_formats_reports_each(tiny, tmp_path, sh
     assert val["val_loss"] == pytest.approx(mixed, rel=1e-6)
     assert s["per_source"]["chats"]["val_ppl_after"] == pytest.approx(math.exp(val["val_loss/chats"]), rel=1e-6)
     assert (out / "chat_template.jinja").is_file() and (out / "tokenizer_config.json").is_file()
+    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in responses] == [str(tmp_path / "chats.jsonl"), str(alpaca)]  # one of each, in turn
 
 
 def test_mix_needs_one_weight_per_source(tiny, tmp_path, capsys):
@@ -306,3 +308,11 @@ def test_data_given_twice_adds_up_and_a_resume_reads_a_single_saved_source_as_on
     saved = vars(train_sft.parse_args([])) | {"data": "my.jsonl", "steps": 20}
     (state / "state.json").write_text(json.dumps({"args": saved}))
     assert train_sft.parse_args(["--resume", str(tmp_path)]).data == ["my.jsonl"]
+
+
+def test_conversations_that_open_with_their_answer_are_split_one_by_one():
+    from nanotune.instruct import split_examples
+
+    records = [{"messages": [{"role": "assistant", "content": f"Hello {i}."}, USER]} for i in range(40)]
+    train, val, test = split_examples(examples(records, "x"), 1337)
+    assert (len(train), len(val), len(test)) == (34, 2, 4)  # not all 40 as one prompt (the empty one)
