@@ -137,7 +137,12 @@ def run_step(argv: list[str], folder: Path, log: Path, again: bool = False) -> b
         return False
     print("$ " + shown, flush=True)
     with open(log, "w") as f:
-        code = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        child = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the child too: it saves a checkpoint and stops; wait for that
+            child.wait()  # (subprocess.run would kill it 0.25 s in, mid-write)
+            raise StepInterrupted(f"{shown} was interrupted; its folder keeps what it saved ({log})") from None
     if code:
         lines = log.read_text().strip().splitlines() or ["(no output)"]
         raise StepFailed(f"{shown} exited {code} ({log}): {lines[-1]}")
@@ -146,6 +151,10 @@ def run_step(argv: list[str], folder: Path, log: Path, again: bool = False) -> b
 
 
 class StepFailed(Exception):
+    pass
+
+
+class StepInterrupted(Exception):
     pass
 
 
@@ -306,5 +315,15 @@ def main(argv=None):
     print(f"{len(points)} points in {minutes:.1f} min: {out}/frontier.md and frontier.svg", flush=True)
 
 
+def interruptible(main):
+    """A Ctrl-C ends the sweep with one line and exit 130, after the running step has stopped as it stops."""
+    try:
+        main()
+    except (KeyboardInterrupt, StepInterrupted) as e:
+        what = str(e) or "the sweep was interrupted"
+        print(f"interrupted: {what}; the same command again skips the finished steps", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
 if __name__ == "__main__":
-    main()
+    interruptible(main)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from .flags import Parser, real
@@ -35,7 +36,16 @@ def read_run(folder: Path) -> dict:
     metrics = folder / "metrics.jsonl"
     if not metrics.is_file():
         die(f"{folder}: no metrics.jsonl (not a run folder, or the run never started)")
-    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    lines = []
+    text = metrics.read_text().splitlines()
+    for number, line in enumerate(text, start=1):
+        try:
+            lines += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError:
+            if number < len(text):  # a bad line in the middle: not a file a run wrote
+                die(f"{metrics}: line {number} is not valid JSON")
+            print(f"warning: {metrics}: the last line was cut off (a run killed mid-write); read without it",
+                  file=sys.stderr)  # fmt: skip
     summary_file = folder / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     evals = [(m["val_kl"], m["val_score"]) for m in lines if "val_score" in m and "val_kl" in m]

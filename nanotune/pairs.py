@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +248,9 @@ def main(argv=None) -> dict:
         s = make_pairs(args, out)
     except NanotuneError as e:
         die(str(e))
+    except KeyboardInterrupt:  # (nothing is written before the end: an interrupted run leaves no partial files)
+        print(f"interrupted: no pairs written to {out}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     finally:
         folder.release()  # (a folder this run created and left empty goes too)
     print(

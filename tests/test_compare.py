@@ -48,3 +48,18 @@ def test_a_folder_without_evaluations_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing")])
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_a_run_killed_mid_write_is_read_without_its_cut_off_line(tmp_path, capsys):
+    write_run(tmp_path / "run", "train_ppo.py", [(0, 0.0, 0.1), (10, 2.5, 0.4)], [(1, {"time_update_s": 1.0})])
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 11, "val_sc')  # the line a kill -9 cut
+    main([str(tmp_path / "run"), "--svg", str(tmp_path / "kl.svg")])
+    captured = capsys.readouterr()
+    assert "the last line was cut off" in captured.err and "Traceback" not in captured.err
+    rows = [line.split(" | ") for line in captured.out.splitlines() if line.startswith("| run ")]
+    assert rows[-1][3] == "0.400"  # the last whole evaluation's score (the header row comes first)
+    metrics.write_text('{"step": 1\n' + metrics.read_text())  # a bad line in the middle: no run wrote that
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "run")])
+    assert f"{metrics}: line 1 is not valid JSON" in capsys.readouterr().err

@@ -5,6 +5,11 @@ import importlib.util
 import itertools
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +90,30 @@ def test_best_of_n_weights_average_the_best_over_every_subset(m, n):
     subsets = list(itertools.combinations(range(m), n))
     brute = sum(max(scores[list(s)]).item() for s in subsets) / len(subsets)
     assert float(scores @ frontier.best_of_n_weights(m, n)) == pytest.approx(brute, abs=1e-12)
+
+
+def test_ctrl_c_waits_for_the_running_step_to_save_then_ends_with_one_line(tmp_path):
+    # a real SIGINT to the sweep's process group, as Ctrl-C sends it: the step (here a stand-in that takes 1 s to
+    # save after Ctrl-C) must finish saving before the sweep ends, with one line and exit 130
+    step = tmp_path / "step.py"
+    step.write_text(
+        "import signal, sys, time, pathlib\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])\n"
+        "def stop(*_):\n    time.sleep(1); (out / 'saved').write_text('whole'); sys.exit(130)\n"
+        "signal.signal(signal.SIGINT, stop)\nout.mkdir(parents=True); (out / 'ready').write_text('')\ntime.sleep(60)\n"
+    )
+    driver = (
+        "import sys; sys.path.insert(0, 'experiments'); import sentiment_frontier as f; from pathlib import Path\n"
+        f"f.interruptible(lambda: f.run_step([{str(step)!r}], Path({str(tmp_path / 'run')!r}), "
+        f"Path({str(tmp_path / 'log')!r})))\n"
+    )
+    sweep = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    for _ in range(600):
+        if (tmp_path / "run" / "ready").exists():
+            break
+        time.sleep(0.05)
+    os.killpg(sweep.pid, signal.SIGINT)
+    _, err = sweep.communicate(timeout=60)
+    assert sweep.returncode == 130 and (tmp_path / "run" / "saved").read_text() == "whole"
+    assert err.count("\n") == 1 and err.startswith("interrupted: python ") and "Traceback" not in err

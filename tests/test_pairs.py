@@ -130,3 +130,16 @@ def test_an_existing_set_is_kept_without_overwrite(first_run, tiny, book, capsys
     err = capsys.readouterr().err
     assert "already holds pairs" in err and err.count("\n") == 1, err
     assert (first_run / "pairs.jsonl").read_bytes() == before
+
+
+def test_ctrl_c_while_sampling_is_one_line_and_exit_130(tiny, book, tmp_path, capsys, monkeypatch):
+    import nanotune.pairs as pairs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pairs, "make_pairs", interrupted)
+    out = tmp_path / "pairs"
+    assert run_main(main, argv(tiny, book, out)) == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted: no pairs written to {out}\n" and not out.exists()  # the folder it made goes too
