@@ -9,6 +9,7 @@ An example is a dict:
     answer        the reference answer (SFT: the last trained one), shown beside a model's own after training
     chosen, rejected / responses    preference data: the better and the worse answer / answers best first
     record, source                  where it came from (errors and outputs name it, whatever a shuffle did)
+    text_prompt   whether the prompt was one text (nanotune.pairs' book windows), which --template raw continues
 """
 
 from __future__ import annotations
@@ -212,7 +213,11 @@ def examples(records: list[dict], source, kind: str = "sft") -> list[dict]:
             example = sft_example(record, where)
             if kind == "prompt" and example["text"] is not None:
                 raise NanotuneError(f"{where} is plain text: it has no prompt to answer")
-        out.append({**example, "record": i, "source": str(source)})
+        # a prompt that is one text, not an instruction or messages: what --template raw continues verbatim
+        text_prompt = not present(record, "instruction") and not isinstance(record.get("prompt"), list)
+        text_prompt = text_prompt and all(isinstance(record.get(k), str) for k in ("chosen", "rejected"))
+        text_prompt = text_prompt or (isinstance(record.get("prompt"), str) and present(record, "responses"))
+        out.append({**example, "record": i, "source": str(source), "text_prompt": text_prompt})
     return out
 
 

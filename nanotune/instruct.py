@@ -75,6 +75,12 @@ def answers_end(template: str) -> bool:
 def prompt_ids(enc, example: dict, template: str) -> list[int]:
     """An example's prompt as the model reads it before answering (nanotune/chat.py); a prompt the template cannot
     lay out (a conversation under --template raw) is an error naming its source and record."""
+    if template == "raw" and not example.get("text_prompt", True):
+        raise NanotuneError(
+            f"{example.get('source', 'the data')}: record {example.get('record')} is an instruction, and --template "
+            "raw would glue its answer onto it with no separator and no end token; raw continues a text prompt "
+            "(as nanotune.pairs writes them): use --template alpaca or plain"
+        )
     try:
         return render(enc, example["prompt"], template, add_generation_prompt=True)[0]
     except NanotuneError as e:

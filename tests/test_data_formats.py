@@ -292,7 +292,7 @@ def test_the_review_cases_prompt_input_whole_conversations_prefix_answers_and_ra
 
     (pair,) = examples([{"prompt": [{"role": "system", "content": "S"}, USER], "chosen": "a", "rejected": "b"}],
                        "pairs.jsonl", "preference")  # fmt: skip
-    with pytest.raises(NanotuneError, match="^pairs.jsonl: record 0: --template raw takes a single prompt"):
+    with pytest.raises(NanotuneError, match="^pairs.jsonl: record 0 is an instruction, and --template raw would"):
         prompt_ids(load_tokenizer(), pair, "raw")
 
 
@@ -316,3 +316,17 @@ def test_conversations_that_open_with_their_answer_are_split_one_by_one():
     records = [{"messages": [{"role": "assistant", "content": f"Hello {i}."}, USER]} for i in range(40)]
     train, val, test = split_examples(examples(records, "x"), 1337)
     assert (len(train), len(val), len(test)) == (34, 2, 4)  # not all 40 as one prompt (the empty one)
+
+
+def test_template_raw_on_instructions_is_refused_naming_the_record(tiny, tmp_path, shared, capsys):
+    # raw continues a text (nanotune.pairs' book windows); an instruction's answer would be glued onto it
+    from helpers import run_main
+
+    import train_dpo
+
+    data = shared / "data" / "instruction-data-with-preference.json"
+    argv = ["--model", tiny, "--data", str(data), "--template", "raw", "--limit", "40", "--out", str(tmp_path / "d")]
+    assert run_main(train_dpo.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data}: record ") and "is an instruction, and --template raw would glue" in err
+    assert err.count("\n") == 1 and not (tmp_path / "d" / "metrics.jsonl").exists()
