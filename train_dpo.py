@@ -380,10 +380,10 @@ def train(args, run):
         run.write_text("responses.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     with run.optional("the loss plot"):
         curves = {"train": run.curve("loss"), "validation": run.curve("val_loss")}
-        plot_curves(run.out / "loss.svg", curves, f"DPO loss (--loss {args.loss})")
+        plot_curves(run.out / "loss.svg", curves, f"DPO loss (--loss {args.loss})", ylabel="loss")
     with run.optional("the log-prob plot"):
         curves = {name: run.curve(f"val_{name}_logp_token") for name in ("chosen", "rejected", "greedy")}
-        plot_curves(run.out / "logps.svg", curves, "held-out answers: the policy's log-prob per token")
+        plot_curves(run.out / "logps.svg", curves, "held-out answers: the policy's log-prob per token", ylabel="nats")
     s = run.summary
     print(
         f"held-out reward accuracy {s['val_reward_accuracy_before']:.3f} -> {s['val_reward_accuracy_after']:.3f}, "

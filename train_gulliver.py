@@ -182,6 +182,7 @@ def train(args, run):
             run.out / "loss.svg",
             {"train": train_losses, "held-out": run.curve("val_loss")},
             title="Gulliver fine-tuning: next-token NLL (nats)",
+            ylabel="NLL (nats per token)",
         )
     s = run.summary
     print(

@@ -226,6 +226,7 @@ def train(args, run):
             run.out / "loss.svg",
             {"train": run.curve("loss"), "validation": run.curve("val_loss")},
             "reward model: -log sigmoid(r_chosen - r_rejected)",
+            ylabel="loss",
         )
     s = run.summary
     print(

@@ -264,6 +264,7 @@ def train(args, run):
             run.out / "loss.svg",
             {"train": train_losses, "validation": run.curve("val_loss")},
             title="SFT: response-token NLL (nats)",
+            ylabel="NLL (nats per token)",
         )
     s = run.summary
     print(

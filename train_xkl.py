@@ -201,7 +201,7 @@ def train(args, run):
     with run.optional("sampling after training"):
         run.summary["x_share_after"] = x_share("after")
     with run.optional("the loss plot"):
-        plot_curves(run.out / "loss.svg", {"KL(P||Q)": losses}, "X-KL loss")
+        plot_curves(run.out / "loss.svg", {"KL(P||Q)": losses}, "X-KL loss", ylabel="KL (nats)")
     before, after = run.summary.get("x_share_before"), run.summary.get("x_share_after")
     print(
         f"x_share {before if before is None else f'{before:.3f}'} -> {after if after is None else f'{after:.3f}'}; "

@@ -261,7 +261,8 @@ def report(out: Path, points: list[dict], max_kl: float | None):
         if max_kl is None or p["kl"] <= max_kl:
             series.setdefault(p["method"], []).append((p["kl"], p["score"]))
     title = "held-out VADER score against KL to the start model (nats per answer)"
-    plot_curves(out / "frontier.svg", series, title + ("" if max_kl is None else f", KL <= {max_kl:g}"), "KL")
+    title += "" if max_kl is None else f", KL <= {max_kl:g}"
+    plot_curves(out / "frontier.svg", series, title, "KL to the start model (nats per answer)", "score")
 
 
 def main(argv=None):

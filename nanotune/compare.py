@@ -116,7 +116,7 @@ def main(argv=None):
         limit = float("inf") if args.max_kl is None else args.max_kl
         curves = {name: [(kl, score) for kl, score in run["evals"] if kl <= limit] for name, run in runs.items()}
         title = args.title + ("" if args.max_kl is None else f" (KL <= {args.max_kl:g} drawn)")
-        plot_curves(Path(args.svg), curves, title, "KL")
+        plot_curves(Path(args.svg), curves, title, "KL to the reference (nats per answer)", "held-out score")
         print(f"figure: {args.svg}")
 
 

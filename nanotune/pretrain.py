@@ -243,7 +243,12 @@ def pretrain(args):
     slice_loss = fixed_slice_loss(model, Path(args.data), **fixed_slice)
     record = {"slice": fixed_slice, "fixed_slice_loss": round(slice_loss, 4), "unigram_baseline": round(baseline, 3)}
     save_json(out / "eval.json", record)
-    plot_curves(out / "loss.svg", {"train": curve("loss"), "val": curve("val_loss")}, "pretraining loss (nats)")
+    plot_curves(
+        out / "loss.svg",
+        {"train": curve("loss"), "val": curve("val_loss")},
+        "pretraining loss (nats)",
+        ylabel="NLL (nats per token)",
+    )
     log_file.close()
     print(
         f"done: val loss {final_val:.3f} (ppl {math.exp(final_val):.1f}) vs unigram {baseline:.3f}; "

@@ -122,7 +122,8 @@ def plot_heldout(out, history: list[dict], title: str):
     figure), and score.svg, the training and held-out scores by step."""
     evals = [m for m in history if "val_score" in m]
     kl_score = {"held-out score": [(m["val_kl"], m["val_score"]) for m in evals]}
-    plot_curves(out / "kl_score.svg", kl_score, "held-out score against KL to the reference (nats per answer)", "KL")
+    kl_title = "held-out score against KL to the reference"
+    plot_curves(out / "kl_score.svg", kl_score, kl_title, "KL (nats per answer)", "held-out score")
     steps = {"training score": [(m["step"], m["score"]) for m in history if "score" in m]}
     steps["held-out"] = [(m["step"], m["val_score"]) for m in evals]
-    plot_curves(out / "score.svg", steps, title)
+    plot_curves(out / "score.svg", steps, title, ylabel="score")
