@@ -62,9 +62,10 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
     async def api_error(http, e: ApiError):
         return JSONResponse(e.body(), status_code=e.status)
 
-    @app.exception_handler(HTTPException)  # unknown paths and methods answer in OpenAI's format too
-    async def http_error(http, e: HTTPException):
-        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+    @app.exception_handler(HTTPException)  # unknown paths and methods answer in OpenAI's format too, with the
+    async def http_error(http, e: HTTPException):  # headers HTTP asks for (405: Allow, the methods there are)
+        body = ApiError(e.status_code, str(e.detail)).body()
+        return JSONResponse(body, status_code=e.status_code, headers=getattr(e, "headers", None))
 
     def authorize(http: HttpRequest):
         given = http.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -178,12 +179,7 @@ def cancel(requests: list[Request]):
         r.cancelled = True
 
 
-def main(argv=None):
-    """python -m nanotune.serve: serve a model to OpenAI clients and a web chat page.
-
-    python -m nanotune.serve --model out/sft
-    python -m nanotune.serve --model out/dpo --host 0.0.0.0 --api-key secret
-    """
+def parse_args(argv=None):
     p = Parser(main.__doc__, prog="python -m nanotune.serve")
     p.add_argument("--model", default="auto", help="auto, a preset, an output folder (LoRA ones too) or a file")
     p.add_argument("--name", default=None, help="the model's id in the API (default: the --model folder's name)")
@@ -196,11 +192,22 @@ def main(argv=None):
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (default: no key)")
     p.add_argument("--max-batch", type=integer(1), default=8, help="answers decoded together (default 8)")
     p.add_argument("--max-queue", type=integer(1), default=32, help="requests waiting beyond that, then 429")
-    p.add_argument("--max-tokens", type=integer(1), default=256, help="max_tokens of a request that gives none")
+    # a chat's answer, not the whole context (nano's 256 tokens take 20-35 s on 2 CPU cores for one request)
+    max_tokens = "max_tokens of a request that gives none (default 128, or what the context leaves if less)"
+    p.add_argument("--max-tokens", type=integer(1), default=128, help=max_tokens)
     p.add_argument("--max-request-bytes", type=integer(1), default=1_000_000, help="larger bodies get 413")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="decoding precision")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    """python -m nanotune.serve: serve a model to OpenAI clients and a web chat page.
+
+    python -m nanotune.serve --model out/sft
+    python -m nanotune.serve --model out/dpo --host 0.0.0.0 --api-key secret
+    """
+    args = parse_args(argv)
     if args.api_key is not None and not args.api_key.strip():
         die("--api-key is empty (an unset variable?): give a key, or leave the flag out to serve without one")
     try:

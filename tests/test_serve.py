@@ -479,3 +479,22 @@ def test_the_chat_page_streams_an_answer(server, client):
         assert page.find_elements(By.CSS_SELECTOR, ".msg") == []
     finally:
         page.quit()
+
+
+def test_a_method_a_route_does_not_take_is_405_with_allow(server):
+    for path, allowed in (("/v1/models", "GET"), ("/v1/completions", "POST"), ("/v1/chat/completions", "POST")):
+        request = urllib.request.Request(server + path, method="TRACE")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request)
+        assert e.value.code == 405 and e.value.headers["Allow"] == allowed
+        assert json.load(e.value)["error"]["type"] == "invalid_request_error"
+
+
+def test_a_request_without_max_tokens_gets_a_chats_length_or_what_the_context_leaves():
+    from nanotune.openai_api import sampling_request
+    from nanotune.serve import parse_args
+
+    limits = Limits(parse_args([]), 256)  # the server's defaults, nano's context
+    assert sampling_request({}, [1] * 10, limits, None).max_tokens == 128
+    assert sampling_request({}, [1] * 200, limits, None).max_tokens == 56  # the context's room, if less
+    assert sampling_request({"max_tokens": 200}, [1] * 10, limits, None).max_tokens == 200  # asked: honoured
