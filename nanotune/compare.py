@@ -110,12 +110,18 @@ def ratios(runs: dict[str, dict]) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
-    runs = {Path(folder).name: read_run(Path(folder)) for folder in args.runs}
+    if len(set(args.runs)) < len(args.runs):
+        die("a run is named twice: give each folder once")
+    # a run is its folder's name, or, where two folders share a name (out/a/ppo, out/b/ppo), its path as given
+    names = [Path(folder).name for folder in args.runs]
+    names = names if len(set(names)) == len(names) else list(args.runs)
+    runs = {name: read_run(Path(folder)) for name, folder in zip(names, args.runs)}
     print("\n".join(table(runs) + [""] + ratios(runs)))
     if args.svg:
         limit = float("inf") if args.max_kl is None else args.max_kl
         curves = {name: [(kl, score) for kl, score in run["evals"] if kl <= limit] for name, run in runs.items()}
         title = args.title + ("" if args.max_kl is None else f" (KL <= {args.max_kl:g} drawn)")
+        Path(args.svg).parent.mkdir(parents=True, exist_ok=True)
         plot_curves(Path(args.svg), curves, title, "KL to the reference (nats per answer)", "held-out score")
         print(f"figure: {args.svg}")
 

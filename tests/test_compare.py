@@ -63,3 +63,18 @@ def test_a_run_killed_mid_write_is_read_without_its_cut_off_line(tmp_path, capsy
     with pytest.raises(SystemExit):
         main([str(tmp_path / "run")])
     assert f"{metrics}: line 1 is not valid JSON" in capsys.readouterr().err
+
+
+def test_runs_that_share_a_folder_name_are_named_by_their_paths(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    write_run(a / "ppo", "train_ppo.py", [(0, 0.0, 0.1), (10, 1.0, 0.3)], [(1, {"time_update_s": 1.0})])
+    write_run(b / "ppo", "train_ppo.py", [(0, 0.0, 0.1), (10, 2.0, 0.6)], [(1, {"time_update_s": 2.0})])
+    svg = tmp_path / "new" / "folder" / "kl.svg"  # a figure's folder that does not exist yet is made
+    main([str(a / "ppo"), str(b / "ppo"), "--svg", str(svg)])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| /")]
+    assert [(r[0], r[3]) for r in rows] == [(f"| {a / 'ppo'}", "0.300"), (f"| {b / 'ppo'}", "0.600")]  # both kept
+    assert svg.is_file()
+    with pytest.raises(SystemExit):
+        main([str(a / "ppo"), str(a / "ppo")])
+    assert "a run is named twice" in capsys.readouterr().err
