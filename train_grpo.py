@@ -82,6 +82,11 @@ def aggregate(x, mask, kind: str, max_new_tokens: int, minibatch_mask=None):
     return (x * mask).sum() / (minibatch_mask.shape[0] * max_new_tokens)
 
 
+# what the run measured and optimised: a --resume keeps them (nanotune/flags.py adds the model and --peft)
+GRPO_OBJECTIVE = " --eval-prompts --group-size --advantage --clip-low --clip-high --loss-agg --beta"
+GRPO_OBJECTIVE += " --skip-uniform-groups --missing-eos-penalty"
+
+
 def parse_args(argv=None):
     p = Parser(__doc__)
     add_common_args(p, lr=1e-5, steps=100, batch_size=16, lora_dropout=False)  # (see add_common_args)
@@ -104,7 +109,7 @@ def parse_args(argv=None):
     add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
     add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
     # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
-    return settle_reward_args(parse_run_args(p, argv, fixed_on_resume=REWARD_FLAGS + " --eval-prompts --group-size"))
+    return settle_reward_args(parse_run_args(p, argv, fixed_on_resume=REWARD_FLAGS + GRPO_OBJECTIVE))
 
 
 def main(argv=None):

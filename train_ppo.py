@@ -156,7 +156,10 @@ def parse_args(argv=None):
     add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
     # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
     # (--kl-coef: the checkpoint holds the coefficient, which --target-kl moves; a new one would be ignored)
-    fixed = REWARD_FLAGS + " --eval-prompts --kl-coef --target-kl --kl-horizon"
+    fixed = (
+        REWARD_FLAGS + " --eval-prompts --kl-coef --target-kl --kl-horizon --whiten-scores --dense-score --gamma --lam"
+    )
+    fixed += " --clip --value-clip --vf-coef --ptx-coef --missing-eos-penalty"  # (the objective: kept on --resume)
     return settle_reward_args(parse_run_args(p, argv, fixed_on_resume=fixed))
 
 

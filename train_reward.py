@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=real(0), default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--eval-every", type=integer(1), default=25, help="held-out accuracy every N steps (default 25)")
     # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
-    return parse_run_args(p, argv, fixed_on_resume="--data --template --limit --max-len")
+    return parse_run_args(p, argv, fixed_on_resume="--data --template --limit --max-len --margin --center-coef")
 
 
 def main(argv=None):

@@ -120,7 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--responses", type=integer(0), default=20, help=responses)
     p.add_argument("--max-new-tokens", type=integer(1), default=128, help="length limit of those answers")
     # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
-    args = parse_run_args(p, argv, fixed_on_resume="--data --mix --template --limit --max-len")
+    args = parse_run_args(p, argv, fixed_on_resume="--data --mix --template --limit --max-len --lm-weight")
     if args.mix is not None and len(args.mix) != len(args.data or [None]):
         p.error(f"--mix gives {len(args.mix)} weights for {len(args.data or [None])} --data sources")
     return args

@@ -278,3 +278,36 @@ def test_preference_pairs_of_identical_answers_are_flagged(tiny, tmp_path, capsy
     assert "training pairs rank two identical answers (they teach nothing)" in capsys.readouterr().err
     assert run_main(train_dpo.main, base + ["--data", str(tmp_path / "same.json"), "--out", str(tmp_path / "d")]) == 2
     one_line_error(capsys, "every training pair's chosen answer is its rejected one")
+
+
+@pytest.mark.parametrize(
+    "recipe, flags",
+    [
+        ("train_sft", ["--lm-weight", "0.5"]),
+        ("train_reward", ["--margin", "1"]),
+        ("train_reward", ["--center-coef", "0.1"]),
+        ("train_grpo", ["--advantage", "rloo"]),
+        ("train_grpo", ["--loss-agg", "token"]),
+        ("train_grpo", ["--beta", "0.04"]),
+        ("train_grpo", ["--clip-high", "0.28"]),
+        ("train_grpo", ["--skip-uniform-groups"]),
+        ("train_grpo", ["--missing-eos-penalty", "1"]),
+        ("train_ppo", ["--whiten-scores"]),
+        ("train_ppo", ["--gamma", "0.9"]),
+        ("train_ppo", ["--lam", "0.9"]),
+        ("train_ppo", ["--clip", "0.3"]),
+        ("train_ppo", ["--vf-coef", "0.5"]),
+        ("train_ppo", ["--ptx-coef", "0.5"]),
+    ],
+)
+def test_a_resume_refuses_a_flag_that_changes_the_objective(recipe, flags, tmp_path, capsys):
+    # DPO's rule in every recipe: what the run optimised stays what it optimises (--steps may change)
+    module = importlib.import_module(recipe)
+    state = tmp_path / "checkpoints" / "step-000005"
+    state.mkdir(parents=True)
+    (state / "state.json").write_text(json.dumps({"args": vars(module.parse_args([]))}))
+    assert module.parse_args(["--resume", str(tmp_path), "--steps", "9"]).steps == 9
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--resume", str(tmp_path), *flags])
+    assert e.value.code == 2
+    one_line_error(capsys, f"--resume {tmp_path}: the run was trained with {flags[0]}")
