@@ -37,9 +37,19 @@ def read_one(path: str):
     rows = [encode_example(enc, ex, "alpaca", 256, "")[:2] for ex in train + val]
     total = time.perf_counter() - start
     tokens = sum(len(ids) for ids, _ in rows)
-    print(json.dumps({"file": Path(path).name, "records": len(examples), "tokens": tokens, "read_s": round(read, 2),
-                      "read_and_tokenise_s": round(total, 2), "peak_mib_before": round(base),
-                      "peak_mib_after": round(peak_mib())}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "file": Path(path).name,
+                "records": len(examples),
+                "tokens": tokens,
+                "read_s": round(read, 2),
+                "read_and_tokenise_s": round(total, 2),
+                "peak_mib_before": round(base),
+                "peak_mib_after": round(peak_mib()),
+            }
+        )
+    )
 
 
 def main():
@@ -54,8 +64,10 @@ def main():
     import pyarrow.parquet as pq
 
     base = json.loads(Path(args.data).read_text())
-    records = [dict(base[i % len(base)], instruction=f"{base[i % len(base)]['instruction']} ({i})")
-               for i in range(args.records)]  # fmt: skip
+    records = [
+        dict(base[i % len(base)], instruction=f"{base[i % len(base)]['instruction']} ({i})")
+        for i in range(args.records)
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         jsonl, parquet = Path(tmp) / "records.jsonl", Path(tmp) / "records.parquet"
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -75,10 +75,9 @@ def save_complete(model, directory: Path, template: str | None, prompt_source: s
     template: the recipe's --template; PPO and GRPO on book windows (prompt_source books) learned raw text."""
     save_trained(model, directory)
     template = None if prompt_source == "books" else template
-    context = model.config.n_positions
-    write_model_files(directory, context, template)
-    if (Path(directory) / "lora").is_dir():
-        write_model_files(Path(directory) / "lora", context, template)
+    for folder in (Path(directory), Path(directory) / "lora"):
+        if folder.is_dir():
+            write_model_files(folder, model.config.n_positions, template)
 
 
 def load_trained(model, directory: Path):

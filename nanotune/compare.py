@@ -44,8 +44,10 @@ def read_run(folder: Path) -> dict:
         except json.JSONDecodeError:
             if number < len(text):  # a bad line in the middle: not a file a run wrote
                 die(f"{metrics}: line {number} is not valid JSON")
-            print(f"warning: {metrics}: the last line was cut off (a run killed mid-write); read without it",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: {metrics}: the last line was cut off (a run killed mid-write); read without it",
+                file=sys.stderr,
+            )
     summary_file = folder / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     evals = [(m["val_kl"], m["val_score"]) for m in lines if "val_score" in m and "val_kl" in m]

@@ -9,13 +9,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .chat import CHAT_TEMPLATES, folder_template, jinja_template
+from .chat import CHAT_TEMPLATES, EOT_TEXT, folder_template, jinja_template
 from .tokenizer import EOT, bpe_files
 from .utils import NanotuneError, atomic_write
 
-EOT_TEXT = "<|endoftext|>"
-FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-         "chat_template.jinja")  # fmt: skip
+FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 
 
 def write_model_files(directory: str | Path, context: int, template: str | None = None):
@@ -42,7 +47,7 @@ def write_model_files(directory: str | Path, context: int, template: str | None 
                 "rstrip": False,
                 "single_word": False,
                 "special": True,
-            }  # fmt: skip
+            }
         },
         "chat_template": chat,
     }

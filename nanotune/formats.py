@@ -25,13 +25,26 @@ PREFERENCE_FORMATS = (
     "(their shared beginning is the prompt)"
 )
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}  # fmt: skip
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+}
 
 
 def present(record: dict, key: str) -> bool:
     """Whether a record holds a key (Parquet and Hub datasets fill the keys other rows have with None)."""
     return record.get(key) is not None
+
+
+def keys(record: dict) -> str:
+    """The keys a record holds, for an error that says what it has."""
+    return ", ".join(sorted(k for k in record if present(record, k))) or "none"
 
 
 def text(value, where: str, key: str) -> str:
@@ -104,22 +117,24 @@ def sft_example(record: dict, where: str) -> dict:
     elif present(record, "instruction") or present(record, "prompt"):  # Alpaca; prompt/response pairs
         key = "output" if present(record, "instruction") or not present(record, "response") else "response"
         if not present(record, key):
-            have = ", ".join(sorted(k for k in record if present(record, k))) or "none"
-            raise NanotuneError(f"{where} has no {key!r} key (it has {have})")
+            raise NanotuneError(f"{where} has no {key!r} key (it has {keys(record)})")
         conversation = prompt_messages(record, where) + [
             {"role": "assistant", "content": text(record[key], where, key)}
         ]
     elif present(record, "text"):
         return {"prompt": [], "conversation": [], "answer": None, "text": text(record["text"], where, "text")}
     else:
-        have = ", ".join(sorted(k for k in record if present(record, k))) or "none"
-        raise NanotuneError(f"{where} fits no SFT format (its keys: {have}); expected {SFT_FORMATS}")
+        raise NanotuneError(f"{where} fits no SFT format (its keys: {keys(record)}); expected {SFT_FORMATS}")
     trained = [i for i, m in enumerate(conversation) if m["role"] == "assistant" and m.get("weight", 1)]
     if not trained:
         raise NanotuneError(f"{where}: no assistant message to train on (every answer missing or of weight 0)")
     last = trained[-1]
-    return {"prompt": conversation[:last], "conversation": conversation, "answer": conversation[last]["content"],
-            "text": None}  # fmt: skip
+    return {
+        "prompt": conversation[:last],
+        "conversation": conversation,
+        "answer": conversation[last]["content"],
+        "text": None,
+    }
 
 
 def answer(value, where: str, key: str) -> str:
@@ -147,7 +162,7 @@ def shared_prompt(chosen, rejected, where: str):
         return [{"role": "user", "content": chosen[:cut]}], chosen[cut:], rejected[cut:]
     chosen, rejected = messages(chosen, f"{where} key 'chosen'"), messages(rejected, f"{where} key 'rejected'")
     cut = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
-    if not cut or chosen[cut:][:1] == [] or len(chosen) - cut != 1 or len(rejected) - cut != 1:
+    if not cut or len(chosen) - cut != 1 or len(rejected) - cut != 1:
         raise NanotuneError(
             f"{where}: chosen and rejected must be the same conversation up to one final assistant message each"
         )
@@ -159,22 +174,26 @@ def shared_prompt(chosen, rejected, where: str):
 
 def preference_example(record: dict, where: str) -> dict:
     """One preference record of any shape -> {prompt, chosen, rejected}."""
-    whole = [isinstance(record.get(k), list) and len(record[k]) > 1 for k in ("chosen", "rejected")]
-    if all(whole) and not isinstance(record.get("prompt"), list):  # whole conversations (UltraFeedback's layout):
-        prompt, chosen, rejected = shared_prompt(record["chosen"], record["rejected"], where)  # as TRL reads them
+    named = present(record, "prompt") or present(record, "instruction")
+    both = present(record, "chosen") and present(record, "rejected")
+    # whole conversations beside a text prompt (UltraFeedback's layout) are read as TRL reads them: implicitly
+    whole = all(isinstance(record.get(k), list) and len(record[k]) > 1 for k in ("chosen", "rejected"))
+    if (whole and not isinstance(record.get("prompt"), list)) or (both and not named):
+        prompt, chosen, rejected = shared_prompt(record["chosen"], record["rejected"], where)
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    if not present(record, "prompt") and not present(record, "instruction"):
-        if present(record, "chosen") and present(record, "rejected"):
-            prompt, chosen, rejected = shared_prompt(record["chosen"], record["rejected"], where)
-            return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-        have = ", ".join(sorted(k for k in record if present(record, k))) or "none"
-        raise NanotuneError(f"{where} fits no preference format (its keys: {have}); expected {PREFERENCE_FORMATS}")
+    if not named:
+        raise NanotuneError(
+            f"{where} fits no preference format (its keys: {keys(record)}); expected {PREFERENCE_FORMATS}"
+        )
     for key in ("chosen", "rejected"):
         if not present(record, key):
-            raise NanotuneError(f"{where} has no {key!r} key (it has {', '.join(sorted(record)) or 'none'})")
+            raise NanotuneError(f"{where} has no {key!r} key (it has {keys(record)})")
     prompt = prompt_messages(record, where)
-    return {"prompt": prompt, "chosen": answer(record["chosen"], where, "chosen"),
-            "rejected": answer(record["rejected"], where, "rejected")}  # fmt: skip
+    return {
+        "prompt": prompt,
+        "chosen": answer(record["chosen"], where, "chosen"),
+        "rejected": answer(record["rejected"], where, "rejected"),
+    }
 
 
 def ranked_example(record: dict, where: str) -> dict:
@@ -182,8 +201,9 @@ def ranked_example(record: dict, where: str) -> dict:
     -> {prompt, responses}."""
     if not present(record, "responses"):
         if not (present(record, "chosen") and present(record, "rejected")):
-            have = ", ".join(sorted(k for k in record if present(record, k))) or "none"
-            raise NanotuneError(f"{where} has neither 'responses' nor both 'chosen' and 'rejected' (it has {have})")
+            raise NanotuneError(
+                f"{where} has neither 'responses' nor both 'chosen' and 'rejected' (it has {keys(record)})"
+            )
         example = preference_example(record, where)
         return {"prompt": example["prompt"], "responses": [example["chosen"], example["rejected"]]}
     responses = record["responses"]

@@ -75,16 +75,16 @@ def answers_end(template: str) -> bool:
 def prompt_ids(enc, example: dict, template: str) -> list[int]:
     """An example's prompt as the model reads it before answering (nanotune/chat.py); a prompt the template cannot
     lay out (a conversation under --template raw) is an error naming its source and record."""
+    where = f"{example.get('source', 'the data')}: record {example.get('record')}"
     if template == "raw" and not example.get("text_prompt", True):
         raise NanotuneError(
-            f"{example.get('source', 'the data')}: record {example.get('record')} is an instruction, and --template "
-            "raw would glue its answer onto it with no separator and no end token; raw continues a text prompt "
-            "(as nanotune.pairs writes them): use --template alpaca or plain"
+            f"{where} is an instruction, and --template raw would glue its answer onto it with no separator and no "
+            "end token; raw continues a text prompt (as nanotune.pairs writes them): use --template alpaca or plain"
         )
     try:
         return render(enc, example["prompt"], template, add_generation_prompt=True)[0]
     except NanotuneError as e:
-        raise NanotuneError(f"{example.get('source', 'the data')}: record {example.get('record')}: {e}") from None
+        raise NanotuneError(f"{where}: {e}") from None
 
 
 def encode_pair(enc, prompt: list[int], response: str, max_len: int, where: str, append_eot: bool = True):
@@ -231,13 +231,13 @@ class Mixture:
         self.sizes = sizes
         self.weights = [float(w) for w in (sizes if weights is None else weights)]
         self.proportional = weights is None
+        self.starts = [sum(sizes[:s]) for s in range(len(sizes))]  # each source's place, laid end to end
 
     def sample(self, n: int, rng: torch.Generator) -> list[tuple[int, int]]:
         """n draws -> [(source, index in it)]."""
         if self.proportional:  # one index into the sources laid end to end
-            starts = [sum(self.sizes[:s]) for s in range(len(self.sizes))]
             flat = torch.randint(sum(self.sizes), (n,), generator=rng).tolist()
-            return [(s, i - starts[s]) for i in flat for s in [bisect.bisect_right(starts, i) - 1]]
+            return [(s, i - self.starts[s]) for i in flat for s in [bisect.bisect_right(self.starts, i) - 1]]
         sources = torch.multinomial(torch.tensor(self.weights), n, replacement=True, generator=rng).tolist()
         fractions = torch.rand(n, generator=rng).tolist()
         return [(s, min(int(f * self.sizes[s]), self.sizes[s] - 1)) for s, f in zip(sources, fractions)]

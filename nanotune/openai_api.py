@@ -7,6 +7,8 @@ import uuid
 
 from .chat import render
 from .engine import Request
+from .formats import content as message_content
+from .utils import NanotuneError
 
 
 class ApiError(Exception):
@@ -107,14 +109,10 @@ def chat_prompt(body: dict, template: str, enc) -> list[int]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise ApiError(400, f"messages[{i}]: only text content is supported", f"messages[{i}].content")
-            content = "".join(str(p.get("text", "")) for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be text", f"messages[{i}].content")
-        checked.append({"role": m["role"], "content": content})
+        try:  # text, or content parts of which only text ones are read: as in training data (nanotune/formats.py)
+            checked.append({"role": m["role"], "content": message_content(m.get("content"), f"messages[{i}]")})
+        except NanotuneError as e:
+            raise ApiError(400, str(e), f"messages[{i}].content") from None
     return render(enc, checked, template, add_generation_prompt=True)[0]
 
 

@@ -35,7 +35,7 @@ def one(record, kind="sft"):
                 {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "river."}]},
                 ANSWER,
             ]
-        },  # fmt: skip
+        },
         {"conversations": [{"from": "human", "value": "Name a river."}, {"from": "gpt", "value": "The Nile."}]},
         {"prompt": "Name a river.", "completion": "The Nile."},  # TRL's prompt-completion
         {"prompt": [USER], "completion": [ANSWER]},  # the same, conversational
@@ -96,7 +96,7 @@ def test_an_implicit_text_prompt_is_cut_as_trl_cuts_it():
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, ANSWER]},
             "sft",
             "content parts of type 'image_url': only text parts are supported",
-        ),  # fmt: skip
+        ),
         ({"messages": [USER | {"weight": 1}, ANSWER]}, "sft", "only assistant messages take a weight, 0 or 1"),
         ({"messages": [USER, ANSWER | {"weight": 0}]}, "sft", "no assistant message to train on"),
         ({"conversations": [{"from": "narrator", "value": "x"}]}, "sft", "has from 'narrator'"),
@@ -202,14 +202,41 @@ def test_draws_by_size_are_uniform_indices_into_the_sources_end_to_end(sizes, se
 
 
 def test_sft_on_two_sources_of_different_formats_reports_each(tiny, tmp_path, shared):
-    chats = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}!"},
-                           {"role": "user", "content": "Again."}, {"role": "assistant", "content": f"{i}!"}]}
-             for i in range(40)]  # fmt: skip
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say {i}."},
+                {"role": "assistant", "content": f"{i}!"},
+                {"role": "user", "content": "Again."},
+                {"role": "assistant", "content": f"{i}!"},
+            ]
+        }
+        for i in range(40)
+    ]
     (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
     alpaca = shared / "data" / "instruction-data.json"
     out = tmp_path / "sft"
-    argv = ["--model", tiny, "--data", str(tmp_path / "chats.jsonl"), str(alpaca), "--mix", "1,3", "--limit", "60",
-            "--steps", "2", "--eval-every", "1", "--max-len", "96", "--responses", "2", "--out", str(out)]  # fmt: skip
+    argv = [
+        "--model",
+        tiny,
+        "--data",
+        str(tmp_path / "chats.jsonl"),
+        str(alpaca),
+        "--mix",
+        "1,3",
+        "--limit",
+        "60",
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--max-len",
+        "96",
+        "--responses",
+        "2",
+        "--out",
+        str(out),
+    ]
     train_sft.main(argv)
     s = json.loads((out / "summary.json").read_text())
     assert s["sources"] == {"chats": {"train": 34, "weight": 1.0}, "instruction-data": {"train": 51, "weight": 3.0}}
@@ -248,19 +275,30 @@ def test_dpo_reward_and_rl_prompts_take_conversations_whose_prompt_is_all_before
     from nanotune.rewards import InstructionPrompts
 
     enc = load_tokenizer()
-    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-               {"role": "assistant", "content": "Hello."}]  # fmt: skip
+    history = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+    ]
     prompts = [history + [{"role": "user", "content": f"Name river {i}."}] for i in range(40)]
-    pairs = [{"prompt": p, "chosen": [{"role": "assistant", "content": "The Nile."}],
-              "rejected": [{"role": "assistant", "content": "Paris."}]} for p in prompts]  # fmt: skip
+    pairs = [
+        {
+            "prompt": p,
+            "chosen": [{"role": "assistant", "content": "The Nile."}],
+            "rejected": [{"role": "assistant", "content": "Paris."}],
+        }
+        for p in prompts
+    ]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     expected = {tuple(render(enc, p, "alpaca", add_generation_prompt=True)[0]) for p in prompts}
     args = train_dpo.parse_args(["--data", str(tmp_path / "pairs.jsonl"), "--max-len", "200"])
     dpo_pairs, _, _ = train_dpo.load_pairs(enc, args, master=True)
     for (prompt, chosen), (same, rejected) in dpo_pairs["train"]:
         assert tuple(prompt) in expected and prompt == same
-        assert (chosen, rejected) == (enc.encode("The Nile.<|endoftext|>", allowed_special="all"),
-                                      enc.encode("Paris.<|endoftext|>", allowed_special="all"))  # fmt: skip
+        assert (chosen, rejected) == (
+            enc.encode("The Nile.<|endoftext|>", allowed_special="all"),
+            enc.encode("Paris.<|endoftext|>", allowed_special="all"),
+        )
     args = train_reward.parse_args(["--data", str(tmp_path / "pairs.jsonl"), "--max-len", "200"])
     rankings, _ = train_reward.encode_rankings(enc, examples(pairs, "x", "ranked"), args)
     nile = enc.encode_ordinary("The Nile.")  # the reward is read at the answer's last token: no <|endoftext|>
@@ -268,8 +306,14 @@ def test_dpo_reward_and_rl_prompts_take_conversations_whose_prompt_is_all_before
     # PPO and GRPO: the held-out and training prompts of conversations, preference data's too
     for records in (pairs, [{"messages": p + [{"role": "assistant", "content": "The Nile."}]} for p in prompts]):
         (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        rl_args = argparse.Namespace(data=[str(tmp_path / "data.jsonl")], limit=None, seed=1337, template="alpaca",
-                                     max_new_tokens=16, eval_prompts=8)  # fmt: skip
+        rl_args = argparse.Namespace(
+            data=[str(tmp_path / "data.jsonl")],
+            limit=None,
+            seed=1337,
+            template="alpaca",
+            max_new_tokens=16,
+            eval_prompts=8,
+        )
         rl = InstructionPrompts(rl_args, enc, 256, with_text=True)
         assert {tuple(p) for p in rl.train + rl.heldout} <= expected and len(rl.train) == 34
         assert all(enc.decode(answer) == "The Nile.<|endoftext|>" for _, answer in rl.texts)
@@ -290,8 +334,11 @@ def test_the_review_cases_prompt_input_whole_conversations_prefix_answers_and_ra
     # a conversation under --template raw: an error that names the record
     from nanotune.instruct import prompt_ids
 
-    (pair,) = examples([{"prompt": [{"role": "system", "content": "S"}, USER], "chosen": "a", "rejected": "b"}],
-                       "pairs.jsonl", "preference")  # fmt: skip
+    (pair,) = examples(
+        [{"prompt": [{"role": "system", "content": "S"}, USER], "chosen": "a", "rejected": "b"}],
+        "pairs.jsonl",
+        "preference",
+    )
     with pytest.raises(NanotuneError, match="^pairs.jsonl: record 0 is an instruction, and --template raw would"):
         prompt_ids(load_tokenizer(), pair, "raw")
 

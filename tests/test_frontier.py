@@ -107,8 +107,9 @@ def test_ctrl_c_waits_for_the_running_step_to_save_then_ends_with_one_line(tmp_p
         f"f.interruptible(lambda: f.run_step([{str(step)!r}], Path({str(tmp_path / 'run')!r}), "
         f"Path({str(tmp_path / 'log')!r})))\n"
     )
-    sweep = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)  # fmt: skip
+    sweep = subprocess.Popen(
+        [sys.executable, "-c", driver], cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     for _ in range(600):
         if (tmp_path / "run" / "ready").exists():
             break

@@ -25,20 +25,20 @@ CONVERSATIONS = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Name a river."},
         {"role": "assistant", "content": "The Nile."},
-    ],  # fmt: skip
+    ],
     [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello! How can I help?"},
         {"role": "user", "content": "Name two rivers."},
         {"role": "assistant", "content": "\nThe Nile, the Amazon."},
-    ],  # fmt: skip
+    ],
     [
         {"role": "system", "content": "You answer in French."},
         {"role": "user", "content": "Bonjour"},
         {"role": "assistant", "content": "Bonjour !"},
         {"role": "user", "content": "Un fleuve ?"},
         {"role": "assistant", "content": "La Seine."},
-    ],  # fmt: skip
+    ],
 ]
 
 
@@ -122,8 +122,26 @@ def sft_folders(tiny, tmp_path_factory, shared):
     """A few SFT steps on the tiny model, in full and with LoRA (lr high enough to move the answers)."""
     out = tmp_path_factory.mktemp("hf-sft")
     data = str(shared / "data" / "instruction-data.json")
-    base = ["--model", tiny, "--data", data, "--limit", "60", "--steps", "4", "--lr", "3e-3", "--max-len", "96",
-            "--responses", "0", "--eval-every", "4", "--save-every", "0"]  # fmt: skip
+    base = [
+        "--model",
+        tiny,
+        "--data",
+        data,
+        "--limit",
+        "60",
+        "--steps",
+        "4",
+        "--lr",
+        "3e-3",
+        "--max-len",
+        "96",
+        "--responses",
+        "0",
+        "--eval-every",
+        "4",
+        "--save-every",
+        "0",
+    ]
     train_sft.main(base + ["--out", str(out / "full")])
     train_sft.main(base + ["--out", str(out / "lora"), "--peft", "lora", "--lr", "3e-2"])
     return out / "full", out / "lora"

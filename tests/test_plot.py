@@ -30,8 +30,12 @@ def test_ticks_cover_any_range_in_steps_of_one_two_or_five(lo, span):
 
 
 def test_a_plot_has_axis_titles_a_grid_and_its_legend_beside_the_data(tmp_path):
-    plot_curves(tmp_path / "p.svg", {"train": [(0, 9.0), (150, 0.1)], "valid<ation>": [(0, 8.8), (150, 4.9)]},
-                "SFT: NLL", ylabel="NLL (nats per token)")  # fmt: skip
+    plot_curves(
+        tmp_path / "p.svg",
+        {"train": [(0, 9.0), (150, 0.1)], "valid<ation>": [(0, 8.8), (150, 4.9)]},
+        "SFT: NLL",
+        ylabel="NLL (nats per token)",
+    )
     svg = (tmp_path / "p.svg").read_text()
     x, width = (float(v) for v in re.search(r'<rect x="(\d+)" y="\d+" width="(\d+)"', svg).groups())
     legend = [float(v) for v in re.findall(r'<text x="([\d.]+)" y="[\d.]+" fill=', svg)]
