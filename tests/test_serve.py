@@ -498,3 +498,17 @@ def test_a_request_without_max_tokens_gets_a_chats_length_or_what_the_context_le
     assert sampling_request({}, [1] * 10, limits, None).max_tokens == 128
     assert sampling_request({}, [1] * 200, limits, None).max_tokens == 56  # the context's room, if less
     assert sampling_request({"max_tokens": 200}, [1] * 10, limits, None).max_tokens == 200  # asked: honoured
+
+
+def test_chat_content_parts_read_as_training_data_reads_them():
+    from nanotune.openai_api import ApiError, chat_prompt
+
+    enc = load_tokenizer()
+    parts = [{"type": "text", "text": "Name a "}, {"type": "text", "text": "river."}]
+    as_parts = chat_prompt({"messages": [{"role": "user", "content": parts}]}, "alpaca", enc)
+    assert as_parts == chat_prompt({"messages": [{"role": "user", "content": "Name a river."}]}, "alpaca", enc)
+    image = [{"type": "image_url", "image_url": {"url": "x"}}]
+    for content, message in ((image, "content parts of type 'image_url'"), (7, "holds a int, expected text")):
+        with pytest.raises(ApiError) as e:
+            chat_prompt({"messages": [{"role": "user", "content": content}]}, "alpaca", enc)
+        assert (e.value.status, e.value.param) == (400, "messages[0].content") and message in e.value.message
