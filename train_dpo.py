@@ -26,15 +26,16 @@ from nanotune.data import PREFERENCES_URL, default_file
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.instruct import (
     TEMPLATES,
+    all_pair_logprobs,
     answers_end,
     check_answerable,
     encode_pair,
     load_splits,
+    pair_logprobs,
     prompt_ids,
     response_logprobs,
 )
 from nanotune.loader import load_model
-from nanotune.metrics import progress
 from nanotune.peft import apply_peft, describe_trainable
 from nanotune.plot import plot_curves
 from nanotune.run import Run
@@ -164,24 +165,6 @@ def load_pairs(enc, args, master: bool):
     return pairs, test, truncated
 
 
-def pair_logprobs(model, pairs, pad_id: int, device, ctx):
-    """One forward over the chosen and the rejected rows together -> log-probs (2, B) and answer lengths (2, B),
-    row 0 the chosen answers', row 1 the rejected ones'."""
-    logps, lengths = response_logprobs(model, [c for c, _ in pairs] + [r for _, r in pairs], pad_id, device, ctx)
-    return logps.view(2, len(pairs)), lengths.view(2, len(pairs))
-
-
-@torch.no_grad()
-def all_pair_logprobs(model, pairs, batch_size: int, pad_id: int, device, ctx, shown: str | None = None):
-    """pair_logprobs over every pair, --batch-size pairs at a time (with a progress bar named `shown`).
-    -> log-probs (2, N), answer lengths (2, N): row 0 chosen, row 1 rejected"""
-    starts = progress(range(0, len(pairs), batch_size), shown or "", enabled=shown is not None)
-    chunks = [pair_logprobs(model, pairs[i : i + batch_size], pad_id, device, ctx) for i in starts]
-    empty = torch.zeros(2, 0, device=device)  # (a process whose share of the pairs is empty)
-    logps = torch.cat([empty] + [logps for logps, _ in chunks], dim=1)
-    return logps, torch.cat([empty.long()] + [lengths for _, lengths in chunks], dim=1)
-
-
 def reference_logprobs(args, policy, pairs: dict, pad_id: int, run) -> dict:
     """{split: the reference's log-probs (2, N)}, once, up front: the reference never changes. It is --ref-model,
     else the policy before training (on --resume too: reloaded from --model for this). SimPO: an empty pair."""
@@ -189,35 +172,21 @@ def reference_logprobs(args, policy, pairs: dict, pad_id: int, run) -> dict:
         return {name: () for name in pairs}
     reference = load_model(args.ref_model, run.device, "--ref-model", quiet=True)[0] if args.ref_model else policy
     reference.eval()
-
-    def share(name, rows):  # -> (len(rows), 2)
+    ref_logps = {}
+    for name, split in pairs.items():
         shown = f"reference log-probs, {name}" if run.master else None
-        subset = [pairs[name][i] for i in rows]
-        return all_pair_logprobs(reference, subset, args.batch_size, pad_id, run.device, run.ctx, shown)[0].T
 
-    # under torchrun each process computes a share of each split's pairs, and the shares are gathered
-    return {name: gather_rows(len(split), partial(share, name), run.device).T for name, split in pairs.items()}
+        def share(rows, split=split, shown=shown):  # this process's rows -> (len(rows), 2)
+            subset = [split[i] for i in rows]
+            return all_pair_logprobs(reference, subset, args.batch_size, pad_id, run.device, run.ctx, shown)[0].T
+
+        # under torchrun each process computes a share of the split's pairs, and the shares are gathered
+        ref_logps[name] = gather_rows(len(split), share, run.device).T  # (2, N)
+    return ref_logps
 
 
 SQUEEZE_PROMPTS, SQUEEZE_TOKENS = 16, 32  # the diagnostic's greedy answers: how many, and up to how long
 SUMMARISED = ("val_reward_accuracy", "val_margin", "val_loss")  # in summary.json, before and after training
-
-
-# The squeezing diagnostic (Ren & Sutherland, ICLR 2025, "Learning dynamics of LLM finetuning"): off-policy DPO's
-# push down on the rejected answers moves probability mass toward what the model already finds most likely, so
-# the chosen answers' log-prob can fall along with the rejected ones' while the greedy answers' rises. Each
-# figure is per token: log-probs summed over all the answers, over their summed token counts.
-@torch.no_grad()
-def squeezing_diagnostic(model, val_logps, val_lengths, prompts, budget: int, eot: int, device, ctx) -> dict:
-    """val_logps, val_lengths (2, N) from the evaluation; prompts greedy-decoded in one batch, up to `budget`
-    tokens each. -> the model's log-prob per token of the chosen, the rejected and its greedy answers"""
-    with ctx:
-        outputs = generate(model, prompts, budget, temperature=0, eos_token=eot)
-    greedy = [(prompt, seq[len(prompt) :]) for prompt, seq in zip(prompts, outputs)]
-    greedy_logps, greedy_lengths = response_logprobs(model, greedy, eot, device, ctx)  # (n,), (n,)
-    chosen, rejected = val_logps.sum(-1) / val_lengths.sum(-1)  # (2,) -> two scalars
-    greedy_logp = greedy_logps.sum() / greedy_lengths.sum()
-    return {"chosen_logp_token": chosen, "rejected_logp_token": rejected, "greedy_logp_token": greedy_logp}
 
 
 def parse_args(argv=None):
@@ -263,9 +232,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     show = ("loss", "reward_accuracy", "val_loss", "val_reward_accuracy", "val_margin")
-    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
     with Run(args, __file__, outputs=("responses.jsonl", "loss.svg", "logps.svg"), show=show) as run:
         train(args, run)
+    if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
+        sys.exit(run.exit_code)
 
 
 def train(args, run):
@@ -297,7 +267,7 @@ def train(args, run):
     # identity); prompt tuning's embeddings start random, so its policy starts a little off the plain model, which
     # stays the reference (as in PPO and GRPO)
     ref_logps = reference_logprobs(args, policy, pairs, enc.eot_token, run)  # SimPO: none
-    apply_peft(policy, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
+    apply_peft(policy, args, model_name)
     if run.master:
         print(f"--peft {args.peft}: {describe_trainable(policy)}", flush=True)
 
@@ -336,7 +306,7 @@ def train(args, run):
 
     optimizer = make_optimizer(policy, "adamw", args.lr, 0.0, device)
     data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own pairs
-    first_step = run.track(policy, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
+    first_step = run.track(policy, optimizer, data_rng)
     train_model = wrap_model(policy, device, run.world, args.compile, args.activation_checkpointing)
     policy.train()
     for step in range(first_step, args.steps + 1):
@@ -359,30 +329,34 @@ def train(args, run):
                 metrics_sum[key] = metrics_sum.get(key, 0.0) + value / args.grad_accum
             n_tokens += sum(len(p) + len(r) for pair in micro_pairs for p, r in pair)
         grad_norm = clip_gradients(policy, args.grad_clip)  # the norm before clipping
-        run.check(step, metrics_sum["loss"], grad_norm)  # NaN/inf or an exploding loss stops here, before the update
+        run.stop_if_diverged(step, metrics_sum["loss"], grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             run.log(step, **evaluate())
-        run.log_step(step, n_tokens, **metrics_sum, lr=lr, grad_norm=grad_norm)
-        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
+        run.log.count(n_tokens)
+        if run.log.due(step):
+            run.log.step(step, **metrics_sum, lr=lr, grad_norm=grad_norm)
+        if run.checkpoint_due(step):
+            run.save_checkpoint(step)
+        if run.stop_requested:
+            return
 
-    # ---- training is over: the weights and the summary so far are saved before anything that might fail
     if not run.master:
         return
-    after = [m for m in run.history if "val_loss" in m][-1]
+    after = [m for m in run.log.history if "val_loss" in m][-1]
     run.summary.update({f"{key}_after": after[key] for key in SUMMARISED}, steps=args.steps, lr=args.lr)
-    run.save_model(policy)
+    run.save_model(policy, template=args.template)
     with run.optional("answering the test prompts"):
         rows = [json.loads(line) for line in (run.out / "responses.jsonl").read_text().splitlines()]
         for row, answer in zip(rows, answers()):
             row["after"] = answer
         run.write_text("responses.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     with run.optional("the loss plot"):
-        curves = {"train": run.curve("loss"), "validation": run.curve("val_loss")}
+        curves = {"train": run.log.curve("loss"), "validation": run.log.curve("val_loss")}
         plot_curves(run.out / "loss.svg", curves, f"DPO loss (--loss {args.loss})", ylabel="loss")
     with run.optional("the log-prob plot"):
-        curves = {name: run.curve(f"val_{name}_logp_token") for name in ("chosen", "rejected", "greedy")}
+        curves = {name: run.log.curve(f"val_{name}_logp_token") for name in ("chosen", "rejected", "greedy")}
         plot_curves(run.out / "logps.svg", curves, "held-out answers: the policy's log-prob per token", ylabel="nats")
     s = run.summary
     print(
@@ -391,6 +365,26 @@ def train(args, run):
         f"outputs in {run.out}",
         flush=True,
     )
+
+
+# ---- diagnostics: what the evaluation measures beside the loss
+
+
+# The squeezing diagnostic (Ren & Sutherland, ICLR 2025, "Learning dynamics of LLM finetuning"): off-policy DPO's
+# push down on the rejected answers moves probability mass toward what the model already finds most likely, so
+# the chosen answers' log-prob can fall along with the rejected ones' while the greedy answers' rises. Each
+# figure is per token: log-probs summed over all the answers, over their summed token counts.
+@torch.no_grad()
+def squeezing_diagnostic(model, val_logps, val_lengths, prompts, budget: int, eot: int, device, ctx) -> dict:
+    """val_logps, val_lengths (2, N) from the evaluation; prompts greedy-decoded in one batch, up to `budget`
+    tokens each. -> the model's log-prob per token of the chosen, the rejected and its greedy answers"""
+    with ctx:
+        outputs = generate(model, prompts, budget, temperature=0, eos_token=eot)
+    greedy = [(prompt, seq[len(prompt) :]) for prompt, seq in zip(prompts, outputs)]
+    greedy_logps, greedy_lengths = response_logprobs(model, greedy, eot, device, ctx)  # (n,), (n,)
+    chosen, rejected = val_logps.sum(-1) / val_lengths.sum(-1)  # (2,) -> two scalars
+    greedy_logp = greedy_logps.sum() / greedy_lengths.sum()
+    return {"chosen_logp_token": chosen, "rejected_logp_token": rejected, "greedy_logp_token": greedy_logp}
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Outputs in --out: metrics.jsonl, summary.json, samples_before.txt and samples_af
 score against KL to the starting model), score.svg and the policy's weights (loadable by transformers).
 """
 
+import sys
 import time
 
 import torch
@@ -119,9 +120,10 @@ def main(argv=None):
     if answers % args.batch_size:
         die(f"--prompts-per-step x --group-size = {answers} answers: not a multiple of --batch-size {args.batch_size}")
     outputs = ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg")
-    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
     with Run(args, __file__, outputs=outputs, show=("score", "uniform_share", "val_score", "val_kl")) as run:
         train(args, run)
+    if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
+        sys.exit(run.exit_code)
 
 
 def sample_groups(policy, prompts, reward, eos: int, args, run, data_rng):
@@ -191,7 +193,7 @@ def grpo_update(args, run, step, train_policy, policy, optimizer, rollout, exp, 
                 for key, value in parts.items():
                     step_sums[key] = step_sums.get(key, 0.0) + value.detach()
             step_sums["grad_norm"] = clip_gradients(policy, args.grad_clip)  # the norm before clipping
-            run.check(step, step_sums["loss"], step_sums["grad_norm"])  # NaN/inf or an exploding loss stops here
+            run.stop_if_diverged(step, step_sums["loss"], step_sums["grad_norm"])
             if n_updates == 0:
                 sums["first_ratio"] = step_sums["ratio"]  # 1 exactly: the first update is on-policy
             optimizer.step()
@@ -210,7 +212,7 @@ def train(args, run):
     reference = load_model(args.ref_model, device, "--ref-model", quiet=True)[0] if args.ref_model else None
     reference = base_model(policy, args.peft) if reference is None else reference.eval().requires_grad_(False)
     score = make_reward(args.reward, enc, device, run.ctx, run.dtype)  # (prompt_ids, answers) -> (B,)
-    apply_peft(policy, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
+    apply_peft(policy, args, model_name)
     context = min(m.config.n_positions - m.n_virtual for m in (policy, reference))
     context = min(context, score.context or context)
 
@@ -246,7 +248,7 @@ def train(args, run):
 
     optimizer = make_optimizer(policy, "adamw", args.lr, 0.0, device)
     data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own prompts (whole groups)
-    first_step = run.track(policy, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
+    first_step = run.track(policy, optimizer, data_rng)
     train_policy = wrap_model(policy, device, run.world, args.compile, args.activation_checkpointing)
     policy.train()
     for step in range(first_step, args.steps + 1):
@@ -281,20 +283,24 @@ def train(args, run):
         stats = {"score": scores.mean(), "uniform_share": uniform_share, "answer_len": rollout.mask.sum(-1).mean()}
         # (the phases PPO times: generation; scoring and the read-back of log-probs; the update)
         times = {"time_generate_s": t1 - t0 - score_s, "time_score_s": t2 - t1 + score_s, "time_update_s": t3 - t2}
-        run.log_step(step, rollout.mask.sum(), **stats, kl=mean_kl, **update, lr=lr, **times)
-        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
+        run.log.count(rollout.mask.sum())
+        if run.log.due(step):
+            run.log.step(step, **stats, kl=mean_kl, **update, lr=lr, **times)
+        if run.checkpoint_due(step):
+            run.save_checkpoint(step)
+        if run.stop_requested:
+            return
 
-    # ---- training is over: the weights and the summary so far are saved before anything that might fail
     if not run.master:
         return
     run.summary.update(steps=args.steps, lr=args.lr)
-    run.save_model(policy)
+    run.save_model(policy, template=args.template, prompt_source=args.prompt_source)
     with run.optional("the held-out evaluation after training"):
         after, shown = evaluate()
         run.summary.update(score_after=after["val_score"], kl_after=after["val_kl"])
         run.write_text("samples_after.txt", shown)
     with run.optional("the plots"):
-        plot_heldout(run.out, run.history, f"GRPO ({args.advantage}), reward {args.reward}")
+        plot_heldout(run.out, run.log.history, f"GRPO ({args.advantage}), reward {args.reward}")
     s = {k: fmt(run.summary.get(k)) for k in ("score_before", "score_after", "kl_after")}
     print(
         f"held-out score {s['score_before']} -> {s['score_after']}, KL to the start {s['kl_after']} nats per answer; "

@@ -11,6 +11,7 @@ starts to memorise the training split, rises again (overfitting).
 Outputs in --out: metrics.jsonl, summary.json, samples_before.txt, samples_after.txt, loss.svg, weights.
 """
 
+import sys
 from collections import Counter
 
 import torch
@@ -56,9 +57,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     outputs = ("samples_before.txt", "samples_after.txt", "loss.svg")
-    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
     with Run(args, __file__, outputs=outputs, show=("loss", "val_loss")) as run:
         train(args, run)
+    if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
+        sys.exit(run.exit_code)
 
 
 def train(args, run):
@@ -79,7 +81,7 @@ def train(args, run):
     top100 = torch.tensor([t for t, _ in Counter(train_tokens.tolist()).most_common(100)], device=device)
 
     model, model_name = load_model(args.model, device, quiet=not run.master)
-    apply_peft(model, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
+    apply_peft(model, args, model_name)
     context = model.config.n_positions - model.n_virtual  # prompt-tuning embeddings take context too
     if T > context:
         raise NanotuneError(f"--seq-len {T} exceeds the model's context of {context}")
@@ -132,7 +134,7 @@ def train(args, run):
 
     optimizer = make_optimizer(model, "adamw", args.lr, args.weight_decay, device)
     data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws different windows
-    first_step = run.track(model, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
+    first_step = run.track(model, optimizer, data_rng)
     train_model = wrap_model(model, device, run.world, args.compile, args.activation_checkpointing)
     model.train()
     for step in range(first_step, args.steps + 1):
@@ -150,21 +152,25 @@ def train(args, run):
                 # equal-sized micro-batches: the mean of their means is the batch mean, so each adds 1/grad_accum
                 loss = next_token_nll(logits, micro) / args.grad_accum
                 loss.backward()
-            step_loss += loss.detach()  # (a tensor: read back once, in run.check)
+            step_loss += loss.detach()  # (a tensor: read back once, in run.stop_if_diverged)
         grad_norm = clip_gradients(model, args.grad_clip)  # the norm before clipping
-        run.check(step, step_loss, grad_norm)  # NaN/inf or an exploding loss stops here, before the update
+        run.stop_if_diverged(step, step_loss, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             run.log(step, val_loss=val_loss())
-        run.log_step(step, batch.numel(), loss=step_loss, lr=lr, grad_norm=grad_norm)
-        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
+        run.log.count(batch.numel())
+        if run.log.due(step):
+            run.log.step(step, loss=step_loss, lr=lr, grad_norm=grad_norm)
+        if run.checkpoint_due(step):
+            run.save_checkpoint(step)
+        if run.stop_requested:
+            return
 
-    # ---- training is over: the weights and the summary so far are saved before anything that might fail
     if not run.master:
         return
-    val_losses = [v for _, v in run.curve("val_loss")]
-    train_losses = run.curve("loss")
+    val_losses = [v for _, v in run.log.curve("val_loss")]
+    train_losses = run.log.curve("loss")
     run.summary.update(
         train_loss_last=train_losses[-1][1] if train_losses else None,
         val_loss_first=val_losses[0],
@@ -180,7 +186,7 @@ def train(args, run):
     with run.optional("the loss plot"):
         plot_curves(
             run.out / "loss.svg",
-            {"train": train_losses, "held-out": run.curve("val_loss")},
+            {"train": train_losses, "held-out": run.log.curve("val_loss")},
             title="Gulliver fine-tuning: next-token NLL (nats)",
             ylabel="NLL (nats per token)",
         )

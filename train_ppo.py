@@ -15,6 +15,7 @@ policy's weights (model.safetensors + config.json, loadable by transformers).
 """
 
 import copy
+import sys
 import time
 
 import torch
@@ -171,9 +172,10 @@ def main(argv=None):
     if args.rollout_batch % args.batch_size:
         die(f"--rollout-batch ({args.rollout_batch}) must be a multiple of --batch-size ({args.batch_size})")
     outputs = ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg")
-    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
     with Run(args, __file__, outputs=outputs, show=("score", "kl", "val_score", "val_kl")) as run:
         train(args, run)
+    if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
+        sys.exit(run.exit_code)
 
 
 @torch.no_grad()
@@ -239,7 +241,7 @@ def ppo_update(args, run, step, models, optimizer, rollout, exp, prompts, data_r
                 for key, value in {"loss": loss, **parts}.items():  # tensors: read back when logged
                     step_sums[key] = step_sums.get(key, 0.0) + value.detach()
             step_sums["grad_norm"] = clip_gradients(trained, args.grad_clip)  # the norm before clipping
-            run.check(step, step_sums["loss"], step_sums["grad_norm"])  # NaN/inf or an exploding loss stops here
+            run.stop_if_diverged(step, step_sums["loss"], step_sums["grad_norm"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             for key, value in step_sums.items():
@@ -269,7 +271,7 @@ def train(args, run):
     # the value model, GPT-2 + a scalar head: the reward model (as InstructGPT) or the policy (--peft: sharing its base)
     shared = {id(p): p for p in policy.parameters()} if args.peft != "none" else {}
     value_model = load_reward_model(target, device) if kind == "model" else RewardModel(copy.deepcopy(policy, shared))
-    apply_peft(policy, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
+    apply_peft(policy, args, model_name)
     apply_peft(value_model.body, args, model_name)  # (the value head stays trainable)
     context = min(m.config.n_positions - m.n_virtual for m in (policy, reference, value_model.body))
     context = min(context, score.context or context)
@@ -368,20 +370,24 @@ def train(args, run):
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             run.log(step, **evaluate()[0], kl_coef=kl_coef)
         times = {"time_generate_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2}
-        run.log_step(step, mask.sum(), **stats, **update, kl_coef=kl_coef, lr=lr, **times)
-        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
+        run.log.count(mask.sum())
+        if run.log.due(step):
+            run.log.step(step, **stats, **update, kl_coef=kl_coef, lr=lr, **times)
+        if run.checkpoint_due(step):
+            run.save_checkpoint(step)
+        if run.stop_requested:
+            return
 
-    # ---- training is over: the weights and the summary so far are saved before anything that might fail
     if not run.master:
         return
     run.summary.update(steps=args.steps, lr=args.lr, kl_coef=kl_state["kl_coef"])
-    run.save_model(policy)
+    run.save_model(policy, template=args.template, prompt_source=args.prompt_source)
     with run.optional("the held-out evaluation after training"):
         after, shown = evaluate()
         run.summary.update(score_after=after["val_score"], kl_after=after["val_kl"])
         run.write_text("samples_after.txt", shown)
     with run.optional("the plots"):
-        plot_heldout(run.out, run.history, f"PPO, reward {args.reward}")
+        plot_heldout(run.out, run.log.history, f"PPO, reward {args.reward}")
     s = {k: fmt(run.summary.get(k)) for k in ("score_before", "score_after", "kl_after", "kl_coef")}
     kl = f"KL to the reference {s['kl_after']} nats per answer (kl_coef {s['kl_coef']})"
     print(f"held-out score {s['score_before']} -> {s['score_after']}, {kl}; outputs in {run.out}", flush=True)

@@ -88,9 +88,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     show = ("loss", "accuracy", "val_loss", "val_accuracy")
-    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
     with Run(args, __file__, outputs=("loss.svg",), show=show) as run:
         train(args, run)
+    if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
+        sys.exit(run.exit_code)
 
 
 def train(args, run):
@@ -176,7 +177,7 @@ def train(args, run):
 
     optimizer = make_optimizer(model, "adamw", args.lr, args.weight_decay, device)
     data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own prompts
-    first_step = run.track(model, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
+    first_step = run.track(model, optimizer, data_rng)
     train_model = wrap_model(model, device, run.world, args.compile, args.activation_checkpointing)
     model.train()
     for step in range(first_step, args.steps + 1):
@@ -197,22 +198,26 @@ def train(args, run):
                 # batch's pairs makes the sum exactly the batch's per-pair mean
                 loss = reward_loss(chosen_rewards, rejected_rewards, args.margin, args.center_coef)
                 (loss * micro_pairs / batch_pairs).backward()
-            step_loss += loss.detach() * micro_pairs / batch_pairs  # (tensors: read back once, in run.check)
+            step_loss += loss.detach() * micro_pairs / batch_pairs  # (tensors: read back once, in run.stop_if_diverged)
             accuracy += (chosen_rewards > rejected_rewards).float().sum() / batch_pairs
             n_tokens += sum(len(a) for answers, _ in micro for a in answers)
         grad_norm = clip_gradients(model, args.grad_clip)  # the norm before clipping
-        run.check(step, step_loss, grad_norm)  # NaN/inf or an exploding loss stops here, before the update
+        run.stop_if_diverged(step, step_loss, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             run.log(step, **evaluate())
-        run.log_step(step, n_tokens, loss=step_loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm)
-        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
+        run.log.count(n_tokens)
+        if run.log.due(step):
+            run.log.step(step, loss=step_loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm)
+        if run.checkpoint_due(step):
+            run.save_checkpoint(step)
+        if run.stop_requested:
+            return
 
-    # ---- training is over: the reward model and the summary so far are saved before anything that might fail
     if not run.master:
         return
-    after = [m for m in run.history if "val_accuracy" in m][-1]
+    after = [m for m in run.log.history if "val_accuracy" in m][-1]
     run.summary.update(
         val_accuracy_after=after["val_accuracy"],
         val_margin_after=after["val_margin"],
@@ -220,11 +225,11 @@ def train(args, run):
         steps=args.steps,
         lr=args.lr,
     )
-    run.save_model(model)
+    run.save_model(model, template=args.template)
     with run.optional("the loss plot"):
         plot_curves(
             run.out / "loss.svg",
-            {"train": run.curve("loss"), "validation": run.curve("val_loss")},
+            {"train": run.log.curve("loss"), "validation": run.log.curve("val_loss")},
             "reward model: -log sigmoid(r_chosen - r_rejected)",
             ylabel="loss",
         )

@@ -16,6 +16,7 @@ loss.svg and the fine-tuned weights.
 
 import itertools
 import json
+import sys
 
 import torch
 
@@ -130,9 +131,10 @@ def main(argv=None):
     args = parse_args(argv)
     per_source = [f"val_ppl/{name}" for name in source_names(args.data)] if len(args.data or []) > 1 else []
     show = ("loss", "val_loss", "val_ppl", *per_source)
-    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
     with Run(args, __file__, outputs=("responses.jsonl", "loss.svg"), show=show) as run:
         train(args, run)
+    if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
+        sys.exit(run.exit_code)
 
 
 def train(args, run):
@@ -146,7 +148,7 @@ def train(args, run):
     mixture = Mixture([len(rows) for rows in encoded["train"]], args.mix)
 
     model, model_name = load_model(args.model, device, quiet=not run.master)
-    apply_peft(model, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
+    apply_peft(model, args, model_name)
     context = model.config.n_positions - model.n_virtual  # prompt-tuning embeddings take context too
     if args.max_len > context:
         raise NanotuneError(
@@ -186,7 +188,7 @@ def train(args, run):
 
     optimizer = make_optimizer(model, "adamw", args.lr, args.weight_decay, device)
     data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own examples
-    first_step = run.track(model, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
+    first_step = run.track(model, optimizer, data_rng)
     train_model = wrap_model(model, device, run.world, args.compile, args.activation_checkpointing)
     model.train()
     for step in range(first_step, args.steps + 1):
@@ -210,22 +212,26 @@ def train(args, run):
                     logits = train_model(input_ids)  # (b, T, V)
                 loss = sft_loss(logits, labels, prompt_labels, args.lm_weight, n_response, n_prompt)
                 loss.backward()
-            step_loss += loss.detach()  # (a tensor: read back once, in run.check)
+            step_loss += loss.detach()  # (a tensor: read back once, in run.stop_if_diverged)
             n_tokens += input_ids.numel()
         grad_norm = clip_gradients(model, args.grad_clip)  # the norm before clipping
-        run.check(step, step_loss, grad_norm)  # NaN/inf or an exploding loss stops here, before the update
+        run.stop_if_diverged(step, step_loss, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if run.master and (step % args.eval_every == 0 or step == args.steps):
             run.log(step, **validate())
-        run.log_step(step, n_tokens, loss=step_loss, lr=lr, grad_norm=grad_norm)
-        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
+        run.log.count(n_tokens)
+        if run.log.due(step):
+            run.log.step(step, loss=step_loss, lr=lr, grad_norm=grad_norm)
+        if run.checkpoint_due(step):
+            run.save_checkpoint(step)
+        if run.stop_requested:
+            return
 
-    # ---- training is over: the weights and the summary so far are saved before anything that might fail
     if not run.master:
         return
-    val_losses = [v for _, v in run.curve("val_loss")]
-    train_losses = run.curve("loss")
+    val_losses = [v for _, v in run.log.curve("val_loss")]
+    train_losses = run.log.curve("loss")
     run.summary.update(
         val_loss_before=val_losses[0],
         val_loss_after=val_losses[-1],
@@ -235,9 +241,9 @@ def train(args, run):
         steps=args.steps,
         lr=args.lr,
     )
-    run.save_model(model)
+    run.save_model(model, template=args.template)
     for name in names if len(names) > 1 else ():  # each source's validation perplexity before and after
-        curve = run.curve(f"val_loss/{name}")
+        curve = run.log.curve(f"val_loss/{name}")
         run.summary.setdefault("per_source", {})[name] = {
             "val_ppl_before": perplexity(curve[0][1]),
             "val_ppl_after": perplexity(curve[-1][1]),
@@ -262,7 +268,7 @@ def train(args, run):
     with run.optional("the loss plot"):
         plot_curves(
             run.out / "loss.svg",
-            {"train": train_losses, "validation": run.curve("val_loss")},
+            {"train": train_losses, "validation": run.log.curve("val_loss")},
             title="SFT: response-token NLL (nats)",
             ylabel="NLL (nats per token)",
         )

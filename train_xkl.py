@@ -12,6 +12,8 @@ Outputs in --out: metrics.jsonl, summary.json, samples_before.txt, samples_after
 fine-tuned weights (model.safetensors + config.json, loadable by transformers).
 """
 
+import sys
+
 import torch
 
 from nanotune import generate, load_tokenizer
@@ -92,9 +94,10 @@ def main(argv=None):
         or len(args.input) > 2
     ):
         die(f"--input takes 'random' or 'text FILE', got {' '.join(args.input)!r}")
-    # device, processes, the --out folder, metrics, checkpoints, Ctrl-C: see nanotune/run.py
     with Run(args, __file__, outputs=("samples_before.txt", "samples_after.txt", "loss.svg")) as run:
         train(args, run)
+    if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
+        sys.exit(run.exit_code)
 
 
 def train(args, run):
@@ -128,7 +131,7 @@ def train(args, run):
     positions = slice(None) if args.positions == "all" else slice(-1, None)
 
     model, model_name = load_model(args.model, device, quiet=not run.master)
-    apply_peft(model, args, model_name)  # --peft: freeze the base, add what trains (nanotune/peft.py)
+    apply_peft(model, args, model_name)
     context = model.config.n_positions - model.n_virtual  # prompt-tuning embeddings take context too
     if T > context:
         raise NanotuneError(f"--seq-len {T} exceeds the model's context of {context}")
@@ -162,7 +165,7 @@ def train(args, run):
     if run.master and not run.resumed:
         run.summary["x_share_before"] = x_share("before")
     optimizer = make_optimizer(model, args.optimizer, args.lr, device=device)
-    first_step = run.track(model, optimizer, data_rng)  # with --resume: the checkpoint's weights, optimizer, RNG
+    first_step = run.track(model, optimizer, data_rng)
     train_model = wrap_model(model, device, run.world, args.compile, args.activation_checkpointing)
     model.train()
     for step in range(first_step, args.steps + 1):
@@ -179,18 +182,22 @@ def train(args, run):
                 # equal-sized micro-batches: the mean of their means is the batch mean, so each adds 1/grad_accum
                 loss = xkl_loss(logits.flatten(0, 1), target_probs) / args.grad_accum
                 loss.backward()
-            step_loss += loss.detach()  # (a tensor: read back once, in run.check)
+            step_loss += loss.detach()  # (a tensor: read back once, in run.stop_if_diverged)
         grad_norm = clip_gradients(model, args.grad_clip)  # the norm before clipping
-        run.check(step, step_loss, grad_norm)  # NaN/inf or an exploding loss stops here, before the update
+        run.stop_if_diverged(step, step_loss, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        run.log_step(step, idx.numel(), loss=step_loss, lr=lr, grad_norm=grad_norm)
-        run.checkpoint_if_due(step)  # every --save-every steps and at the end; on Ctrl-C: save, then exit 130
+        run.log.count(idx.numel())
+        if run.log.due(step):
+            run.log.step(step, loss=step_loss, lr=lr, grad_norm=grad_norm)
+        if run.checkpoint_due(step):
+            run.save_checkpoint(step)
+        if run.stop_requested:
+            return
 
-    # ---- training is over: the weights and the summary so far are saved before anything that might fail
     if not run.master:
         return
-    losses = run.curve("loss")
+    losses = run.log.curve("loss")
     run.summary.update(
         steps=args.steps,
         lr=args.lr,

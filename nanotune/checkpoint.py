@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from .folder import FILES, write_model_files
 from .peft import load_new_tensors, load_peft, merge, save_peft
 from .reward import RewardModel
-from .utils import NanotuneError, save_json, set_device_rng_state
+from .utils import NanotuneError, device_rng_state, save_json, set_device_rng_state
 from .weights import load_checkpoint, save_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -172,6 +172,59 @@ def restore_training(ckpt: Path, model, optimizer, data_rng, extras: dict, rank:
     data_rng.set_state(trainer["data_rng"][rank])
     torch.set_rng_state(trainer["torch_rng"])
     set_device_rng_state(device, trainer.get("device_rng", [None] * (rank + 1))[rank])
+
+
+def write_training(out: Path, tracked: tuple, state: dict, rank: int, world: int, device):
+    """A run's checkpoint (every rank calls it; rank 0 writes): tracked = (model, optimizer, data RNG, extras) as
+    Run.track holds them, state = what state.json records."""
+    model, optimizer, data_rng, extras = tracked
+    # every rank draws its own data, and samples (PPO's answers, LoRA's dropout) with its device's generator
+    rngs = [(data_rng.get_state(), device_rng_state(device))]
+    if world > 1:  # keep every rank's
+        rngs = [None] * world
+        torch.distributed.all_gather_object(rngs, (data_rng.get_state(), device_rng_state(device)))
+    if rank != 0:
+        return
+    trainer = {
+        "optimizer": optimizer.state_dict(),
+        "data_rng": [data for data, _ in rngs],
+        "device_rng": [device for _, device in rngs],
+        "torch_rng": torch.get_rng_state(),
+        "extras": {k: v.state_dict() if hasattr(v, "state_dict") else dict(v) for k, v in extras.items()},
+    }
+    write_checkpoint(out, state["step"], model, trainer, state)
+
+
+def resume(out: Path, script: str, world: int, rank: int, device, tracked: tuple, model_flag: str):
+    """A --resume: the newest checkpoint of the run in `out` back into tracked = (model, optimizer, data RNG,
+    extras), after checking it is this recipe's and this many processes'. -> (its step, the run's first loss)"""
+    state = read_checkpoint_state(out)
+    if state["script"] != script:
+        raise NanotuneError(f"--resume {out}: it is a {state['script']} run, not {script}")
+    if state["world_size"] != world:
+        raise NanotuneError(
+            f"--resume {out}: the run used {state['world_size']} processes, this one {world}; "
+            "resume with the same torchrun --nproc_per_node"
+        )
+    try:
+        restore_training(Path(state["path"]), *tracked, rank, device)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise NanotuneError(
+            f"--resume {out}: its checkpoint cannot be restored onto --model {model_flag}: {e}"
+        ) from None
+    return state["step"], state["summary"].get("loss_first")
+
+
+def save_final(model, out: Path, keep_checkpoint: bool, template: str | None = None, prompt_source: str | None = None):
+    """A finished run's model (save_complete: with the chat template and prompt source it was trained with);
+    then, unless keep_checkpoint, the checkpoints to resume from go, since the run is finished and saved."""
+    try:
+        save_complete(model, out, template, prompt_source)
+    except SAVE_ERRORS as e:
+        raise save_error(f"the trained weights into {out}", e, out) from None
+    freed = 0 if keep_checkpoint else remove_checkpoints(out)
+    if freed:
+        print(f"removed {Path(out) / CHECKPOINTS} ({freed / 2**20:.0f} MiB); --keep-checkpoint keeps it", flush=True)
 
 
 def remove_checkpoints(out: Path) -> int:

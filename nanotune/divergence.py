@@ -1,4 +1,4 @@
-"""When training has diverged: the rule every recipe's loop applies before each optimizer step (run.check).
+"""When training has diverged: the rule every recipe's loop applies before each optimizer step (Run.stop_if_diverged).
 
 A NaN/inf loss or gradient norm, or a loss above EXPLODE_FACTOR x max(first loss, 1) for EXPLODE_STEPS steps in
 a row. The bound: every recipe's loss is in nats, and a model that starts at L and sits above 10 L (10 nats when
@@ -9,6 +9,9 @@ L < 1: a chosen answer e^-10 times less likely than the rejected one for DPO) is
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+from .utils import DivergedError
 
 EXPLODE_FACTOR, EXPLODE_STEPS = 10.0, 3
 
@@ -36,3 +39,13 @@ class DivergenceRule:
             f"the loss has exploded: {loss:.4g}, above {EXPLODE_FACTOR:g} x max(first loss {self.first_loss:.4g}, 1) "
             f"for {EXPLODE_STEPS} steps in a row"
         )
+
+
+def diverged(step: int, what: str, lr: float, latest_checkpoint: Path | None) -> DivergedError:
+    """The one line that stops a diverged run: what went wrong, what to try, what is kept."""
+    ckpt = latest_checkpoint
+    kept = f"the last good checkpoint ({ckpt.name}) is kept in {ckpt.parent}" if ckpt else "no checkpoint yet"
+    return DivergedError(
+        f"training diverged at step {step}: {what}. Try a lower --lr (now {lr:g}), --warmup, --grad-clip 1.0 or "
+        f"--dtype float32; {kept}"
+    )

@@ -16,6 +16,7 @@ import torch
 from .chat import render, render_text
 from .data import read_records
 from .formats import examples, prompt_key
+from .metrics import progress
 from .utils import NanotuneError
 
 IGNORE = -100  # label value of positions the loss skips
@@ -199,6 +200,24 @@ def response_logprobs(model, rows, pad_id: int, device, ctx):
     with ctx:
         logits = model(input_ids, positions=positions)  # (N, T - first, V)
     return sequence_logprobs(logits, labels[:, first:]), (labels != IGNORE).sum(dim=-1)  # (N,), (N,)
+
+
+def pair_logprobs(model, pairs, pad_id: int, device, ctx):
+    """One forward over the chosen and the rejected rows together -> log-probs (2, B) and answer lengths (2, B),
+    row 0 the chosen answers', row 1 the rejected ones'."""
+    logps, lengths = response_logprobs(model, [c for c, _ in pairs] + [r for _, r in pairs], pad_id, device, ctx)
+    return logps.view(2, len(pairs)), lengths.view(2, len(pairs))
+
+
+@torch.no_grad()
+def all_pair_logprobs(model, pairs, batch_size: int, pad_id: int, device, ctx, shown: str | None = None):
+    """pair_logprobs over every pair, --batch-size pairs at a time (with a progress bar named `shown`).
+    -> log-probs (2, N), answer lengths (2, N): row 0 chosen, row 1 rejected"""
+    starts = progress(range(0, len(pairs), batch_size), shown or "", enabled=shown is not None)
+    chunks = [pair_logprobs(model, pairs[i : i + batch_size], pad_id, device, ctx) for i in starts]
+    empty = torch.zeros(2, 0, device=device)  # (a process whose share of the pairs is empty)
+    logps = torch.cat([empty] + [logps for logps, _ in chunks], dim=1)
+    return logps, torch.cat([empty.long()] + [lengths for _, lengths in chunks], dim=1)
 
 
 # ---------------------------------------------------------------- several sources at once

@@ -27,7 +27,7 @@ def lr_at(
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Scale the gradients down so that their global L2 norm is at most max_norm (0: leave them) and return
     the norm before clipping, the number worth watching: spikes come before divergence. A tensor on the device
-    (run.check reads it back with the loss, one wait for the device per step)."""
+    (run.stop_if_diverged reads it back with the loss, one wait for the device per step)."""
     params = [p for p in model.parameters() if p.grad is not None]
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 

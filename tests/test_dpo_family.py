@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import train_dpo
 import train_reward
 from nanotune import GPT, formats, load_tokenizer
-from nanotune.instruct import answers_end, collate, encode_pair, format_prompt, sequence_logprobs
+from nanotune.instruct import answers_end, collate, encode_pair, format_prompt, pair_logprobs, sequence_logprobs
 from train_dpo import dpo_loss, hinge_loss, ipo_loss, make_loss, robust_dpo_loss, simpo_loss
 
 logps = st.floats(-500, 0, allow_nan=False)
@@ -182,7 +182,7 @@ def test_pair_logprobs_counts_the_answer_tokens(tiny):
     model = GPT.from_pretrained(tiny).eval()
     pairs = [(([1, 2, 3], [4, 5, 50256]), ([1, 2, 3], [6, 50256])), (([7], [8, 50256]), ([7], [9, 10, 11, 50256]))]
     with torch.no_grad():
-        logps, lengths = train_dpo.pair_logprobs(model, pairs, 50256, "cpu", contextlib.nullcontext())
+        logps, lengths = pair_logprobs(model, pairs, 50256, "cpu", contextlib.nullcontext())
     assert logps.shape == lengths.shape == (2, 2)
     assert lengths.tolist() == [[3, 2], [2, 4]]  # row 0 chosen, row 1 rejected; <|endoftext|> counts
     # the head ran on the answer positions only (from the shortest prompt's last token): the same log-probs as

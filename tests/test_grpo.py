@@ -120,7 +120,7 @@ def test_one_update_raises_the_better_answers_of_a_group(tiny):
         max_new_tokens=3,
         grad_clip=0.0,
     )
-    run = argparse.Namespace(device=torch.device("cpu"), ctx=contextlib.nullcontext(), check=lambda *a: None)
+    run = argparse.Namespace(device=torch.device("cpu"), ctx=contextlib.nullcontext(), stop_if_diverged=lambda *a: None)
     exp = {"old_logps": before, "ref_logps": None, "advantages": group_advantages(scores, "grpo").flatten()}
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
     update = train_grpo.grpo_update(
@@ -140,7 +140,7 @@ def test_grad_accum_changes_memory_not_the_update(loss_agg, tiny):
     prompt, answers = [464, 3290, 318], [[11], [14, 15], [16, 17, 18], [19, 20, 21, 22, 23]]
     rollout = layout([prompt] * 4, [prompt + a for a in answers], 50256, torch.device("cpu"))
     inputs = (rollout.input_ids, rollout.attention_mask, rollout.P, contextlib.nullcontext())
-    run = argparse.Namespace(device=torch.device("cpu"), ctx=contextlib.nullcontext(), check=lambda *a: None)
+    run = argparse.Namespace(device=torch.device("cpu"), ctx=contextlib.nullcontext(), stop_if_diverged=lambda *a: None)
     results = []
     for grad_accum in (1, 2):
         policy = GPT.from_pretrained(tiny).train()

@@ -159,7 +159,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(name, tiny, shared, tmp_pa
     assert not (tmp_path / "whole" / "checkpoints").exists()  # --save-every 0: no checkpoint on a clean run
 
     # Ctrl-C arrives during step 3: the step finishes, a checkpoint is written, exit 130 with the command
-    check, sent = Run.check, []
+    check, sent = Run.stop_if_diverged, []
 
     def check_and_interrupt(self, step, *args, **kwargs):
         if step == 3 and not sent:
@@ -167,7 +167,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(name, tiny, shared, tmp_pa
             os.kill(os.getpid(), signal.SIGINT)
         return check(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(Run, "check", check_and_interrupt)
+    monkeypatch.setattr(Run, "stop_if_diverged", check_and_interrupt)
     out = tmp_path / "interrupted"
     capsys.readouterr()
     assert run_main(main, base + ["--out", str(out), "--save-every", "0"]) == 130
@@ -176,7 +176,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(name, tiny, shared, tmp_pa
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003"]
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     assert not (out / "model.safetensors").exists() and not leftovers(out)
-    monkeypatch.setattr(Run, "check", check)
+    monkeypatch.setattr(Run, "stop_if_diverged", check)
 
     assert run_main(main, ["--resume", str(out)]) == 0  # the saved flags come back with --resume alone
     assert_bit_identical(weights(tmp_path / "whole"), weights(out))

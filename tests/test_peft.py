@@ -257,20 +257,20 @@ def test_peft_run_resumes_bit_identically(tiny, tmp_path, monkeypatch):
         "0",
     ]
     train_xkl.main(base + ["--out", str(tmp_path / "whole")])
-    check, sent = Run.check, []
+    check, sent = Run.stop_if_diverged, []
 
     def interrupt_at_3(self, step, *args, **kwargs):
         if step == 3 and not sent:
             sent.append(os.kill(os.getpid(), signal.SIGINT))
         return check(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(Run, "check", interrupt_at_3)
+    monkeypatch.setattr(Run, "stop_if_diverged", interrupt_at_3)
     with pytest.raises(SystemExit) as e:
         train_xkl.main(base + ["--out", str(tmp_path / "cut")])
     assert e.value.code == 130
     ckpt = tmp_path / "cut" / "checkpoints" / "step-000003"  # lora+adapter: nanotune's format, no full model
     assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
-    monkeypatch.setattr(Run, "check", check)
+    monkeypatch.setattr(Run, "stop_if_diverged", check)
     train_xkl.main(["--resume", str(tmp_path / "cut")])
     from safetensors.torch import load_file
 

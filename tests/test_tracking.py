@@ -74,14 +74,14 @@ def test_tensorboard_mirrors_metrics_jsonl_across_a_crash_and_a_resume(tiny, tmp
         tracking.TensorBoard, "finish", lambda self, status: closed.append(status) or finish(self, status)
     )
     # a crash after step 5 is logged: the step-3 checkpoint stays, and steps 4 and 5 run (and log) again
-    due = Run.checkpoint_if_due
+    due = Run.checkpoint_due
 
-    def crash_after_step_5(self, step):
-        due(self, step)
+    def crash_after_step_5(self, step):  # (step 5 is logged; its checkpoint is not due with --save-every 3)
         if step == 5:
             raise RuntimeError("simulated crash")
+        return due(self, step)
 
-    monkeypatch.setattr(Run, "checkpoint_if_due", crash_after_step_5)
+    monkeypatch.setattr(Run, "checkpoint_due", crash_after_step_5)
     first = ["--model", tiny, "--out", str(out), "--steps", "6", "--save-every", "3", "--tracker", "tensorboard"]
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_xkl.main(first + XKL)
@@ -92,7 +92,7 @@ def test_tensorboard_mirrors_metrics_jsonl_across_a_crash_and_a_resume(tiny, tmp
     assert_mirrors(curves, lines)
     assert flags == [json.loads((out / "summary.json").read_text())["args"]]
 
-    monkeypatch.setattr(Run, "checkpoint_if_due", due)
+    monkeypatch.setattr(Run, "checkpoint_due", due)
     assert run_main(train_xkl.main, ["--resume", str(out)]) == 0
     assert closed == ["failed", "finished"]
     lines = metrics(out)
