@@ -36,7 +36,7 @@ from nanotune.instruct import (
     response_logprobs,
 )
 from nanotune.loader import load_model
-from nanotune.peft import apply_peft, describe_trainable
+from nanotune.peft import PeftSpec, apply_peft, describe_trainable
 from nanotune.plot import plot_curves
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
@@ -267,7 +267,8 @@ def train(args, run):
     # identity); prompt tuning's embeddings start random, so its policy starts a little off the plain model, which
     # stays the reference (as in PPO and GRPO)
     ref_logps = reference_logprobs(args, policy, pairs, enc.eot_token, run)  # SimPO: none
-    apply_peft(policy, args, model_name)
+    peft = PeftSpec.from_flags(args)
+    apply_peft(policy, peft, model_name)
     if run.master:
         print(f"--peft {args.peft}: {describe_trainable(policy)}", flush=True)
 

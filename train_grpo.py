@@ -25,7 +25,7 @@ from nanotune import load_tokenizer
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.loader import load_model
 from nanotune.metrics import fmt
-from nanotune.peft import apply_peft, base_model, describe_trainable
+from nanotune.peft import PeftSpec, apply_peft, base_model, describe_trainable
 from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, make_reward, settle_reward_args
 from nanotune.rollout import answer_logprobs, check_kl, evaluate_policy, layout, plot_heldout, sample_rollout
 from nanotune.run import Run
@@ -212,7 +212,8 @@ def train(args, run):
     reference = load_model(args.ref_model, device, "--ref-model", quiet=True)[0] if args.ref_model else None
     reference = base_model(policy, args.peft) if reference is None else reference.eval().requires_grad_(False)
     score = make_reward(args.reward, enc, device, run.ctx, run.dtype)  # (prompt_ids, answers) -> (B,)
-    apply_peft(policy, args, model_name)
+    peft = PeftSpec.from_flags(args)
+    apply_peft(policy, peft, model_name)
     context = min(m.config.n_positions - m.n_virtual for m in (policy, reference))
     context = min(context, score.context or context)
 

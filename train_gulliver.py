@@ -20,7 +20,7 @@ from nanotune import generate, load_tokenizer
 from nanotune.data import GULLIVER_URL, default_file, read_book
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.loader import load_model
-from nanotune.peft import apply_peft, describe_trainable
+from nanotune.peft import PeftSpec, apply_peft, describe_trainable
 from nanotune.plot import plot_curves
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
@@ -81,7 +81,8 @@ def train(args, run):
     top100 = torch.tensor([t for t, _ in Counter(train_tokens.tolist()).most_common(100)], device=device)
 
     model, model_name = load_model(args.model, device, quiet=not run.master)
-    apply_peft(model, args, model_name)
+    peft = PeftSpec.from_flags(args)
+    apply_peft(model, peft, model_name)
     context = model.config.n_positions - model.n_virtual  # prompt-tuning embeddings take context too
     if T > context:
         raise NanotuneError(f"--seq-len {T} exceeds the model's context of {context}")

@@ -27,7 +27,7 @@ from nanotune.flags import Parser, add_common_args, integer, parse_run_args, rea
 from nanotune.instruct import IGNORE, token_logprobs
 from nanotune.loader import load_model, load_reward_model
 from nanotune.metrics import fmt
-from nanotune.peft import apply_peft, base_model, describe_trainable
+from nanotune.peft import PeftSpec, apply_peft, base_model, describe_trainable
 from nanotune.reward import RewardModel
 from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, make_reward, parse_reward, settle_reward_args
 from nanotune.rollout import answer_logprobs, answer_values, check_kl, evaluate_policy, plot_heldout, sample_rollout
@@ -271,8 +271,9 @@ def train(args, run):
     # the value model, GPT-2 + a scalar head: the reward model (as InstructGPT) or the policy (--peft: sharing its base)
     shared = {id(p): p for p in policy.parameters()} if args.peft != "none" else {}
     value_model = load_reward_model(target, device) if kind == "model" else RewardModel(copy.deepcopy(policy, shared))
-    apply_peft(policy, args, model_name)
-    apply_peft(value_model.body, args, model_name)  # (the value head stays trainable)
+    peft = PeftSpec.from_flags(args)
+    apply_peft(policy, peft, model_name)
+    apply_peft(value_model.body, peft, model_name)  # (the value head stays trainable)
     context = min(m.config.n_positions - m.n_virtual for m in (policy, reference, value_model.body))
     context = min(context, score.context or context)
 

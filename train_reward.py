@@ -26,7 +26,7 @@ from nanotune.data import PREFERENCES_URL, default_file
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.instruct import TEMPLATES, answers_end, encode_pair, load_splits, prompt_ids
 from nanotune.loader import load_model
-from nanotune.peft import apply_peft, describe_trainable
+from nanotune.peft import PeftSpec, apply_peft, describe_trainable
 from nanotune.plot import plot_curves
 from nanotune.reward import PAD, RewardModel
 from nanotune.run import Run
@@ -125,7 +125,8 @@ def train(args, run):
         raise NanotuneError(f"--max-len {args.max_len} exceeds the model's context of {body.config.n_positions}")
     torch.manual_seed(args.seed)  # the score head's initial weights
     model = RewardModel(body)
-    apply_peft(body, args, model_name)  # --peft lora: freeze the body, add what trains; the score head trains
+    peft = PeftSpec.from_flags(args)
+    apply_peft(body, peft, model_name)  # --peft lora: freeze the body, add what trains; the score head trains
     run.summary.update(
         model=model_name,
         train_pairs=n_pairs["train"],

@@ -38,7 +38,7 @@ from nanotune.instruct import (
 )
 from nanotune.loader import load_model
 from nanotune.metrics import progress
-from nanotune.peft import apply_peft, describe_trainable
+from nanotune.peft import PeftSpec, apply_peft, describe_trainable
 from nanotune.plot import plot_curves
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
@@ -148,7 +148,8 @@ def train(args, run):
     mixture = Mixture([len(rows) for rows in encoded["train"]], args.mix)
 
     model, model_name = load_model(args.model, device, quiet=not run.master)
-    apply_peft(model, args, model_name)
+    peft = PeftSpec.from_flags(args)
+    apply_peft(model, peft, model_name)
     context = model.config.n_positions - model.n_virtual  # prompt-tuning embeddings take context too
     if args.max_len > context:
         raise NanotuneError(

@@ -20,7 +20,7 @@ from nanotune import generate, load_tokenizer
 from nanotune.data import read_book
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.loader import load_model
-from nanotune.peft import apply_peft, describe_trainable
+from nanotune.peft import PeftSpec, apply_peft, describe_trainable
 from nanotune.plot import plot_curves
 from nanotune.run import Run
 from nanotune.tokenizer import letter_tokens
@@ -131,7 +131,8 @@ def train(args, run):
     positions = slice(None) if args.positions == "all" else slice(-1, None)
 
     model, model_name = load_model(args.model, device, quiet=not run.master)
-    apply_peft(model, args, model_name)
+    peft = PeftSpec.from_flags(args)
+    apply_peft(model, peft, model_name)
     context = model.config.n_positions - model.n_virtual  # prompt-tuning embeddings take context too
     if T > context:
         raise NanotuneError(f"--seq-len {T} exceeds the model's context of {context}")

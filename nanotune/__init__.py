@@ -7,8 +7,9 @@ import warnings
 warnings.filterwarnings("ignore", message=r"'nanotune\.\w+' found in sys\.modules", category=RuntimeWarning)
 
 from .config import PRESETS, GPTConfig
+from .decoding import KVCache
 from .generate import generate
-from .model import GPT, KVCache
+from .model import GPT
 from .tokenizer import load_tokenizer
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "generate", "load_tokenizer"]

@@ -19,7 +19,6 @@ every block and, for LoRA, of half and of two thirds of the blocks (--activation
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import queue as queue_module
@@ -36,7 +35,7 @@ from nanotune.config import PRESETS
 from nanotune.flags import Parser, integer
 from nanotune.generate import generate
 from nanotune.model import GPT
-from nanotune.peft import apply_peft
+from nanotune.peft import PeftSpec, apply_peft
 from nanotune.utils import autocast
 
 # dense bf16 peak (TFLOP/s) by device name, for MFU
@@ -119,7 +118,7 @@ def train_row(side, directory, args, variant, queue):
     model = load(side, directory, device).train()
     if isinstance(variant, str):
         method, _, checkpointing = variant.partition(" + ")  # "lora + checkpointing 12": the first 12 blocks
-        apply_peft(model, argparse.Namespace(peft=method, **PEFT_SETTINGS), "bench")
+        apply_peft(model, PeftSpec(method, **PEFT_SETTINGS), "bench")
         blocks = checkpointing.removeprefix("checkpointing").strip()  # "" (every block) or N
         model.checkpointing = int(blocks) if blocks else checkpointing == "checkpointing"
     compiled = variant is True

@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 
 from .config import PRESETS, GPTConfig
+from .decoding import KVCache, packed_bf16
 from .flags import Parser, integer
 from .generate import generate
 from .loader import load_model
-from .model import GPT, KVCache, packed_bf16
+from .model import GPT
 from .tokenizer import load_tokenizer
 from .utils import pick_device
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .decoding import KVCache, packed_bf16
 from .generate import _pick
-from .model import GPT, KVCache, packed_bf16
+from .model import GPT
 
 SLOTS = 64  # the cache grows in steps of this many positions (fewer reallocations, attention over few unused)
 

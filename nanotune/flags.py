@@ -12,7 +12,7 @@ import math
 import sys
 
 from .checkpoint import read_checkpoint_state
-from .peft import METHODS, check_peft_args
+from .peft import METHODS, lora_targets
 from .tracking import TRACKERS
 from .utils import NanotuneError, die
 
@@ -188,7 +188,8 @@ def parse_run_args(parser: argparse.ArgumentParser, argv=None, fixed_on_resume: 
     if args.resume and args.overwrite:
         die("--resume continues the run in its folder and --overwrite replaces it: pick one")
     try:
-        check_peft_args(args)
+        if args.peft in ("lora", "lora+adapter"):  # the check argparse cannot make: GPT-2's layer names
+            lora_targets(args.lora_targets)
     except NanotuneError as e:
         die(str(e))
     return args

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 
 import torch
 
+from .decoding import KVCache, packed_bf16
 from .flags import Parser, integer, real
 from .instruct import format_prompt
 from .loader import load_model
-from .model import GPT, KVCache, packed_bf16
+from .model import GPT
 from .tokenizer import load_tokenizer
 from .utils import NanotuneError, die, pick_device
 
@@ -41,7 +42,7 @@ def generate(
     change. compile: torch.compile that step, once per model (CUDA graphs on a GPU); off by default, as compiling
     takes tens of seconds that only many or long generations (RL rollouts) win back; a string names a backend
     ("eager" in the tests). dtype torch.bfloat16: on a CPU with oneDNN's bfloat16 kernels, the tied head and the
-    large layers read packed bfloat16 copies of their weights (nanotune.model.packed_bf16; activations stay
+    large layers read packed bfloat16 copies of their weights (nanotune.decoding.packed_bf16; activations stay
     float32); on a GPU, bfloat16 autocast. The logits are rounded, so log-probs that matter are computed again
     in float32, as PPO and GRPO do.
     """

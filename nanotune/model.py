@@ -6,7 +6,6 @@ mapping in weights.py is the identity: no renames, no transposes.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -16,79 +15,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .config import GPTConfig
+from .decoding import KVCache, linear_bf16
 from .weights import load_checkpoint, resolve_checkpoint, save_checkpoint
-
-
-class KVCache:
-    """Preallocated keys and values for every layer: generation writes in place instead of concatenating."""
-
-    def __init__(self, model: GPT, batch_size: int, max_len: int, copy_head: bool = True, packed: bool = False):
-        config, device, dtype = model.config, model.wte.weight.device, model.wte.weight.dtype
-        if torch.is_autocast_enabled(device.type):  # keys and values come out in autocast's dtype: keep them so
-            dtype = torch.get_autocast_dtype(device.type)
-        head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled so far
-        self.max_len = max_len
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # keys of real tokens
-        # the tied head. One row at a time is a matrix-vector product, which streams a contiguous (C, V) copy
-        # faster than wte's (V, C) (8 vs 13 ms per token for gpt2 on a 2-core CPU); the copy costs ~130 ms to make,
-        # so short generations (copy_head=False) use a transposed view. Several rows are a matrix product, which
-        # MKL runs faster as wte (V, C) @ x.T (nano, 8 rows: 3.3 against 7.2 ms; gpt2: 17 against 27 ms).
-        # packed: sampling that may round its logits, on a CPU with oneDNN's bfloat16 kernels, reads a packed
-        # bfloat16 copy instead (see packed_bf16)
-        self.wte = model.wte.weight.detach()
-        self.head = self.wte.t().contiguous() if copy_head else self.wte.t()
-        self.packed_head = pack_bf16(model.wte.weight) if packed and onednn_bf16(device) else None
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The tied head on the last hidden states x (B, C): next-token logits (B, V) in float32, autocast off."""
-        with torch.autocast(x.device.type, enabled=False):
-            if self.packed_head is not None:
-                return linear_bf16(x, self.packed_head).float()
-            if x.shape[0] == 1:
-                return x.float() @ self.head.float()  # (1, V)
-            return (self.wte.float() @ x.float().t()).t()  # (V, B) -> (B, V)
-
-
-def onednn_bf16(device) -> bool:
-    """A CPU whose oneDNN has bfloat16 kernels (AVX512-BF16 or AMX): there they stream packed bfloat16 weights at
-    2.5-10x MKL's float32 matrix-vector rate (python -m nanotune.bench_sampling)."""
-    return (
-        torch.device(device).type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and (torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    )
-
-
-def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """An (out, in) weight as a bfloat16 copy in oneDNN's blocked layout, PyTorch's own kernel for inference (what
-    torch.compile's freezing prepacks for). Made once per generation; the model's weights stay as they are."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), 1)
-
-
-def linear_bf16(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T + bias with a packed bfloat16 weight: (..., in) -> (..., out) in bfloat16."""
-    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
-
-
-@contextlib.contextmanager
-def packed_bf16(model: GPT):
-    """For the length of one generation in bfloat16 on such a CPU: every Conv1D (LoRA merged in) reads a packed
-    bfloat16 copy of its weight. The training weights are untouched; outside the context nothing changes."""
-    # (only large layers: for a small one, as in nano, the kernel's fixed cost outweighs what it saves)
-    big = [m for m in model.modules() if isinstance(m, Conv1D) and m.weight.numel() >= 2**19]
-    layers = big if onednn_bf16(model.wte.weight.device) else []
-    for m in layers:
-        weight = m.merged().weight if hasattr(m, "merged") else m.weight  # (LoRA: W + (alpha / r) A B)
-        m.packed = (pack_bf16(weight.t()), m.bias.detach().to(torch.bfloat16))
-    try:
-        yield model
-    finally:
-        for m in layers:
-            m.packed = None
 
 
 class Conv1D(nn.Module):
@@ -233,10 +161,10 @@ class GPT(nn.Module):
         head, most of the work for GPT-2's 50257-token vocabulary, then runs on those alone.
         """
         past = cache.length if cache is not None else 0
-        self._check_input(idx, past, cache)
+        check_input(idx, past, cache, self.n_virtual, self.config)
         x = self.wte(idx)  # (B, T, C)
         x, attention_mask, prefix = self._prepend_prompt(x, attention_mask, past)  # (B, prefix + T, C)
-        pos, attn_mask = self._positions_and_mask(x.shape[0], x.shape[1], past, attention_mask, idx.device)
+        pos, attn_mask = positions_and_mask(x.shape[0], x.shape[1], past, attention_mask, idx.device)
         x = x + self.wpe(pos)  # (B, prefix + T, C)
         recomputed = len(self.h) if self.checkpointing is True else int(self.checkpointing)
         for i, block in enumerate(self.h):
@@ -273,28 +201,6 @@ class GPT(nn.Module):
             x = block(x, mask, cache, i, at)
         return cache.logits(self.ln_f(x)[:, -1])  # (B, vocab_size), float32
 
-    def _check_input(self, idx: torch.Tensor, past: int, cache: KVCache | None):
-        """A clear error for what would otherwise fail deep inside (or silently index out of range)."""
-        if idx.dim() != 2:
-            raise ValueError(f"GPT.forward: idx must have shape (B, T), got {tuple(idx.shape)}")
-        length = past + (self.n_virtual if past == 0 else 0) + idx.shape[1]
-        if length > self.config.n_positions:
-            virtual = f" ({self.n_virtual} of them prompt-tuning embeddings)" if self.n_virtual else ""
-            raise ValueError(
-                f"GPT.forward: sequence of {length} tokens{virtual} is longer than the context of "
-                f"{self.config.n_positions} (n_positions); truncate or split the input"
-            )
-        if cache is not None and length > cache.max_len:
-            raise ValueError(f"GPT.forward: KV cache holds {cache.max_len} positions, {length} needed")
-        # read back only from the CPU: on an accelerator it would wait for the device on every forward, every
-        # generated token included (there, ids come from the tokenizer or were checked on the CPU); and not
-        # inside torch.compile, where reading values breaks the graph
-        if torch.compiler.is_compiling() or idx.device.type != "cpu" or not idx.numel():
-            return
-        if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
-            bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
-            raise ValueError(f"GPT.forward: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-
     def _prepend_prompt(self, x: torch.Tensor, attention_mask: torch.Tensor | None, past: int):
         """Prompt tuning: the learned embeddings go in front of the first chunk, and the caller's attention mask
         (real tokens only) gains ones for them. -> x, attention_mask, how many positions were added."""
@@ -314,28 +220,6 @@ class GPT(nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(B, self.n_virtual), attention_mask], dim=1)
         return x, attention_mask, prefix
 
-    @staticmethod
-    def _positions_and_mask(B: int, T: int, past: int, attention_mask: torch.Tensor | None, device):
-        """Position ids (B or 1, T) of the new tokens, and the attention mask SDPA takes ((B, 1, T, past + T)
-        booleans, or None for plain causal attention)."""
-        q_idx = torch.arange(past, past + T, device=device)
-        k_idx = torch.arange(past + T, device=device)
-        if attention_mask is None:
-            if past > 0 and T > 1:  # a chunk after a filled cache: causal within it, everything before it visible
-                return q_idx[None], (k_idx[None, :] <= q_idx[:, None])[None, None]
-            return q_idx[None], None  # (1, T)
-        if attention_mask.shape != (B, past + T):
-            raise ValueError(
-                f"GPT.forward: attention_mask must have shape {(B, past + T)}, got {tuple(attention_mask.shape)}"
-            )
-        keep = attention_mask.bool()
-        pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T) positions count real tokens only
-        causal = k_idx[None, :] <= q_idx[:, None]  # (T, past + T)
-        attn_mask = causal[None] & keep[:, None, :]  # (B, T, past + T)
-        # a padding query would see no key at all (NaN softmax): let it see itself; its output is unused
-        attn_mask = attn_mask | (k_idx[None, :] == q_idx[:, None])[None]
-        return pos, attn_mask[:, None]  # (B, 1, T, past + T), broadcast over heads
-
     # ---- weights in the official Hugging Face layout (see weights.py) ----
 
     @classmethod
@@ -354,3 +238,48 @@ class GPT(nn.Module):
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write model.safetensors + config.json that transformers.GPT2LMHeadModel.from_pretrained loads."""
         return save_checkpoint(self, Path(directory), dtype=dtype)
+
+
+def positions_and_mask(B: int, T: int, past: int, attention_mask: torch.Tensor | None, device):
+    """Position ids (B or 1, T) of the new tokens, and the attention mask SDPA takes ((B, 1, T, past + T)
+    booleans, or None for plain causal attention)."""
+    q_idx = torch.arange(past, past + T, device=device)
+    k_idx = torch.arange(past + T, device=device)
+    if attention_mask is None:
+        if past > 0 and T > 1:  # a chunk after a filled cache: causal within it, everything before it visible
+            return q_idx[None], (k_idx[None, :] <= q_idx[:, None])[None, None]
+        return q_idx[None], None  # (1, T)
+    if attention_mask.shape != (B, past + T):
+        raise ValueError(
+            f"GPT.forward: attention_mask must have shape {(B, past + T)}, got {tuple(attention_mask.shape)}"
+        )
+    keep = attention_mask.bool()
+    pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T) positions count real tokens only
+    causal = k_idx[None, :] <= q_idx[:, None]  # (T, past + T)
+    attn_mask = causal[None] & keep[:, None, :]  # (B, T, past + T)
+    # a padding query would see no key at all (NaN softmax): let it see itself; its output is unused
+    attn_mask = attn_mask | (k_idx[None, :] == q_idx[:, None])[None]
+    return pos, attn_mask[:, None]  # (B, 1, T, past + T), broadcast over heads
+
+
+def check_input(idx: torch.Tensor, past: int, cache: KVCache | None, n_virtual: int, config: GPTConfig):
+    """A clear error for what would otherwise fail deep inside (or silently index out of range)."""
+    if idx.dim() != 2:
+        raise ValueError(f"GPT.forward: idx must have shape (B, T), got {tuple(idx.shape)}")
+    length = past + (n_virtual if past == 0 else 0) + idx.shape[1]
+    if length > config.n_positions:
+        virtual = f" ({n_virtual} of them prompt-tuning embeddings)" if n_virtual else ""
+        raise ValueError(
+            f"GPT.forward: sequence of {length} tokens{virtual} is longer than the context of "
+            f"{config.n_positions} (n_positions); truncate or split the input"
+        )
+    if cache is not None and length > cache.max_len:
+        raise ValueError(f"GPT.forward: KV cache holds {cache.max_len} positions, {length} needed")
+    # read back only from the CPU: on an accelerator it would wait for the device on every forward, every
+    # generated token included (there, ids come from the tokenizer or were checked on the CPU); and not
+    # inside torch.compile, where reading values breaks the graph
+    if torch.compiler.is_compiling() or idx.device.type != "cpu" or not idx.numel():
+        return
+    if int(idx.min()) < 0 or int(idx.max()) >= config.vocab_size:
+        bad = idx[(idx < 0) | (idx >= config.vocab_size)][0].item()
+        raise ValueError(f"GPT.forward: token id {bad} is outside the vocabulary [0, {config.vocab_size})")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -114,12 +115,6 @@ def lora_targets(spec: str) -> list[str]:
     return names
 
 
-def check_peft_args(args):
-    """The check argparse cannot make alone: --lora-targets names GPT-2's Conv1D layers."""
-    if args.peft in ("lora", "lora+adapter"):
-        lora_targets(args.lora_targets)
-
-
 def add_lora(model: GPT, r: int, alpha: float, dropout: float = 0.0, targets=("c_attn",)):
     for block in model.h:
         for parent in (block.attn, block.mlp):
@@ -142,11 +137,30 @@ def add_prompt(model: GPT, n_tokens: int, seed: int = 0):
     model.prompt = nn.Parameter(model.wte.weight.detach()[ids.to(model.wte.weight.device)].clone())
 
 
-def apply_peft(model: GPT, args, base_name: str) -> GPT:
-    """Freeze the base model and add the method --peft names (nothing for none). Remembers how, for saving.
+@dataclasses.dataclass(frozen=True)
+class PeftSpec:
+    """What apply_peft adds: --peft (method), its method's flags (flags.add_peft_args) and --seed (prompt tuning's)."""
+
+    method: str = "none"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # (a recipe that compares log-probs offers no --lora-dropout: 0)
+    lora_targets: str = "c_attn"
+    adapter_size: int = 64
+    prompt_tokens: int = 20
+    seed: int = 0
+
+    @classmethod
+    def from_flags(cls, args) -> PeftSpec:
+        """From a recipe's flags (it offers some methods' flags only: the others keep their defaults)."""
+        given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls) if f.name != "method"}
+        return cls(args.peft, **{name: value for name, value in given.items() if value is not None})
+
+
+def apply_peft(model: GPT, spec: PeftSpec, base_name: str) -> GPT:
+    """Freeze the base model and add the method spec names (nothing for none). Remembers how, for saving.
     A model that already carries PEFT additions (--model a LoRA or adapter folder) is first made plain: LoRA
     folds into its weights exactly; adapters and prompt tuning cannot, and are refused."""
-    check_peft_args(args)
     loaded = getattr(model, "peft", {"method": "none"})
     if loaded["method"] == "lora":
         merge(model)  # what trains from here is a plain GPT-2 (with new additions if --peft asks)
@@ -155,22 +169,21 @@ def apply_peft(model: GPT, args, base_name: str) -> GPT:
             f"--model {base_name} holds {loaded['method']} on top of {loaded['base']}, which cannot be folded into "
             "GPT-2's weights: continue the run that made it with --resume, or start from its base model"
         )
-    model.peft = {"method": args.peft, "base": base_name}
-    if args.peft == "none":
+    model.peft = {"method": spec.method, "base": base_name}
+    if spec.method == "none":
         return model
     for p in model.parameters():
         p.requires_grad_(False)
-    if args.peft in ("lora", "lora+adapter"):
-        targets = lora_targets(args.lora_targets)
-        dropout = getattr(args, "lora_dropout", 0.0)  # (a recipe that compares log-probs offers none)
-        add_lora(model, args.lora_r, args.lora_alpha, dropout, targets)
-        model.peft.update(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=dropout, targets=targets)
-    if args.peft in ("adapter", "lora+adapter"):
-        add_adapters(model, args.adapter_size)
-        model.peft.update(adapter_size=args.adapter_size)
-    if args.peft == "prompt":
-        add_prompt(model, args.prompt_tokens, seed=args.seed)
-        model.peft.update(prompt_tokens=args.prompt_tokens)
+    if spec.method in ("lora", "lora+adapter"):
+        targets = lora_targets(spec.lora_targets)
+        add_lora(model, spec.lora_r, spec.lora_alpha, spec.lora_dropout, targets)
+        model.peft.update(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, targets=targets)
+    if spec.method in ("adapter", "lora+adapter"):
+        add_adapters(model, spec.adapter_size)
+        model.peft.update(adapter_size=spec.adapter_size)
+    if spec.method == "prompt":
+        add_prompt(model, spec.prompt_tokens, seed=spec.seed)
+        model.peft.update(prompt_tokens=spec.prompt_tokens)
     return model
 
 

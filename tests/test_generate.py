@@ -2,14 +2,13 @@
 padding, <|endoftext|> and prompt tuning; compiled equal to eager; one graph for a whole generation; and the
 bfloat16 head and cache close to float32."""
 
-import argparse
 from pathlib import Path
 
 import pytest
 import torch
 
 from nanotune import GPT, GPTConfig, generate
-from nanotune.peft import apply_peft
+from nanotune.peft import PeftSpec, apply_peft
 
 
 def model_with(name: str, prompt_tokens: int = 0) -> GPT:
@@ -20,7 +19,7 @@ def model_with(name: str, prompt_tokens: int = 0) -> GPT:
     else:
         model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, n_positions=128)).eval()
     if prompt_tokens:
-        apply_peft(model, argparse.Namespace(peft="prompt", prompt_tokens=prompt_tokens, seed=0), name)
+        apply_peft(model, PeftSpec(method="prompt", prompt_tokens=prompt_tokens, seed=0), name)
     return model
 
 
@@ -80,12 +79,12 @@ def test_sampling_is_reproducible_with_a_seed_and_bfloat16_stays_close():
 
 
 def test_bfloat16_sampling_packs_large_layers_and_lora_and_leaves_the_model_as_it_was():
-    from nanotune.model import Conv1D, onednn_bf16
+    from nanotune.decoding import onednn_bf16
+    from nanotune.model import Conv1D
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=512, n_positions=64)).eval()  # c_fc: 512 x 2048, packed
-    apply_peft(model, argparse.Namespace(peft="lora", lora_r=4, lora_alpha=8.0, lora_dropout=0.0,
-                                         lora_targets="all", seed=0), "wide")  # fmt: skip
+    apply_peft(model, PeftSpec(method="lora", lora_r=4, lora_alpha=8.0, lora_targets="all"), "wide")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -97,7 +96,7 @@ def test_bfloat16_sampling_packs_large_layers_and_lora_and_leaves_the_model_as_i
     assert agree >= 0.8, agree
     assert all(m.packed is None for m in model.modules() if isinstance(m, Conv1D))  # the copies are gone
     if onednn_bf16("cpu"):  # where the kernels are there, the large layers and the head did use them
-        from nanotune.model import packed_bf16
+        from nanotune.decoding import packed_bf16
 
         with packed_bf16(model):
             packed = [m for m in model.modules() if isinstance(m, Conv1D) and m.packed is not None]

@@ -293,9 +293,8 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_the_gradients():
 def test_positions_returns_the_same_logits_as_slicing_the_full_output():
     # PPO asks for an answer's logits only; they must be exactly the full forward's, also with left padding
     # and with prompt tuning's virtual tokens in front (positions count real tokens)
-    import argparse
 
-    from nanotune.peft import apply_peft
+    from nanotune.peft import PeftSpec, apply_peft
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_embd=64, n_head=2, n_positions=64)).eval()
@@ -304,7 +303,7 @@ def test_positions_returns_the_same_logits_as_slicing_the_full_output():
     attention_mask[1, :4] = 0  # left padding
     for tuned in (False, True):
         if tuned:
-            apply_peft(model, argparse.Namespace(peft="prompt", prompt_tokens=3, seed=0), "test")
+            apply_peft(model, PeftSpec(method="prompt", prompt_tokens=3), "test")
         with torch.no_grad():
             full = model(idx, attention_mask=attention_mask)
             part = model(idx, attention_mask=attention_mask, positions=slice(2, 9))

@@ -20,11 +20,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nanotune.chat import render_text
+from nanotune.decoding import onednn_bf16
 from nanotune.engine import Engine, Request, TextStream
 from nanotune.folder import write_model_files
 from nanotune.generate import generate
 from nanotune.instruct import format_prompt
-from nanotune.model import GPT, onednn_bf16
+from nanotune.model import GPT
 from nanotune.serve import Limits, chat_template, create_app
 from nanotune.tokenizer import load_tokenizer
 

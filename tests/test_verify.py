@@ -77,11 +77,10 @@ def test_verify_command_on_the_bundled_model():
 
 
 def test_verify_checks_reward_models_and_lora_folders(tiny, tmp_path):
-    import argparse
 
     from nanotune import GPT
     from nanotune.checkpoint import save_trained
-    from nanotune.peft import apply_peft
+    from nanotune.peft import PeftSpec, apply_peft
     from nanotune.reward import RewardModel
 
     torch.manual_seed(0)
@@ -90,8 +89,8 @@ def test_verify_checks_reward_models_and_lora_folders(tiny, tmp_path):
     assert code == 0 and r["kind"] == "reward" and r["max_abs_diff"] < 1e-5 and r["greedy"] is None
     lora = apply_peft(
         GPT.from_pretrained(tiny),
-        argparse.Namespace(
-            peft="lora",
+        PeftSpec(
+            method="lora",
             lora_r=4,
             lora_alpha=8.0,
             lora_dropout=0.0,

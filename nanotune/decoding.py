@@ -1,0 +1,84 @@
+"""What sampling adds to the model: the KV cache (with the layouts of the tied head that decoding reads fastest)
+and, on a CPU with oneDNN's bfloat16 kernels, packed bfloat16 copies of the weights for one generation. The
+model (model.py) only writes into the cache and reads a packed weight when one is set; generate.py and engine.py
+make and own them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: generation writes in place instead of concatenating."""
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, copy_head: bool = True, packed: bool = False):
+        config, device, dtype = model.config, model.wte.weight.device, model.wte.weight.dtype
+        if torch.is_autocast_enabled(device.type):  # keys and values come out in autocast's dtype: keep them so
+            dtype = torch.get_autocast_dtype(device.type)
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+        self.max_len = max_len
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # keys of real tokens
+        # the tied head. One row at a time is a matrix-vector product, which streams a contiguous (C, V) copy
+        # faster than wte's (V, C) (8 vs 13 ms per token for gpt2 on a 2-core CPU); the copy costs ~130 ms to make,
+        # so short generations (copy_head=False) use a transposed view. Several rows are a matrix product, which
+        # MKL runs faster as wte (V, C) @ x.T (nano, 8 rows: 3.3 against 7.2 ms; gpt2: 17 against 27 ms).
+        # packed: sampling that may round its logits, on a CPU with oneDNN's bfloat16 kernels, reads a packed
+        # bfloat16 copy instead (see packed_bf16)
+        self.wte = model.wte.weight.detach()
+        self.head = self.wte.t().contiguous() if copy_head else self.wte.t()
+        self.packed_head = pack_bf16(model.wte.weight) if packed and onednn_bf16(device) else None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied head on the last hidden states x (B, C): next-token logits (B, V) in float32, autocast off."""
+        with torch.autocast(x.device.type, enabled=False):
+            if self.packed_head is not None:
+                return linear_bf16(x, self.packed_head).float()
+            if x.shape[0] == 1:
+                return x.float() @ self.head.float()  # (1, V)
+            return (self.wte.float() @ x.float().t()).t()  # (V, B) -> (B, V)
+
+
+def onednn_bf16(device) -> bool:
+    """A CPU whose oneDNN has bfloat16 kernels (AVX512-BF16 or AMX): there they stream packed bfloat16 weights at
+    2.5-10x MKL's float32 matrix-vector rate (python -m nanotune.bench_sampling)."""
+    return (
+        torch.device(device).type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and (torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """An (out, in) weight as a bfloat16 copy in oneDNN's blocked layout, PyTorch's own kernel for inference (what
+    torch.compile's freezing prepacks for). Made once per generation; the model's weights stay as they are."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), 1)
+
+
+def linear_bf16(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T + bias with a packed bfloat16 weight: (..., in) -> (..., out) in bfloat16."""
+    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def packed_bf16(model: nn.Module):
+    """For the length of one generation in bfloat16 on such a CPU: every Conv1D (LoRA merged in) reads a packed
+    bfloat16 copy of its weight. The training weights are untouched; outside the context nothing changes."""
+    # (only large layers: for a small one, as in nano, the kernel's fixed cost outweighs what it saves)
+    big = [m for m in model.modules() if hasattr(m, "packed") and m.weight.numel() >= 2**19]  # Conv1D layers
+    layers = big if onednn_bf16(model.wte.weight.device) else []
+    for m in layers:
+        weight = m.merged().weight if hasattr(m, "merged") else m.weight  # (LoRA: W + (alpha / r) A B)
+        m.packed = (pack_bf16(weight.t()), m.bias.detach().to(torch.bfloat16))
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.packed = None
