@@ -28,7 +28,7 @@ from nanotune.instruct import IGNORE, token_logprobs
 from nanotune.loader import load_model, load_reward_model
 from nanotune.metrics import fmt
 from nanotune.peft import PeftSpec, apply_peft, base_model, describe_trainable
-from nanotune.reward import RewardModel
+from nanotune.reward_model import RewardModel
 from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, make_reward, parse_reward, settle_reward_args
 from nanotune.rollout import answer_logprobs, answer_values, check_kl, evaluate_policy, plot_heldout, sample_rollout
 from nanotune.run import Run

@@ -28,7 +28,7 @@ from nanotune.instruct import TEMPLATES, answers_end, encode_pair, load_splits, 
 from nanotune.loader import load_model
 from nanotune.peft import PeftSpec, apply_peft, describe_trainable
 from nanotune.plot import plot_curves
-from nanotune.reward import PAD, RewardModel
+from nanotune.reward_model import PAD, RewardModel
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
 from nanotune.utils import NanotuneError

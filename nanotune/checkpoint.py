@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 
 from .folder import FILES, write_model_files
 from .peft import load_new_tensors, load_peft, merge, save_peft
-from .reward import RewardModel
+from .reward_model import RewardModel
 from .utils import NanotuneError, device_rng_state, save_json, set_device_rng_state
 from .weights import load_checkpoint, save_tensors
 

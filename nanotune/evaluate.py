@@ -40,7 +40,7 @@ from .generate import generate
 from .instruct import check_answerable, load_examples, load_splits, prompt_ids
 from .loader import check_model, load_model, load_reward_model
 from .metrics import progress
-from .reward import PAD, RewardModel
+from .reward_model import PAD, RewardModel
 from .tokenizer import load_tokenizer
 from .utils import (
     ROOT,

@@ -16,7 +16,7 @@ import torch
 
 from .model import GPT
 from .peft import is_adapter_folder, load_adapter_folder
-from .reward import RewardModel
+from .reward_model import RewardModel
 from .utils import ROOT, NanotuneError
 from .weights import WeightsNotFoundError, find_or_download_preset, resolve_checkpoint
 

@@ -147,7 +147,7 @@ class GPT(nn.Module):
         positions: slice | torch.Tensor | None = None,
     ):
         """idx (B, T) token ids -> logits (B, T, vocab_size); with hidden, the final hidden states (B, T, C) instead
-        (what a scalar head, as in nanotune/reward.py, reads).
+        (what a scalar head, as in nanotune/reward_model.py, reads).
 
         attention_mask (B, past + T), 1 for real tokens and 0 for padding, makes padded batches exact:
         padding is never attended to and positions count real tokens only (so left padding works).

@@ -23,7 +23,7 @@ from .data import GULLIVER_URL, INSTRUCTIONS_URL, default_file, read_book
 from .flags import integer
 from .instruct import collate, encode_pair, load_splits, prompt_ids
 from .loader import load_reward_model
-from .reward import PAD
+from .reward_model import PAD
 from .tokenizer import letter_tokens
 from .utils import NanotuneError
 

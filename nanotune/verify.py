@@ -39,7 +39,7 @@ from .flags import Parser, integer, real
 from .generate import generate
 from .model import GPT
 from .peft import base_path, load_adapter_folder
-from .reward import RewardModel
+from .reward_model import RewardModel
 from .tokenizer import load_tokenizer
 from .utils import NanotuneError, die, pick_device
 from .weights import resolve_checkpoint

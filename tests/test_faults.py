@@ -20,7 +20,7 @@ import train_sft
 import train_xkl
 from nanotune import GPT, GPTConfig
 from nanotune.loader import load_model
-from nanotune.reward import RewardModel
+from nanotune.reward_model import RewardModel
 
 ROOT = Path(__file__).resolve().parent.parent
 XKL = ["--seq-len", "8", "--gen-tokens", "4", "--lr", "1e-2", "--log-every", "1"]

@@ -195,7 +195,7 @@ def test_grpo_run_logs_its_statistics_and_reports_kl_with_beta_0(tiny, shared, t
 
 def test_a_reward_model_can_score_book_prompts(tiny, shared, tmp_path):
     # --prompt-source books: a reward model trained on book continuations (the sentiment frontier's) scores book windows
-    from nanotune.reward import RewardModel
+    from nanotune.reward_model import RewardModel
 
     rm_dir = tmp_path / "rm"
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from hypothesis.extra.numpy import arrays
 
 import train_ppo
 from nanotune import GPT, GPTConfig
-from nanotune.reward import RewardModel
+from nanotune.reward_model import RewardModel
 from train_ppo import (
     adaptive_kl_coef,
     explained_variance,

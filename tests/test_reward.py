@@ -1,4 +1,4 @@
-"""The reward model (nanotune/reward.py) and train_reward.py: the loss maths, rankings -> pairs, rewards that
+"""The reward model (nanotune/reward_model.py) and train_reward.py: the loss maths, rankings -> pairs, rewards that
 padding cannot change, transformers parity of the saved files, learning a preference, and bad records."""
 
 import argparse
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import train_reward
 from nanotune import GPT
 from nanotune.formats import examples as read_examples
-from nanotune.reward import PAD, RewardModel, last_token_index
+from nanotune.reward_model import PAD, RewardModel, last_token_index
 from train_reward import reward_loss
 
 rewards = st.floats(-1e4, 1e4, allow_nan=False)
