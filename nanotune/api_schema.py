@@ -7,10 +7,12 @@ value: a request that asked for logit_bias or tools gets told, not an answer tha
 Only the JSON Schema keywords check() knows are used here (KEYWORDS); a schema with any other is an error, so
 that no keyword is published that the server does not enforce."""
 
+import json
 import math
 
-KEYWORDS = {"type", "enum", "minimum", "maximum", "minLength", "items", "minItems", "maxItems", "properties",
-            "required", "additionalProperties", "anyOf", "default", "description", "title"}  # fmt: skip
+KEYWORDS = {"type", "enum", "const", "minimum", "maximum", "minLength", "items", "minItems", "maxItems",
+            "properties", "required", "additionalProperties", "anyOf", "if", "then", "default", "description",
+            "title"}  # fmt: skip
 TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (vLLM's default limit)
 
 
@@ -147,7 +149,14 @@ def request_schemas(model_id: str, context: int, max_n: int, max_tokens: int, ma
             ),  # fmt: skip
         },
     }
+    completions["if"] = {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]}
+    completions["then"] = {"properties": {"echo": {"const": True}}, "required": ["echo"],
+                           "description": "max_tokens must be at least 1, or 0 with echo: true (to score the prompt "
+                           "alone)"}  # fmt: skip
     chat["properties"]["max_tokens"] = {**common["max_tokens"], "minimum": 1}  # (no echo in a chat)
+    chat["if"] = {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]}
+    chat["then"] = {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"],
+                    "description": "top_logprobs needs logprobs: true"}  # (OpenAI's rule)  # fmt: skip
     for schema in (completions, chat):
         _check_keywords(schema)
     return {"completions": completions, "chat": chat}
@@ -159,7 +168,7 @@ def _check_keywords(schema):
         unknown = set(schema) - KEYWORDS
         if unknown:
             raise ValueError(f"schema keywords {sorted(unknown)} are not enforced by api_schema.check")
-        for key in ("items", "additionalProperties"):
+        for key in ("items", "additionalProperties", "if", "then"):
             _check_keywords(schema.get(key))
         for sub in [*schema.get("properties", {}).values(), *schema.get("anyOf", [])]:
             _check_keywords(sub)
@@ -178,12 +187,15 @@ _NAMES = {"string": "a string", "integer": "an integer", "number": "a number", "
 def _is(value, kind: str) -> bool:
     if kind in ("integer", "number") and isinstance(value, bool):
         return False
+    if kind == "integer" and isinstance(value, float):  # JSON Schema's integer is a number's value: 3.0 is one
+        return value.is_integer()
     return isinstance(value, {"string": str, "integer": int, "number": int | float, "boolean": bool,
                               "array": list, "object": dict, "null": type(None)}[kind])  # fmt: skip
 
 
 def check(value, schema: dict, path: str):
-    """Raise ApiError(400, param=path) with a plain sentence if value does not satisfy schema."""
+    """-> value, if it satisfies schema (an integer written 3.0 as the int 3); otherwise raise ApiError(400,
+    param=path) with a plain sentence."""
     if "anyOf" in schema:
         errors = []
         for option in schema["anyOf"]:
@@ -197,14 +209,16 @@ def check(value, schema: dict, path: str):
         options = [o["title"] for o in schema["anyOf"] if o.get("type") != "null"]
         raise ApiError(400, f"{path} must be {', '.join(options[:-1])} or {options[-1]}", path)
     kinds = schema.get("type")
-    kinds = [kinds] if isinstance(kinds, str) else kinds
+    kinds = [kinds] if isinstance(kinds, str) else kinds or []
     if kinds and not any(_is(value, k) for k in kinds):
         named = [_NAMES[k] for k in kinds if k != "null"]  # (null, the same as leaving it out, goes unsaid)
         raise ApiError(400, f"{path} must be {' or '.join(named)}, got {_short(value)}", path)
+    if isinstance(value, float) and "integer" in kinds and "number" not in kinds:
+        value = int(value)
     if "enum" in schema and value not in schema["enum"]:
         raise ApiError(400, f"{path} must be {' or '.join(map(repr, schema['enum']))}, got {_short(value)}", path)
-    if value is None:
-        return
+    if "const" in schema and value != schema["const"]:
+        raise ApiError(400, f"{path} must be {json.dumps(schema['const'])}, got {_short(value)}", path)
     if isinstance(value, int | float) and not isinstance(value, bool):
         low, high = schema.get("minimum", -math.inf), schema.get("maximum", math.inf)
         if not low <= value <= high:
@@ -213,21 +227,21 @@ def check(value, schema: dict, path: str):
     if isinstance(value, str) and len(value) < schema.get("minLength", 0):
         raise ApiError(400, f"{path} must not be empty", path)
     if isinstance(value, list):
-        _check_list(value, schema, path)
+        value = _check_list(value, schema, path)
     if isinstance(value, dict):
-        _check_object(value, schema, path)
+        value = _check_object(value, schema, path)
+    return value
 
 
-def _check_list(value: list, schema: dict, path: str):
+def _check_list(value: list, schema: dict, path: str) -> list:
     if len(value) < schema.get("minItems", 0):
         raise ApiError(400, f"{path} must have at least {schema['minItems']} item(s), got {len(value)}", path)
     if len(value) > schema.get("maxItems", math.inf):
         raise ApiError(400, f"{path} may have at most {schema['maxItems']} items, got {len(value)}", path)
-    for i, item in enumerate(value):
-        check(item, schema.get("items", {}), f"{path}[{i}]")
+    return [check(item, schema.get("items", {}), f"{path}[{i}]") for i, item in enumerate(value)]
 
 
-def _check_object(value: dict, schema: dict, path: str):
+def _check_object(value: dict, schema: dict, path: str) -> dict:
     properties = schema.get("properties", {})
     where = f"{path}." if path else ""
     for key in value:
@@ -236,9 +250,17 @@ def _check_object(value: dict, schema: dict, path: str):
     for key in schema.get("required", []):
         if key not in value:
             raise ApiError(400, f"{where}{key} is required", f"{where}{key}")
-    for key, sub in properties.items():
-        if key in value:
-            check(value[key], sub, f"{where}{key}")
+    value = {key: check(v, properties[key], f"{where}{key}") if key in properties else v for key, v in value.items()}
+    if "if" in schema:  # a rule between fields: when the value satisfies "if", it must satisfy "then" as well
+        try:
+            check(value, schema["if"], path)
+        except ApiError:
+            return value
+        try:
+            check(value, schema["then"], path)
+        except ApiError:  # (named by the field that asks for the other)
+            raise ApiError(400, schema["then"]["description"], f"{where}{schema['if']['required'][0]}") from None
+    return value
 
 
 def _short(value) -> str:

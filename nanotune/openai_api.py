@@ -39,7 +39,7 @@ def parse_body(data: bytes, model_id: str, schema: dict) -> dict:
         raise ApiError(404, f"The model {body.get('model')!r} does not exist: this server serves {model_id!r}",
                        "model", "model_not_found")  # fmt: skip
     try:
-        check(body, schema, "")
+        body = check(body, schema, "")
     except ApiError as e:  # more tokens than the whole context: OpenAI's code for it, which clients look for
         if e.param in ("max_tokens", "max_completion_tokens") and e.message.startswith(f"{e.param} must be at most"):
             e.code = "context_length_exceeded"
@@ -54,8 +54,6 @@ def sampling_request(body: dict, prompt: list[int], limits: Limits, emit, schema
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     room = limits.context - len(prompt)
     max_tokens = body.get(key)
-    if max_tokens == 0 and not echo:
-        raise ApiError(400, f"{key} must be at least 1 (0 only with echo, to score the prompt alone), got 0", key)
     if room < 1 and not (echo and max_tokens == 0):
         raise ApiError(400, f"the prompt has {len(prompt)} tokens: no room left in the context of {limits.context}",
                        "messages" if "messages" in body else "prompt", "context_length_exceeded")  # fmt: skip
@@ -68,9 +66,7 @@ def sampling_request(body: dict, prompt: list[int], limits: Limits, emit, schema
             key,
             "context_length_exceeded",
         )
-    if "messages" in body:  # chat: logprobs true, top_logprobs alternatives (OpenAI's rule: only with logprobs)
-        if body.get("top_logprobs") is not None and not body.get("logprobs"):
-            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if "messages" in body:  # chat: logprobs true, top_logprobs alternatives (only with logprobs: the schema's rule)
         alternatives = (body.get("top_logprobs") or 0) if body.get("logprobs") else None
     else:  # completions: logprobs is the number of alternatives
         alternatives = body.get("logprobs")

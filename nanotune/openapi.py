@@ -27,6 +27,8 @@ ERRORS = {
     "429": "more than --max-queue requests already waiting",
     "500": "the model failed on this request (the message says how); the server goes on",
 }
+# one server-sent event: data holds a chunk's JSON (or the error object, or [DONE])
+EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 USAGE = {"type": "object", "required": list(COUNTS), "properties": {k: {"type": "integer"} for k in COUNTS}}
 
@@ -74,7 +76,7 @@ def _generation(summary: str, schema: str, answer: str, secured: list[str]) -> d
                     "description": "the answer; with stream: true, server-sent events in OpenAI's chunk format",
                     "content": {
                         "application/json": {"schema": {"$ref": f"#/components/schemas/{answer}"}},
-                        "text/event-stream": {"schema": {"type": "string"}},
+                        "text/event-stream": {"schema": EVENT},
                     },
                 },
                 **_errors("400", *secured, "404", "405", "413", "415", "429", "500"),

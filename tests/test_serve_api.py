@@ -94,7 +94,7 @@ def test_max_tokens_0_with_echo_scores_the_prompt_alone_even_one_that_fills_the_
     r = http.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 1, "echo": True})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 0})
-    assert r.status_code == 400 and r.json()["error"]["message"].startswith("max_tokens must be at least 1 (0 only")
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("max_tokens must be at least 1, or 0 with")
 
 
 def test_logprobs_of_generated_tokens_streamed_or_not_and_their_alternatives(http, local):
@@ -157,8 +157,8 @@ def test_a_field_the_server_does_not_support_is_refused_whatever_its_value(http,
 
 @pytest.mark.parametrize(
     "body, param, message",
-    [({"max_tokens": 0}, "max_tokens", "max_tokens must be at least 1 (0 only with echo, to score the prompt alone), "
-                                       "got 0"),
+    [({"max_tokens": 0}, "max_tokens", "max_tokens must be at least 1, or 0 with echo: true (to score the prompt "
+                                       "alone)"),
      ({"seed": 1.5}, "seed", "seed must be an integer, got 1.5"),
      ({"temperature": 2.5}, "temperature", "temperature must be at most 2, got 2.5"),
      ({"presence_penalty": 0.5}, "presence_penalty", "presence_penalty must be 0, got 0.5"),
@@ -181,10 +181,11 @@ def test_every_bound_the_schema_states_is_the_one_the_server_enforces():
     """For every numeric field: its minimum and maximum pass parse_body, one step beyond is refused."""
     schemas = request_schemas("tiny", 256, 4, 8, 8, 50257)
     for name, schema in schemas.items():
-        base = {"model": "tiny", "prompt": "Hi"} if name == "completions" else {"model": "tiny", "messages": []}
-        base["messages" if name == "chat" else "prompt"] = (
-            [{"role": "user", "content": "Hi"}] if name == "chat" else "Hi"
-        )
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True}  # (top_logprobs needs it)
+        base = {
+            "model": "tiny",
+            **({"prompt": "Hi", "echo": True} if name == "completions" else chat),
+        }  # (echo: max_tokens 0)
         bounded = {k: f for k, f in schema["properties"].items() if "minimum" in f}
         assert set(bounded) >= {"max_tokens", "temperature", "top_p", "n", "seed"}
         for key, field in bounded.items():
