@@ -38,43 +38,7 @@ def request_schemas(model_id: str, context: int, max_n: int, max_tokens: int, ma
     """-> {"completions": schema, "chat": schema} for a server of this model, context and these limits."""
     token = {"type": "integer", "minimum": 0, "maximum": n_vocab - 1}
     ids = {"type": "array", "items": token, "minItems": 1}
-    text = {"type": "string", "minLength": 1}
-    common = {
-        "model": {"type": "string", "enum": [model_id], "description": "the served model's id (GET /v1/models)"},
-        "max_tokens": _optional(
-            "integer",
-            f"tokens to generate; 0 only with echo (the prompt scored alone); default "
-            f"{max_tokens}, or what the context leaves; prompt + max_tokens <= {context}",
-            minimum=0,
-            maximum=context,
-            default=max_tokens,
-        ),  # fmt: skip
-        "temperature": _optional("number", "0 is greedy", minimum=0, maximum=2, default=1),
-        "top_p": _optional("number", "nucleus sampling; 0 is greedy", minimum=0, maximum=1, default=1),
-        "n": _optional("integer", "choices per prompt", minimum=1, maximum=max_n, default=1),
-        "stop": {
-            "anyOf": [
-                {**text, "title": "a non-empty string"},
-                {"type": "array", "items": text, "maxItems": 4, "title": "a list of up to 4 non-empty strings"},
-                {"type": "null", "title": "null"},
-            ],
-            "description": "the answer ends before the earliest of these",
-        },
-        "seed": _optional(
-            "integer",
-            "each choice samples with its own generator, seeded seed + its index",
-            minimum=-(2**62),
-            maximum=2**62,
-        ),  # fmt: skip
-        "stream": _optional("boolean", "server-sent events in OpenAI's chunk format", default=False),
-        "stream_options": {
-            "type": ["object", "null"],
-            "properties": {"include_usage": _optional("boolean", "a last chunk with the token counts", default=False)},
-            "additionalProperties": False,
-        },
-        "presence_penalty": _optional("number", "only 0 (no penalty) is supported", minimum=0, maximum=0, default=0),
-        "frequency_penalty": _optional("number", "only 0 (no penalty) is supported", minimum=0, maximum=0, default=0),
-    }
+    common = _sampling_fields(model_id, context, max_n, max_tokens)
     completions = {
         "type": "object",
         "required": ["model", "prompt"],
@@ -99,7 +63,7 @@ def request_schemas(model_id: str, context: int, max_n: int, max_tokens: int, ma
                         "maxItems": max_prompts,
                         "title": f"a list of 1 to {max_prompts} token-id lists",
                     },
-                ],  # fmt: skip
+                ],
                 "description": "one prompt or a batch of them; each is answered with n choices",
             },
             "echo": _optional("boolean", "the prompt's text before each completion", default=False),
@@ -109,7 +73,7 @@ def request_schemas(model_id: str, context: int, max_n: int, max_tokens: int, ma
                 "this many most likely alternatives",
                 minimum=0,
                 maximum=TOP_LOGPROBS,
-            ),  # fmt: skip
+            ),
             "best_of": _optional("integer", "only 1 is supported", minimum=1, maximum=1, default=1),
         },
     }
@@ -142,11 +106,11 @@ def request_schemas(model_id: str, context: int, max_n: int, max_tokens: int, ma
             "messages": {"type": "array", "items": message, "minItems": 1, "description": "the conversation so far"},
             "max_completion_tokens": _optional(
                 "integer", "the same as max_tokens (which it overrides)", minimum=1, maximum=context
-            ),  # fmt: skip
+            ),
             "logprobs": _optional("boolean", "the log-probability of every token of the answer", default=False),
             "top_logprobs": _optional(
                 "integer", "and of this many most likely alternatives (needs logprobs)", minimum=0, maximum=TOP_LOGPROBS
-            ),  # fmt: skip
+            ),
         },
     }
     completions["if"] = {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]}
@@ -160,6 +124,47 @@ def request_schemas(model_id: str, context: int, max_n: int, max_tokens: int, ma
     for schema in (completions, chat):
         _check_keywords(schema)
     return {"completions": completions, "chat": chat}
+
+
+def _sampling_fields(model_id: str, context: int, max_n: int, max_tokens: int) -> dict:
+    """The fields both endpoints take: the model, how many tokens, how to sample, when to stop, streaming."""
+    text = {"type": "string", "minLength": 1}
+    return {
+        "model": {"type": "string", "enum": [model_id], "description": "the served model's id (GET /v1/models)"},
+        "max_tokens": _optional(
+            "integer",
+            f"tokens to generate; 0 only with echo (the prompt scored alone); default "
+            f"{max_tokens}, or what the context leaves; prompt + max_tokens <= {context}",
+            minimum=0,
+            maximum=context,
+            default=max_tokens,
+        ),
+        "temperature": _optional("number", "0 is greedy", minimum=0, maximum=2, default=1),
+        "top_p": _optional("number", "nucleus sampling; 0 is greedy", minimum=0, maximum=1, default=1),
+        "n": _optional("integer", "choices per prompt", minimum=1, maximum=max_n, default=1),
+        "stop": {
+            "anyOf": [
+                {**text, "title": "a non-empty string"},
+                {"type": "array", "items": text, "maxItems": 4, "title": "a list of up to 4 non-empty strings"},
+                {"type": "null", "title": "null"},
+            ],
+            "description": "the answer ends before the earliest of these",
+        },
+        "seed": _optional(
+            "integer",
+            "each choice samples with its own generator, seeded seed + its index",
+            minimum=-(2**62),
+            maximum=2**62,
+        ),
+        "stream": _optional("boolean", "server-sent events in OpenAI's chunk format", default=False),
+        "stream_options": {
+            "type": ["object", "null"],
+            "properties": {"include_usage": _optional("boolean", "a last chunk with the token counts", default=False)},
+            "additionalProperties": False,
+        },
+        "presence_penalty": _optional("number", "only 0 (no penalty) is supported", minimum=0, maximum=0, default=0),
+        "frequency_penalty": _optional("number", "only 0 (no penalty) is supported", minimum=0, maximum=0, default=0),
+    }
 
 
 def _check_keywords(schema):

@@ -117,7 +117,7 @@ def openapi_document(model_id: str, schemas: dict, api_key: bool) -> dict:
                     "200": {
                         "description": "status, model, running, waiting, steps, faults",
                         "content": {"application/json": {"schema": {"type": "object"}}},
-                    },  # fmt: skip
+                    },
                     **_errors("405"),
                 },
             }

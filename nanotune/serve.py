@@ -145,7 +145,7 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
         answer = Answer(kind, model_id, prompts, first.n, enc, first.score_prompt, first.logprobs)
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(stream(answer, events, requests, usage), media_type="text/event-stream")
+            return StreamingResponse(stream(answer, events, requests, usage, engine), media_type="text/event-stream")
         check_at = loop.time() + 0.1
         while not answer.done():
             try:
@@ -161,26 +161,28 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
             raise ApiError(500, failure(engine, requests))
         return answer.whole()
 
-    async def stream(answer: Answer, events: asyncio.Queue, requests: list[Request], usage: bool):
-        try:
-            if answer.kind == "chat.completion":  # each choice opens with the assistant's role
-                for index in range(len(answer.text)):
-                    yield answer.sse([answer.chunk(index, "", None, role=True)], usage)
-            while not answer.done():
-                index, text, finish, n, logprobs = await events.get()
-                if finish == "error":  # as OpenAI's streams report an error: an error object, then the end
-                    yield f"data: {json.dumps(ApiError(500, failure(engine, requests)).body())}\n\n"
-                    return
-                text, scores = answer.add(index, text, finish, n, logprobs)
-                if text or finish or scores:
-                    yield answer.sse([answer.chunk(index, text, finish, scores)], usage)
-            if usage:
-                yield answer.sse([], usage, final=True)
-            yield "data: [DONE]\n\n"
-        finally:  # finished, or the client went away mid-stream: either way its rows leave the batch
-            cancel(requests)
-
     return app
+
+
+async def stream(answer: Answer, events: asyncio.Queue, requests: list[Request], usage: bool, engine: Engine):
+    """The server-sent events of an answer, chunk by chunk as the engine's pieces arrive."""
+    try:
+        if answer.kind == "chat.completion":  # each choice opens with the assistant's role
+            for index in range(len(answer.text)):
+                yield answer.sse([answer.chunk(index, "", None, role=True)], usage)
+        while not answer.done():
+            index, text, finish, n, logprobs = await events.get()
+            if finish == "error":  # as OpenAI's streams report an error: an error object, then the end
+                yield f"data: {json.dumps(ApiError(500, failure(engine, requests)).body())}\n\n"
+                return
+            text, scores = answer.add(index, text, finish, n, logprobs)
+            if text or finish or scores:
+                yield answer.sse([answer.chunk(index, text, finish, scores)], usage)
+        if usage:
+            yield answer.sse([], usage, final=True)
+        yield "data: [DONE]\n\n"
+    finally:  # finished, or the client went away mid-stream: either way its rows leave the batch
+        cancel(requests)
 
 
 def failure(engine: Engine, requests: list[Request]) -> str:
