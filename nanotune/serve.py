@@ -6,8 +6,7 @@
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true sends server-sent
 events in OpenAI's chunk format), GET /health, GET /openapi.json (every field each endpoint accepts: the schemas
 of nanotune/api_schema.py, which every request is checked against), and the chat page at /. Point any OpenAI
-client at it:
-OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret" or anything). Requests are decoded together
+client at it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret" or anything). Requests are decoded together
 (nanotune/engine.py): one that arrives while others generate joins their batch. Every bad request gets OpenAI's
 error JSON and a 4xx status, a request the model fails on a 500; the server goes on. FastAPI and uvicorn come
 with the `serve` extra.
