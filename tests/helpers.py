@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
+# For a server that many short requests go through: OpenMP's threads spin for a while after each of the model's
+# parallel regions, and on 2 cores that starves the server's HTTP thread (a one-token request took 67 ms, 12 ms
+# with PASSIVE). Tests that send hundreds of requests ask for it; the others run as users would.
+QUICK_REQUESTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def hf_model(n_layer=2, n_embd=64, n_head=4, n_positions=1024, seed=0):
@@ -73,15 +78,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(model_dir, log, *flags):
+def serving(model_dir, log, *flags, env: dict | None = None):
     """python -m nanotune.serve --model model_dir on a free localhost port, its output written to log (a file,
-    not a pipe nobody reads, which would stall the server once full); yields its base URL."""
+    not a pipe nobody reads, which would stall the server once full), with these environment variables added;
+    yields its base URL."""
     import pytest
 
     port = free_port()
     cmd = [sys.executable, "-m", "nanotune.serve", "--model", str(model_dir), "--port", str(port), *flags]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=os.environ | (env or {})
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):

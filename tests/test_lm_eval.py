@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from helpers import serving
+from helpers import QUICK_REQUESTS, serving
 
 from nanotune.folder import write_model_files
 from nanotune.generate import generate
@@ -108,7 +108,7 @@ def per_item(results: dict) -> tuple[list[list[float]], list[str]]:
 
 def test_lm_eval_through_the_server_and_on_the_folder_agree_with_nanotunes_own_scoring(folder, tasks, tmp_path):
     include, questions, generations = tasks
-    with serving(folder, tmp_path / "server.log", "--name", "tiny", "--max-tokens", "16") as url:
+    with serving(folder, tmp_path / "server.log", "--name", "tiny", "--max-tokens", "16", env=QUICK_REQUESTS) as url:
         served = evaluate("local-completions", {"model": "tiny", "base_url": f"{url}/v1/completions",
                           "tokenizer": str(folder), "tokenizer_backend": "huggingface", "max_length": CONTEXT,
                           "tokenized_requests": True}, str(include))  # fmt: skip

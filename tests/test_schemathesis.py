@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import serving
+from helpers import QUICK_REQUESTS, serving
 
 from nanotune import GPT, GPTConfig
 
@@ -30,7 +30,7 @@ def test_schemathesis_finds_nothing_wrong(tmp_path):
     torch.manual_seed(0)
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32)).save_pretrained(tmp_path / "small")
     flags = ["--name", "small", "--api-key", KEY, "--max-batch", "2", "--max-queue", "4", "--max-tokens", "4"]
-    with serving(tmp_path / "small", tmp_path / "server.log", *flags) as url:
+    with serving(tmp_path / "small", tmp_path / "server.log", *flags, env=QUICK_REQUESTS) as url:
         start = time.monotonic()
         cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "all",
                # positive_data_acceptance would refuse the server's one rule no schema can state (a prompt's tokens
