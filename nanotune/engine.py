@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import queue
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from .decoding import KVCache, packed_bf16
 from .generate import _pick
+from .instruct import token_logprobs
 from .model import GPT
 
 SLOTS = 64  # the cache grows in steps of this many positions (fewer reallocations, attention over few unused)
@@ -30,7 +32,11 @@ SLOTS = 64  # the cache grows in steps of this many positions (fewer reallocatio
 @dataclass
 class Request:
     """One prompt to continue n times. The engine calls emit(choice, text, finish_reason, n_tokens) from its
-    loop's thread for every piece of text (finish_reason None until the choice ends: "stop" or "length")."""
+    loop's thread for every piece of text (finish_reason None until the choice ends: "stop", "length", or
+    "error", with .error saying why). A request that asks for log-probabilities (logprobs: the token's and this
+    many alternatives'; score_prompt: the prompt's own tokens too) gets them as a fifth argument, logprobs=, a
+    list of scored() entries for the tokens behind that piece; max_tokens 0 with score_prompt scores the prompt
+    alone."""
 
     prompt: list[int]
     max_tokens: int
@@ -40,7 +46,10 @@ class Request:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # alternatives per token to report (None: no log-probabilities)
+    score_prompt: bool = False  # the log-probabilities of the prompt's tokens too (echo)
     cancelled: bool = False  # set by the server when the client has gone: the rows leave at the next step
+    error: Exception | None = None  # what failed this request (the others go on)
 
 
 class TextStream:
@@ -83,6 +92,7 @@ class Row:
     text: TextStream
     generator: torch.Generator | None
     produced: int = 0
+    token: int = -1  # the token picked last (the next decode step's input)
 
 
 class Engine:
@@ -96,6 +106,7 @@ class Engine:
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.rows: list[Row] = []
         self.steps = 0  # decode steps run (for the tests and /health)
+        self.faults = 0  # requests that failed while being decoded (for the tests and /health)
         self._stop = threading.Event()
         self._thread = None
         self._closed = False  # run() has ended: nothing more is taken (under _lock, with submit)
@@ -120,7 +131,7 @@ class Engine:
             return True
 
     def stats(self) -> dict:
-        return {"running": len(self.rows), "waiting": self.waiting.qsize(), "steps": self.steps}
+        return {"running": len(self.rows), "waiting": self.waiting.qsize(), "steps": self.steps, "faults": self.faults}
 
     def start(self):
         """run() in a thread of its own (the server runs it in the main thread instead: see serve.main)."""
@@ -141,9 +152,10 @@ class Engine:
     # ---- the decoding loop
 
     def run(self):
-        """Decode until stop(): admit waiting requests, drop cancelled rows, one step for all the rest. If the
-        model fails, the error is kept in .error and run() returns; either way every request still running or
-        waiting then ends with finish_reason "error"."""
+        """Decode until stop(): admit waiting requests, drop cancelled rows, one step for all the rest. A fault
+        while serving a request (its prefill, its sampling, a decode step it was part of) fails the requests it
+        touched (_fail) and the loop goes on; only a fault outside them (a bug here) is kept in .error and ends
+        run(). Either way every request still running or waiting when run() ends gets finish_reason "error"."""
         packed = self.dtype == torch.bfloat16 and self.device.type == "cpu"
         bf16 = self.dtype is not None and self.device.type != "cpu"
         context = packed_bf16(self.model) if packed else contextlib.nullcontext()
@@ -190,7 +202,12 @@ class Engine:
             if len(self.rows) + request.n > self.max_batch:  # no room for all its choices yet: it goes first later
                 self._requeue_first(request)
                 return
-            self._prefill(request)
+            try:
+                self._prefill(request)
+            except Exception as e:  # this request's prompt failed (too long for memory, say): it alone ends
+                self._fail(request, e)
+                if self.cache.k.shape[1] != len(self.rows):  # it failed while joining the batch: start afresh
+                    self._fail_batch(e)
             block = False
 
     def _requeue_first(self, request: Request):
@@ -198,11 +215,25 @@ class Engine:
             self.waiting.queue.appendleft(request)
 
     def _prefill(self, request: Request):
-        """The prompt once through the model; its keys and values become n new rows, each with its first token."""
+        """The prompt once through the model; its keys and values become n new rows, each with its first token.
+        With score_prompt the same forward also gives the prompt's own log-probabilities (each token's, given
+        those before it), sent before the first token; with max_tokens 0 they are all there is."""
         model, n = self.model, request.n
         ids = torch.tensor([request.prompt], device=self.device)
-        own = KVCache(model, 1, len(request.prompt) + model.n_virtual, copy_head=False)
-        logits = model(ids, cache=own)[:, -1].expand(n, -1)  # (n, V), float32
+        scoring_alone = request.score_prompt and not request.max_tokens  # (no rows join: no cache to fill)
+        own = None if scoring_alone else KVCache(model, 1, len(request.prompt) + model.n_virtual, copy_head=False)
+        if request.score_prompt:
+            hidden = model(ids, cache=own, hidden=True)[0]  # (T, C)
+            with torch.autocast(self.device.type, enabled=False):  # the head in float32, as forward's own
+                every = F.linear(hidden.float(), model.wte.weight.float())  # (T, V)
+            scores = [(request.prompt[0], None, [])] + scored(every[:-1], ids[0, 1:], request.logprobs or 0)
+            for choice in range(n):
+                request.emit(choice, "", "length" if scoring_alone else None, 0, logprobs=scores)
+            if scoring_alone:
+                return
+            logits = every[-1:].expand(n, -1)  # (n, V)
+        else:
+            logits = model(ids, cache=own)[:, -1].expand(n, -1)  # (n, V), float32
         length = own.length
         self._grow(length + 1)
         width = self.cache.max_len
@@ -249,48 +280,90 @@ class Engine:
 
     def _step(self):
         """Pick each row's next token from its logits, send its text, retire the rows that ended, then one
-        decode step for the rest: their next logits."""
-        tokens = self._pick()
+        decode step for the rest: their next logits. A fault in one row's work fails its request alone; a fault
+        in the decode step, which every row shares, fails the requests in the batch."""
+        greedy = self.logits.argmax(-1).tolist()  # (B,): every greedy row at once
         keep = []
-        for i, (row, token) in enumerate(zip(self.rows, tokens)):
-            row.produced += 1
-            request = row.request
-            finish = None
-            if token == self.enc.eot_token:
-                text, finish = row.text.finish(), "stop"
-            else:
-                text, stopped = row.text.feed(token)
-                if stopped:
-                    finish = "stop"
-                elif row.produced >= request.max_tokens or row.length + 1 >= self.model.config.n_positions:
-                    text, finish = text + row.text.finish(), "length"
-            request.emit(row.choice, text, finish, row.produced)
+        for i, row in enumerate(self.rows):
+            if row.request.cancelled:  # (failed by its other choice's fault in this loop)
+                continue
+            try:
+                finish = self._advance(row, self.logits[i], greedy[i])
+            except Exception as e:
+                self._fail(row.request, e)
+                continue
             if finish is None:
                 keep.append(i)
+        keep = [i for i in keep if not self.rows[i].request.cancelled]
         self.rows = [self.rows[i] for i in keep]
         self._keep(keep)
-        tokens = [tokens[i] for i in keep]
         if not self.rows:
             return
-        self._grow(max(row.length for row in self.rows) + 1)
-        at = torch.tensor([row.length for row in self.rows], device=self.device)  # (B,) each row's next slot
-        token = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
-        self.logits = self.model.decode_step(token, self.cache, at)  # (B, V)
+        try:
+            self._grow(max(row.length for row in self.rows) + 1)
+            at = torch.tensor([row.length for row in self.rows], device=self.device)  # (B,) each row's next slot
+            token = torch.tensor([row.token for row in self.rows], device=self.device)[:, None]  # (B, 1)
+            self.logits = self.model.decode_step(token, self.cache, at)  # (B, V)
+        except Exception as e:
+            self._fail_batch(e)
+            return
         for row in self.rows:
             row.length += 1
         self.steps += 1
 
-    def _pick(self) -> list[int]:
-        """The next token of every row: greedy rows at once, sampled rows each with its own generator (so a
-        request's seed gives the same answer whoever else is in the batch)."""
-        logits = self.logits  # (B, V), float32: decode_step's head and the prefill's forward return it so
-        tokens = logits.argmax(-1).tolist()
-        for i, row in enumerate(self.rows):
-            if row.request.temperature > 0:
-                request = row.request
-                pick = _pick(logits[i : i + 1], request.temperature, None, request.top_p, _NONE, row.generator)
-                tokens[i] = int(pick)
-        return tokens
+    def _advance(self, row: Row, logits: torch.Tensor, greedy: int) -> str | None:
+        """One row's next token (greedy, or sampled with its own generator, so that a request's seed gives the
+        same answer whoever else is in the batch) and its text sent. logits (V,), float32. -> finish_reason."""
+        request = row.request
+        token = greedy
+        if request.temperature > 0:
+            token = int(_pick(logits[None], request.temperature, None, request.top_p, _NONE, row.generator))
+        row.token, row.produced = token, row.produced + 1
+        finish = None
+        if token == self.enc.eot_token:
+            text, finish = row.text.finish(), "stop"
+        else:
+            text, stopped = row.text.feed(token)
+            if stopped:
+                finish = "stop"
+            elif row.produced >= request.max_tokens or row.length + 1 >= self.model.config.n_positions:
+                text, finish = text + row.text.finish(), "length"
+        if request.logprobs is None:
+            request.emit(row.choice, text, finish, row.produced)
+        else:
+            scores = scored(logits[None], torch.tensor([token], device=logits.device), request.logprobs)
+            request.emit(row.choice, text, finish, row.produced, logprobs=scores)
+        return finish
+
+    def _fail(self, request: Request, error: Exception):
+        """This request alone ends with finish_reason "error" (the server answers 500, naming the error)."""
+        print(f"nanotune: a request failed, the others go on: {type(error).__name__}: {error}", file=sys.stderr)
+        traceback.print_exception(error)
+        self.faults += 1
+        request.error, request.cancelled = error, True
+        for choice in range(request.n):
+            request.emit(choice, "", "error", 0)
+
+    def _fail_batch(self, error: Exception):
+        """Every request in the batch ends (a fault in the step they share); the engine starts afresh."""
+        for request in {id(row.request): row.request for row in self.rows}.values():
+            if not request.cancelled:
+                self._fail(request, error)
+        self.rows = []
+        self._keep([])  # (every tensor of the batch cut to no rows, whatever state the fault left them in)
+
+
+def scored(logits: torch.Tensor, tokens: torch.Tensor, alternatives: int) -> list[tuple]:
+    """logits (T, V) float32 and the tokens (T,) they were followed by -> [(token, log p(token), [(alternative,
+    log p)] for the `alternatives` most likely)] in float32 (nanotune.instruct.token_logprobs', the training's)."""
+    lse = torch.logsumexp(logits.float(), dim=-1)  # (T,)
+    chosen = token_logprobs(logits[None], tokens[None], lse[None])[0].tolist()  # (T,)
+    top = torch.topk(logits.float(), alternatives, dim=-1) if alternatives else None
+    tops = [[] for _ in chosen]
+    if top is not None:
+        values = (top.values - lse[:, None]).tolist()  # (T, k): picked - lse, as token_logprobs computes it
+        tops = [list(zip(ids, lps)) for ids, lps in zip(top.indices.tolist(), values)]
+    return list(zip(tokens.tolist(), chosen, tops))
 
 
 _NONE = torch.empty(0, dtype=torch.long)  # no banned tokens

@@ -1,27 +1,18 @@
 """The OpenAI API's side of nanotune.serve: a request's fields checked and turned into an engine Request, the
 answers and streamed chunks in OpenAI's JSON, and its error object. Nothing here runs a model or knows HTTP."""
 
+import codecs
 import json
 import time
 import uuid
 
+from .api_schema import ApiError, check, field
 from .chat import render
 from .engine import Request
 from .formats import content as message_content
 from .utils import NanotuneError
 
-
-class ApiError(Exception):
-    """A request the server turns down: answered as OpenAI's {"error": {...}} with this status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
-        error_type = kind.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
-        return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
+__all__ = ["ApiError", "Answer", "Limits", "chat_prompt", "completion_prompts", "parse_body", "sampling_request"]
 
 
 class Limits:
@@ -29,13 +20,17 @@ class Limits:
 
     def __init__(self, args, context: int):
         self.context, self.max_tokens, self.max_n = context, args.max_tokens, args.max_batch
-        self.max_request_bytes = args.max_request_bytes
+        self.max_request_bytes, self.max_prompts = args.max_request_bytes, args.max_queue
 
 
-def parse_body(data: bytes, model_id: str) -> dict:
-    """A request's body -> its JSON object, with the fields every endpoint reads checked."""
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_body(data: bytes, model_id: str, schema: dict) -> dict:
+    """A request's body -> its JSON object, checked against its endpoint's schema (nanotune/api_schema.py)."""
     try:
-        body = json.loads(data)
+        body = json.loads(data, parse_constant=_refuse_constant)  # (Python's json would read NaN and Infinity)
     except ValueError as e:
         raise ApiError(400, f"the body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
@@ -43,38 +38,26 @@ def parse_body(data: bytes, model_id: str) -> dict:
     if body.get("model") != model_id:
         raise ApiError(404, f"The model {body.get('model')!r} does not exist: this server serves {model_id!r}",
                        "model", "model_not_found")  # fmt: skip
-    if not isinstance(body.get("stream") or False, bool):
-        raise ApiError(400, "stream must be true or false", "stream")
-    if not isinstance(body.get("stream_options") or {}, dict):
-        raise ApiError(400, 'stream_options must be an object, as {"include_usage": true}', "stream_options")
+    try:
+        body = check(body, schema, "")
+    except ApiError as e:  # more tokens than the whole context: OpenAI's code for it, which clients look for
+        if e.param in ("max_tokens", "max_completion_tokens") and e.message.startswith(f"{e.param} must be at most"):
+            e.code = "context_length_exceeded"
+        raise
     return body
 
 
-def _number(body: dict, key: str, default, low: float, high: float, kind=float):
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
-        raise ApiError(400, f"{key} must be a {'integer' if kind is int else 'number'}, got {value!r}", key)
-    if not low <= value <= high:
-        raise ApiError(400, f"{key} must be between {low} and {high}, got {value}", key)
-    return kind(value)
-
-
-def sampling_request(body: dict, prompt: list[int], limits: Limits, emit) -> Request:
-    """The sampling fields every endpoint shares, checked, as an engine Request."""
-    for key, neutral in (("logprobs", (None, False)), ("echo", (None, False)), ("best_of", (None, 1))):
-        if body.get(key) not in neutral:
-            raise ApiError(400, f"{key} is not supported by this server", key)
-    for key in ("presence_penalty", "frequency_penalty"):
-        if body.get(key) not in (None, 0, 0.0):
-            raise ApiError(400, f"{key} is not supported by this server (only 0)", key)
+def sampling_request(body: dict, prompt: list[int], limits: Limits, emit, schema: dict) -> Request:
+    """The sampling fields every endpoint shares, checked (body has passed parse_body), as an engine Request:
+    what the schema cannot say, the fields' sums and combinations, is checked here."""
+    echo = bool(body.get("echo"))
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     room = limits.context - len(prompt)
-    if room < 1:
+    max_tokens = body.get(key)
+    if room < 1 and not (echo and max_tokens == 0):
         raise ApiError(400, f"the prompt has {len(prompt)} tokens: no room left in the context of {limits.context}",
                        "messages" if "messages" in body else "prompt", "context_length_exceeded")  # fmt: skip
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, key, min(limits.max_tokens, room), 1, float("inf"), int)
+    max_tokens = min(limits.max_tokens, room) if max_tokens is None else max_tokens
     if max_tokens > room:
         raise ApiError(
             400,
@@ -83,20 +66,23 @@ def sampling_request(body: dict, prompt: list[int], limits: Limits, emit) -> Req
             key,
             "context_length_exceeded",
         )
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop or []
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", "stop")
-    top_p = _number(body, "top_p", None, 0, 1)
+    if "messages" in body:  # chat: logprobs true, top_logprobs alternatives (only with logprobs: the schema's rule)
+        alternatives = (body.get("top_logprobs") or 0) if body.get("logprobs") else None
+    else:  # completions: logprobs is the number of alternatives
+        alternatives = body.get("logprobs")
+    stop = field(body, schema, "stop") or []
+    top_p = field(body, schema, "top_p")
     return Request(
         prompt=prompt,
         max_tokens=max_tokens,
         emit=emit,
-        n=_number(body, "n", 1, 1, limits.max_n, int),
-        temperature=0.0 if top_p == 0 else _number(body, "temperature", 1.0, 0, 2),  # (top_p 0: the top token)
-        top_p=top_p,
-        stop=tuple(stop),
-        seed=_number(body, "seed", None, -(2**62), 2**62, int),
+        n=field(body, schema, "n"),
+        temperature=0.0 if top_p == 0 else float(field(body, schema, "temperature")),  # (top_p 0: the top token)
+        top_p=None if top_p >= 1 else float(top_p),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        seed=body.get("seed"),
+        logprobs=alternatives,
+        score_prompt=echo,  # (the prompt's log-probabilities: sent when logprobs asks for them)
     )
 
 
@@ -117,31 +103,60 @@ def chat_prompt(body: dict, template: str, enc) -> list[int]:
 
 
 def completion_prompts(body: dict, enc) -> list[list[int]]:
-    prompt = body.get("prompt")
+    """The prompt (checked by parse_body: text, texts, token ids or lists of them) as token-id lists."""
+    prompt = body["prompt"]
     if isinstance(prompt, str):
         prompt = [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        if not all(0 <= t < enc.n_vocab for t in prompt):
-            raise ApiError(400, f"prompt token ids must be in [0, {enc.n_vocab})", "prompt")
+    if all(isinstance(t, int) for t in prompt):
         return [prompt]
-    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
-        raise ApiError(400, "prompt must be a string, a list of strings or a list of token ids", "prompt")
-    return [enc.encode_ordinary(p) or [enc.eot_token] for p in prompt]
+    return [p if isinstance(p, list) else enc.encode_ordinary(p) or [enc.eot_token] for p in prompt]
+
+
+def token_text(data: bytes) -> str:
+    """A token's text; a piece of a character (one of its UTF-8 bytes) as OpenAI writes it, "bytes:\\xe2"."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
 class Answer:
-    """The choices of one API call as the engine's pieces arrive, and the JSON OpenAI's clients expect."""
+    """The choices of one API call as the engine's pieces arrive, and the JSON OpenAI's clients expect.
+    prompts: each prompt's token ids, answered with n choices each; echo: the prompt's text leads each choice;
+    logprobs: the alternatives per token that the request asked for (None: no log-probabilities)."""
 
-    def __init__(self, kind: str, model_id: str, choices: int, prompt_tokens: int):
+    def __init__(self, kind: str, model_id: str, prompts: list[list[int]], n: int, enc, echo=False, logprobs=None):
         prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
-        self.kind, self.model, self.prompt_tokens = kind, model_id, prompt_tokens
+        self.kind, self.model, self.prompt_tokens = kind, model_id, sum(map(len, prompts))
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
+        choices = len(prompts) * n
         self.text, self.finish, self.tokens = [""] * choices, [None] * choices, [0] * choices
+        self.enc, self.logprobs = enc, logprobs
+        prompt_texts = [enc.decode(prompts[i // n]) for i in range(choices)] if kind == "text_completion" else []
+        self.echo = prompt_texts if echo else None
+        # log-probabilities: each choice's tokens so far, and where each starts in the prompt + completion text
+        self.scores = [[] for _ in range(choices)]
+        self.offset = [0 if echo else len(t) for t in prompt_texts] or [0] * choices
+        self.decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in range(choices)]
 
-    def add(self, index: int, text: str, finish: str | None, n_tokens: int):
+    def add(self, index: int, text: str, finish: str | None, n_tokens: int, logprobs=None) -> tuple[str, list]:
+        """One piece from the engine -> (the text to send, the scored tokens to send with it)."""
+        if self.echo is not None and self.echo[index] is not None:  # the first piece: after the prompt's text
+            text, self.echo[index] = self.echo[index] + text, None
         self.text[index] += text
         self.tokens[index] = n_tokens
         self.finish[index] = finish or self.finish[index]
+        scores = [self._score(index, *entry) for entry in logprobs or []] if self.logprobs is not None else []
+        self.scores[index] += scores
+        return text, scores
+
+    def _score(self, index: int, token: int, logprob: float | None, alternatives: list) -> dict:
+        data = self.enc.decode_single_token_bytes(token)
+        offset = self.offset[index]
+        if token != self.enc.eot_token:  # (the end token is no part of the text)
+            self.offset[index] += len(self.decoders[index].decode(data))
+        top = [(self.enc.decode_single_token_bytes(t), lp) for t, lp in alternatives]
+        return {"token": token_text(data), "bytes": list(data), "logprob": logprob, "top": top, "offset": offset}
 
     def done(self) -> bool:
         return all(f is not None for f in self.finish)
@@ -151,18 +166,38 @@ class Answer:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}  # fmt: skip
 
-    def choice(self, index: int, text: str, finish: str | None, key: str, role: bool = False) -> dict:
+    def _logprobs(self, scores: list[dict]) -> dict | None:
+        """Scored tokens in the endpoint's shape: chat's {"content": [...]}, or the legacy completions' lists
+        (the first token of an echoed prompt has no log-probability: null, as OpenAI's)."""
+        if self.logprobs is None:
+            return None
+        if self.kind == "chat.completion":
+            alternative = lambda b, lp: {"token": token_text(b), "logprob": lp, "bytes": list(b)}  # noqa: E731
+            return {"content": [{"token": s["token"], "logprob": s["logprob"], "bytes": s["bytes"],
+                                 "top_logprobs": [alternative(*a) for a in s["top"]]} for s in scores]}  # fmt: skip
+        return {
+            "tokens": [s["token"] for s in scores],
+            "token_logprobs": [s["logprob"] for s in scores],
+            "top_logprobs": [
+                None if s["logprob"] is None else {token_text(b): lp for b, lp in s["top"]} for s in scores
+            ],
+            "text_offset": [s["offset"] for s in scores],
+        }
+
+    def choice(self, index: int, text: str, finish: str | None, key: str, scores: list, role: bool = False) -> dict:
+        logprobs = self._logprobs(scores)
         if self.kind == "chat.completion":
             content = {"role": "assistant", "content": text} if role else {"content": text} if text else {}
-            return {"index": index, key: content, "logprobs": None, "finish_reason": finish}
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": index, key: content, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    def chunk(self, index: int, text: str, finish: str | None, role: bool = False) -> dict:
+    def chunk(self, index: int, text: str, finish: str | None, scores=(), role: bool = False) -> dict:
         """A streamed piece of one choice (chat: role=True for the first, which names the assistant)."""
-        return self.choice(index, text, finish, "delta", role)
+        return self.choice(index, text, finish, "delta", list(scores), role)
 
     def whole(self) -> dict:
-        choices = [self.choice(i, t, f, "message", True) for i, (t, f) in enumerate(zip(self.text, self.finish))]
+        choices = [self.choice(i, t, f, "message", self.scores[i], True)
+                   for i, (t, f) in enumerate(zip(self.text, self.finish))]  # fmt: skip
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}  # fmt: skip
 

@@ -4,10 +4,12 @@
     python -m nanotune.serve --model out/dpo --api-key secret --port 8080
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true sends server-sent
-events in OpenAI's chunk format), GET /health, and the chat page at /. Point any OpenAI client at it:
-OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret" or anything). Requests are decoded together
+events in OpenAI's chunk format), GET /health, GET /openapi.json (every field each endpoint accepts: the schemas
+of nanotune/api_schema.py, which every request is checked against), and the chat page at /. Point any OpenAI
+client at it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret" or anything). Requests are decoded together
 (nanotune/engine.py): one that arrives while others generate joins their batch. Every bad request gets OpenAI's
-error JSON and a 4xx status; the server goes on. FastAPI and uvicorn come with the `serve` extra.
+error JSON and a 4xx status, a request the model fails on a 500; the server goes on. FastAPI and uvicorn come
+with the `serve` extra.
 """
 
 import asyncio
@@ -19,11 +21,13 @@ from pathlib import Path
 
 import torch
 
+from .api_schema import request_schemas
 from .engine import Engine, Request
 from .flags import Parser, integer
 from .folder import read_template
 from .loader import load_model
 from .openai_api import Answer, ApiError, Limits, chat_prompt, completion_prompts, parse_body, sampling_request
+from .openapi import openapi_document
 from .tokenizer import load_tokenizer
 from .utils import NanotuneError, die, pick_device
 
@@ -52,15 +56,25 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
     """The FastAPI app around a started engine."""
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
-    app = FastAPI(title="nanotune", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="nanotune", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     page_html = PAGE.read_text()  # read once, not on every visit
+    schemas = request_schemas(
+        model_id, limits.context, limits.max_n, limits.max_tokens, limits.max_prompts, enc.n_vocab
+    )
+    document = openapi_document(model_id, schemas, api_key is not None)
+    app.openapi = lambda: document  # what the server checks (api_schema), not what FastAPI infers from the routes
 
     @app.exception_handler(ApiError)
     async def api_error(http, e: ApiError):
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(ClientDisconnect)  # the client left while sending its body: nobody to answer, nothing
+    async def client_left(http, e: ClientDisconnect):  # wrong here (and no traceback in the log)
+        return Response(status_code=499)
 
     @app.exception_handler(HTTPException)  # unknown paths and methods answer in OpenAI's format too, with the
     async def http_error(http, e: HTTPException):  # headers HTTP asks for (405: Allow, the methods there are)
@@ -73,8 +87,8 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
             raise ApiError(401, "Incorrect API key provided (send it as Authorization: Bearer KEY)", None,
                            "invalid_api_key")  # fmt: skip
 
-    async def read_json(http: HttpRequest) -> dict:
-        """The request's JSON object, read only up to --max-request-bytes."""
+    async def read_json(http: HttpRequest, schema: dict) -> dict:
+        """The request's JSON object, read only up to --max-request-bytes, checked against its schema."""
         authorize(http)
         # JSON only, as FastAPI's own bodies: a web page cannot send that to this server without asking first (CORS)
         if http.headers.get("content-type", "").split(";")[0].strip() != "application/json":
@@ -84,7 +98,7 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
             data += chunk
             if len(data) > limits.max_request_bytes:
                 raise ApiError(413, f"the request is larger than {limits.max_request_bytes} bytes")
-        return parse_body(data, model_id)
+        return parse_body(data, model_id, schema)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -101,35 +115,39 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
 
     @app.post("/v1/chat/completions")
     async def chat(http: HttpRequest):
-        body = await read_json(http)
+        body = await read_json(http, schemas["chat"])
         prompt = chat_prompt(body, template or "transcript", enc)
         # a transcript's answer ends where the model starts to write the user's next line
-        return await complete(http, body, [prompt], "chat.completion", () if template else ("\nUser:",))
+        return await complete(http, body, [prompt], "chat", () if template else ("\nUser:",))
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
-        body = await read_json(http)
-        return await complete(http, body, completion_prompts(body, enc), "text_completion")
+        body = await read_json(http, schemas["completions"])
+        return await complete(http, body, completion_prompts(body, enc), "completions")
 
-    async def complete(http: HttpRequest, body: dict, prompts: list[list[int]], kind: str, stop: tuple = ()):
+    async def complete(http: HttpRequest, body: dict, prompts: list[list[int]], endpoint: str, stop: tuple = ()):
         """Queue one engine request per prompt; answer with the whole completion or stream its chunks."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        requests = [sampling_request(body, prompt, limits, None) for prompt in prompts]  # all checked first
+        requests = [sampling_request(body, prompt, limits, None, schemas[endpoint]) for prompt in prompts]
         for i, r in enumerate(requests):
             r.stop += stop
             base = i * r.n  # choice index = prompt index * n + the prompt's choice
-            r.emit = lambda c, text, end, n, b=base: loop.call_soon_threadsafe(events.put_nowait, (b + c, text, end, n))
-        if len(requests) > engine.max_queue:
-            raise ApiError(400, f"at most {engine.max_queue} prompts in one request", "prompt")
+
+            def emit(choice, text, end, n, logprobs=None, b=base):
+                loop.call_soon_threadsafe(events.put_nowait, (b + choice, text, end, n, logprobs))
+
+            r.emit = emit
         for r in requests:
             if not engine.submit(r):
                 cancel(requests)
                 raise ApiError(429, f"the server is busy ({engine.max_queue} requests waiting): try again later",
                                None, "queue_full")  # fmt: skip
-        answer = Answer(kind, model_id, len(requests) * requests[0].n, sum(map(len, prompts)))
+        kind = "chat.completion" if endpoint == "chat" else "text_completion"
+        first = requests[0]
+        answer = Answer(kind, model_id, prompts, first.n, enc, first.score_prompt, first.logprobs)
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(stream(answer, events, requests, usage), media_type="text/event-stream")
+            return StreamingResponse(stream(answer, events, requests, usage, engine), media_type="text/event-stream")
         check_at = loop.time() + 0.1
         while not answer.done():
             try:
@@ -142,33 +160,38 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
                     cancel(requests)
                     return JSONResponse({}, status_code=499)
         if "error" in answer.finish:
-            raise ApiError(500, failure(engine))
+            raise ApiError(500, failure(engine, requests))
         return answer.whole()
-
-    async def stream(answer: Answer, events: asyncio.Queue, requests: list[Request], usage: bool):
-        try:
-            if answer.kind == "chat.completion":  # each choice opens with the assistant's role
-                for index in range(len(answer.text)):
-                    yield answer.sse([answer.chunk(index, "", None, role=True)], usage)
-            while not answer.done():
-                index, text, finish, n = await events.get()
-                if finish == "error":  # as OpenAI's streams report an error: an error object, then the end
-                    yield f"data: {json.dumps(ApiError(500, failure(engine)).body())}\n\n"
-                    return
-                answer.add(index, text, finish, n)
-                if text or finish:
-                    yield answer.sse([answer.chunk(index, text, finish)], usage)
-            if usage:
-                yield answer.sse([], usage, final=True)
-            yield "data: [DONE]\n\n"
-        finally:  # finished, or the client went away mid-stream: either way its rows leave the batch
-            cancel(requests)
 
     return app
 
 
-def failure(engine: Engine) -> str:
-    """Why the engine answered "error": the model failed, or the server is stopping."""
+async def stream(answer: Answer, events: asyncio.Queue, requests: list[Request], usage: bool, engine: Engine):
+    """The server-sent events of an answer, chunk by chunk as the engine's pieces arrive."""
+    try:
+        if answer.kind == "chat.completion":  # each choice opens with the assistant's role
+            for index in range(len(answer.text)):
+                yield answer.sse([answer.chunk(index, "", None, role=True)], usage)
+        while not answer.done():
+            index, text, finish, n, logprobs = await events.get()
+            if finish == "error":  # as OpenAI's streams report an error: an error object, then the end
+                yield f"data: {json.dumps(ApiError(500, failure(engine, requests)).body())}\n\n"
+                return
+            text, scores = answer.add(index, text, finish, n, logprobs)
+            if text or finish or scores:
+                yield answer.sse([answer.chunk(index, text, finish, scores)], usage)
+        if usage:
+            yield answer.sse([], usage, final=True)
+        yield "data: [DONE]\n\n"
+    finally:  # finished, or the client went away mid-stream: either way its rows leave the batch
+        cancel(requests)
+
+
+def failure(engine: Engine, requests: list[Request]) -> str:
+    """Why the engine answered "error": the model failed on this request, or the engine stopped."""
+    error = next((r.error for r in requests if r.error is not None), None)
+    if error is not None:
+        return f"the model failed on this request: {type(error).__name__}: {error}"
     if engine.error is None:
         return "the server is shutting down"
     return f"the model failed while decoding: {type(engine.error).__name__}: {engine.error}"

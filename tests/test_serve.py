@@ -5,8 +5,7 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
+import struct
 import threading
 import time
 import urllib.error
@@ -16,6 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from helpers import serving
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -33,12 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tiny, tmp_path_factory):
     """The tiny model as an SFT run leaves it: its summary.json names the alpaca template."""
@@ -50,28 +44,16 @@ def model_dir(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    """A server process; yields its base URL. Its output is shown if it fails to come up."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "nanotune.serve", "--model", str(model_dir), "--name", "tiny", "--port", str(port)]
-    cmd += ["--api-key", KEY, "--max-tokens", "16", "--max-request-bytes", "100000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited: {proc.stdout.read()}")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("the server did not answer /health within 60 s")
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, server_log):
+    """A server process; yields its base URL. Its output goes to server_log (shown if it fails to come up)."""
+    flags = ["--name", "tiny", "--api-key", KEY, "--max-tokens", "16", "--max-request-bytes", "100000"]
+    with serving(model_dir, server_log, *flags) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +245,31 @@ def test_a_client_that_leaves_frees_its_row(server, stream):
     assert health(server)["steps"] - steps < 200  # stopped well before its 250 tokens
 
 
+def test_clients_that_leave_leave_no_traceback_in_the_log(server, server_log):
+    """Leaving is ordinary: mid-body, mid-stream, mid-answer, abruptly (a TCP reset): the log says nothing of it
+    but its access line, and the server goes on."""
+    port = int(server.rsplit(":", 1)[1])
+    body = json.dumps({"model": "tiny", "prompt": "Go on", "max_tokens": 200, "stream": True, "temperature": 0})
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+    head += "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n"
+    for request, wait_for in ((head.format(500) + '{"model"', None), (head.format(len(body)) + body, b"data: ")):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+            s.sendall(request.encode())
+            received = b""
+            while wait_for and wait_for not in received:
+                received += s.recv(4096)
+            time.sleep(0.2)
+    for _ in range(100):
+        if health(server)["running"] == 0:
+            break
+        time.sleep(0.02)
+    assert health(server)["running"] == 0
+    assert post(server, "/v1/completions", b'{"model": "tiny", "prompt": "Hi", "max_tokens": 2}')[0] == 200
+    log = server_log.read_text()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+
+
 # ---- in process: the queue bound, the template, the text stream
 
 
@@ -271,35 +278,44 @@ def test_a_full_queue_answers_429(tiny):
 
     model, enc = GPT.from_pretrained(tiny), load_tokenizer()
     engine = Engine(model, enc, max_batch=1, max_queue=1)  # not started: requests wait
-    args = type("Args", (), {"max_tokens": 4, "max_batch": 1, "max_request_bytes": 10_000})
+    args = type("Args", (), {"max_tokens": 4, "max_batch": 1, "max_request_bytes": 10_000, "max_queue": 1})
     http = TestClient(create_app(engine, enc, "tiny", None, Limits(args, 256)))
     engine.submit(Request([1], 4, emit=lambda *a: None))  # the one place in the queue
     r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi"})
     assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
 
 
-def test_a_model_that_fails_mid_decode_ends_every_request_with_a_500_not_a_hang(tiny):
+def test_a_model_that_fails_mid_decode_fails_those_requests_with_a_500_and_the_server_goes_on(tiny):
     from fastapi.testclient import TestClient
 
     model, enc = GPT.from_pretrained(tiny), load_tokenizer()
+    decode_step = model.decode_step
 
     def broken(*args):
         raise RuntimeError("out of memory (simulated)")
 
     model.decode_step = broken  # the prompt's forward works; the first decode step fails
     engine = Engine(model, enc)
-    args = type("Args", (), {"max_tokens": 4, "max_batch": 8, "max_request_bytes": 10_000})
+    args = type("Args", (), {"max_tokens": 4, "max_batch": 8, "max_request_bytes": 10_000, "max_queue": 32})
     http = TestClient(create_app(engine, enc, "tiny", None, Limits(args, 256)))
     engine.start()
-    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "temperature": 0})
-    assert r.status_code == 500 and "out of memory (simulated)" in r.json()["error"]["message"]
-    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi again"})  # after: answered at once
-    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
-    assert http.get("/health").json()["status"] == "error"
-    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "stream": True})
-    events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
-    assert "out of memory (simulated)" in json.loads(events[-1])["error"]["message"]  # as OpenAI streams errors
-    assert "[DONE]" not in events
+    try:
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "temperature": 0})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert (
+            r.json()["error"]["message"] == "the model failed on this request: RuntimeError: out of memory (simulated)"
+        )
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "stream": True})
+        events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+        assert "out of memory (simulated)" in json.loads(events[-1])["error"]["message"]  # as OpenAI streams errors
+        assert "[DONE]" not in events
+        assert http.get("/health").json() | {"steps": 0} == {"status": "ok", "model": "tiny", "running": 0,
+                                                             "waiting": 0, "steps": 0, "faults": 2}  # fmt: skip
+        model.decode_step = decode_step  # the fault passes: the same engine answers again
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "temperature": 0, "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        engine.stop()
 
 
 def test_chat_template_comes_from_the_model_folder(model_dir, tiny, tmp_path):
@@ -492,13 +508,15 @@ def test_a_method_a_route_does_not_take_is_405_with_allow(server):
 
 
 def test_a_request_without_max_tokens_gets_a_chats_length_or_what_the_context_leaves():
+    from nanotune.api_schema import request_schemas
     from nanotune.openai_api import sampling_request
     from nanotune.serve import parse_args
 
     limits = Limits(parse_args([]), 256)  # the server's defaults, nano's context
-    assert sampling_request({}, [1] * 10, limits, None).max_tokens == 128
-    assert sampling_request({}, [1] * 200, limits, None).max_tokens == 56  # the context's room, if less
-    assert sampling_request({"max_tokens": 200}, [1] * 10, limits, None).max_tokens == 200  # asked: honoured
+    schema = request_schemas("tiny", 256, limits.max_n, limits.max_tokens, limits.max_prompts, 50257)["completions"]
+    assert sampling_request({}, [1] * 10, limits, None, schema).max_tokens == 128
+    assert sampling_request({}, [1] * 200, limits, None, schema).max_tokens == 56  # the context's room, if less
+    assert sampling_request({"max_tokens": 200}, [1] * 10, limits, None, schema).max_tokens == 200  # honoured
 
 
 def test_chat_content_parts_read_as_training_data_reads_them():
