@@ -223,7 +223,7 @@ class Run:
         self._signals.uninstall()
         self.log.close(status)  # (the status a tracker marks its run with)
         if self._folder is not None:
-            self._folder.release()
+            self._folder.release(status, started=self._tracked is not None)
 
     # ---- training: what a checkpoint holds, when it diverged, when to save, when to stop
 

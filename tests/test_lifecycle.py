@@ -5,6 +5,7 @@ line for each kind of bad input."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -368,9 +369,23 @@ def test_an_out_folder_holding_a_run_is_refused_unless_overwrite(tiny, tmp_path,
     assert f"--out {out} already holds a run" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == first  # untouched
     (out / "notes.txt").write_text("mine")
+    # --overwrite removes nothing before the new run succeeds: one refused before training (a model that does
+    # not exist) puts the old run back as it was; one that diverges keeps it aside in .replaced/
+    assert run_main(train_xkl.main, base + ["--overwrite", "--model", str(tmp_path / "none")]) == 2
+    assert (out / "model.safetensors").read_bytes() == first and not (out / ".replaced").exists()
+    capsys.readouterr()
+    assert run_main(train_xkl.main, base + ["--overwrite", "--lr", "1e3", "--steps", "6"]) == 2
+    assert "kept in" in capsys.readouterr().err
+    assert (out / ".replaced" / "model.safetensors").read_bytes() == first
+    assert run_main(train_xkl.main, base + ["--overwrite"]) == 2  # a second --overwrite would lose one of the two
+    assert ".replaced, and the run that replaced it never finished" in capsys.readouterr().err
+    assert (out / ".replaced" / "model.safetensors").read_bytes() == first
+    shutil.rmtree(out / ".replaced")  # (the user gives the first run up)
     assert run_main(train_xkl.main, base + ["--no-save", "--overwrite"]) == 0
-    # the old run's files are gone (no weights of the first run beside the second's summary); the user's stay
+    # finished: the old run's files are gone (no weights of the first run beside the second's summary); the
+    # user's stay
     assert not (out / "model.safetensors").exists() and (out / "notes.txt").read_text() == "mine"
+    assert not (out / ".replaced").exists()
     assert json.loads((out / "summary.json").read_text())["args"]["no_save"] is True
 
 
