@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -35,6 +36,32 @@ class KVCache:
         self.wte = model.wte.weight.detach()
         self.head = self.wte.t().contiguous() if copy_head else self.wte.t()
         self.packed_head = pack_bf16(model.wte.weight) if packed and onednn_bf16(device) else None
+
+    # ---- rows that join and leave (the server's batch, nanotune/engine.py)
+
+    def add_rows(self, prompt: KVCache, length: int, n: int):
+        """n rows at the end of the batch that continue `prompt`'s one row (its first `length` positions)."""
+        pad = (0, 0, 0, self.max_len - length)  # (L, 1, H, length, D) -> (L, 1, H, max_len, D)
+        k, v = F.pad(prompt.k[:, :, :, :length], pad), F.pad(prompt.v[:, :, :, :length], pad)
+        self.k = torch.cat([self.k, k.expand(-1, n, -1, -1, -1)], dim=1)
+        self.v = torch.cat([self.v, v.expand(-1, n, -1, -1, -1)], dim=1)
+        valid = torch.zeros(n, self.max_len, dtype=torch.bool, device=self.valid.device)
+        valid[:, :length] = True
+        self.valid = torch.cat([self.valid, valid])
+
+    def keep_rows(self, index: torch.Tensor):
+        """Only the rows `index` names stay, in that order."""
+        self.k, self.v, self.valid = self.k.index_select(1, index), self.v.index_select(1, index), self.valid[index]
+
+    def resize(self, width: int):
+        """Every row `width` positions long: new positions empty, positions past `width` cut."""
+        extra = width - self.max_len
+        if extra < 0:
+            self.k, self.v, self.valid = self.k[:, :, :, :width], self.v[:, :, :, :width], self.valid[:, :width]
+        elif extra > 0:
+            self.k, self.v = F.pad(self.k, (0, 0, 0, extra)), F.pad(self.v, (0, 0, 0, extra))
+            self.valid = F.pad(self.valid, (0, extra))
+        self.max_len = width
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The tied head on the last hidden states x (B, C): next-token logits (B, V) in float32, autocast off."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoding import KVCache, packed_bf16
-from .generate import _pick
+from .generate import pick_tokens
 from .instruct import token_logprobs
 from .model import GPT
 
@@ -94,6 +94,125 @@ class Row:
     produced: int = 0
     token: int = -1  # the token picked last (the next decode step's input)
 
+    def advance(self, logits: torch.Tensor, greedy: int, eos: int, context: int) -> str | None:
+        """The next token (greedy, or sampled with the row's own generator, so that a request's seed gives the
+        same answer whoever else is in the batch) and its text sent. logits (V,), float32. -> finish_reason."""
+        request = self.request
+        token = greedy
+        if request.temperature > 0:
+            token = int(pick_tokens(logits[None], request.temperature, None, request.top_p, _NONE, self.generator))
+        self.token, self.produced = token, self.produced + 1
+        finish = None
+        if token == eos:
+            text, finish = self.text.finish(), "stop"
+        else:
+            text, stopped = self.text.feed(token)
+            if stopped:
+                finish = "stop"
+            elif self.produced >= request.max_tokens or self.length + 1 >= context:
+                text, finish = text + self.text.finish(), "length"
+        if request.logprobs is None:
+            request.emit(self.choice, text, finish, self.produced)
+        else:
+            scores = scored(logits[None], torch.tensor([token], device=logits.device), request.logprobs)
+            request.emit(self.choice, text, finish, self.produced, logprobs=scores)
+        return finish
+
+
+class Batch:
+    """The rows decoded together: their KV cache (grown in steps of SLOTS positions, at most the model's context),
+    their next-token logits, and one decode step for all of them. fail(request, error) ends one request."""
+
+    def __init__(self, model: GPT, enc, packed: bool, fail):
+        self.model, self.enc, self.fail, self.device = model, enc, fail, model.wte.weight.device
+        # the tied head copied once for the server's life (see KVCache); the batch's keys and values follow
+        self.cache = KVCache(model, 0, SLOTS, copy_head=True, packed=packed)
+        self.logits = torch.empty(0, model.config.vocab_size, device=self.device)  # (B, V)
+        self.rows: list[Row] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, request: Request):
+        """The prompt once through the model; its keys and values become n new rows, each with its first token.
+        With score_prompt the same forward also gives the prompt's own log-probabilities (each token's, given
+        those before it), sent before the first token; with max_tokens 0 they are all there is."""
+        model, n = self.model, request.n
+        ids = torch.tensor([request.prompt], device=self.device)
+        scoring_alone = request.score_prompt and not request.max_tokens  # (no rows join: no cache to fill)
+        own = None if scoring_alone else KVCache(model, 1, len(request.prompt) + model.n_virtual, copy_head=False)
+        if request.score_prompt:
+            hidden = model(ids, cache=own, hidden=True)[0]  # (T, C)
+            with torch.autocast(self.device.type, enabled=False):  # the head in float32, as forward's own
+                every = F.linear(hidden.float(), model.wte.weight.float())  # (T, V)
+            scores = [(request.prompt[0], None, [])] + scored(every[:-1], ids[0, 1:], request.logprobs or 0)
+            for choice in range(n):
+                request.emit(choice, "", "length" if scoring_alone else None, 0, logprobs=scores)
+            if scoring_alone:
+                return
+            logits = every[-1:].expand(n, -1)  # (n, V)
+        else:
+            logits = model(ids, cache=own)[:, -1].expand(n, -1)  # (n, V), float32
+        self._grow(own.length + 1)
+        self.cache.add_rows(own, own.length, n)
+        self.logits = torch.cat([self.logits, logits])
+        for choice in range(n):
+            generator = None
+            if request.temperature > 0:
+                seed = request.seed + choice if request.seed is not None else int(torch.randint(2**62, ()))
+                generator = torch.Generator(self.device).manual_seed(seed)
+            self.rows.append(Row(request, choice, own.length, TextStream(self.enc, request.stop), generator))
+
+    def _grow(self, needed: int):
+        if needed > self.cache.max_len:
+            self.cache.resize(min(-(-needed // SLOTS) * SLOTS, self.model.config.n_positions))
+
+    def keep(self, keep: list[int]):
+        """Only these rows stay (the others ended, were cancelled or failed); an empty batch shrinks the cache."""
+        self.rows = [self.rows[i] for i in keep]
+        if len(keep) != self.cache.k.shape[1]:
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self.cache.keep_rows(index)
+            self.logits = self.logits[index]
+        if not keep:  # nothing running: back to the smallest cache
+            self.cache.resize(SLOTS)
+
+    def step(self) -> bool:
+        """Pick each row's next token from its logits, send its text, retire the rows that ended, then one
+        decode step for the rest: their next logits. A fault in one row's work fails its request alone; a fault
+        in the decode step, which every row shares, fails the requests in the batch. -> whether it decoded"""
+        greedy = self.logits.argmax(-1).tolist()  # (B,): every greedy row at once
+        context, keep = self.model.config.n_positions, []
+        for i, row in enumerate(self.rows):
+            try:
+                ended = row.request.cancelled or row.advance(self.logits[i], greedy[i], self.enc.eot_token, context)
+            except Exception as e:
+                self.fail(row.request, e)
+                continue
+            if ended is None:
+                keep.append(i)
+        self.keep([i for i in keep if not self.rows[i].request.cancelled])
+        if not self.rows:
+            return False
+        try:
+            self._grow(max(row.length for row in self.rows) + 1)
+            at = torch.tensor([row.length for row in self.rows], device=self.device)  # (B,) each row's next slot
+            token = torch.tensor([row.token for row in self.rows], device=self.device)[:, None]  # (B, 1)
+            self.logits = self.model.decode_step(token, self.cache, at)  # (B, V)
+        except Exception as e:
+            self.fail_all(e)
+            return False
+        for row in self.rows:
+            row.length += 1
+        return True
+
+    def fail_all(self, error: Exception):
+        """Every request in the batch ends (a fault in the step they share); the batch starts afresh."""
+        for request in {id(row.request): row.request for row in self.rows}.values():
+            if not request.cancelled:
+                self.fail(request, error)
+        self.keep([])  # (every tensor of the batch cut to no rows, whatever state the fault left them in)
+
 
 class Engine:
     """The model, its batch of rows and the queue of requests waiting for room. submit() from any thread;
@@ -104,9 +223,10 @@ class Engine:
         self.device = model.wte.weight.device
         self.dtype = dtype
         self.waiting: queue.Queue[Request] = queue.Queue()
-        self.rows: list[Row] = []
+        self.batch: Batch | None = None  # made in run()
         self.steps = 0  # decode steps run (for the tests and /health)
         self.faults = 0  # requests that failed while being decoded (for the tests and /health)
+        self._next = None  # a request taken from the queue before there was room for it: it goes first
         self._stop = threading.Event()
         self._thread = None
         self._closed = False  # run() has ended: nothing more is taken (under _lock, with submit)
@@ -131,7 +251,8 @@ class Engine:
             return True
 
     def stats(self) -> dict:
-        return {"running": len(self.rows), "waiting": self.waiting.qsize(), "steps": self.steps, "faults": self.faults}
+        running = len(self.batch) if self.batch is not None else 0
+        return {"running": running, "waiting": self.waiting.qsize(), "steps": self.steps, "faults": self.faults}
 
     def start(self):
         """run() in a thread of its own (the server runs it in the main thread instead: see serve.main)."""
@@ -160,16 +281,13 @@ class Engine:
         bf16 = self.dtype is not None and self.device.type != "cpu"
         context = packed_bf16(self.model) if packed else contextlib.nullcontext()
         with torch.inference_mode(), context, torch.autocast(self.device.type, dtype=self.dtype, enabled=bf16):
-            # the tied head copied once for the server's life (see KVCache); the batch's keys and values follow
-            self.cache = KVCache(self.model, 0, SLOTS, copy_head=True, packed=packed)
-            self.logits = torch.empty(0, self.model.config.vocab_size, device=self.device)
+            self.batch = batch = Batch(self.model, self.enc, packed, self._fail)
             try:
                 while not self._stop.is_set():
-                    self._admit(block=not self.rows)
-                    self.rows, keep = self._without_cancelled()
-                    self._keep(keep)
-                    if self.rows:
-                        self._step()
+                    self._admit(block=not batch.rows)
+                    batch.keep([i for i, row in enumerate(batch.rows) if not row.request.cancelled])
+                    if batch.rows:
+                        self.steps += batch.step()
             except Exception as e:
                 self.error = e
                 traceback.print_exc()  # into the server's log
@@ -180,160 +298,35 @@ class Engine:
         """No more requests; those running or waiting end now."""
         with self._lock:
             self._closed = True
-        for row in self.rows:
+        for row in self.batch.rows if self.batch is not None else []:
             row.request.emit(row.choice, "", "error", row.produced)
-        self.rows = []
-        while not self.waiting.empty():
-            request = self.waiting.get()
-            for choice in range(request.n if request else 0):
+        waiting = [self._next] + [self.waiting.get() for _ in range(self.waiting.qsize())]
+        for request in filter(None, waiting):
+            for choice in range(request.n):
                 request.emit(choice, "", "error", 0)
 
     def _admit(self, block: bool):
         """Move waiting requests into the batch while it has room for all their choices."""
-        while len(self.rows) < self.max_batch:
+        while len(self.batch) < self.max_batch:
+            request, self._next = self._next, None
             try:
-                request = self.waiting.get(block=block, timeout=0.5 if block else None)
+                request = request or self.waiting.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
                 return
             if request is None:  # stop()
                 return
             if request.cancelled:
                 continue
-            if len(self.rows) + request.n > self.max_batch:  # no room for all its choices yet: it goes first later
-                self._requeue_first(request)
+            if len(self.batch) + request.n > self.max_batch:  # no room for all its choices yet: it goes first later
+                self._next = request
                 return
             try:
-                self._prefill(request)
+                self.batch.join(request)
             except Exception as e:  # this request's prompt failed (too long for memory, say): it alone ends
                 self._fail(request, e)
-                if self.cache.k.shape[1] != len(self.rows):  # it failed while joining the batch: start afresh
-                    self._fail_batch(e)
+                if self.batch.cache.k.shape[1] != len(self.batch):  # it failed while joining the batch: afresh
+                    self.batch.fail_all(e)
             block = False
-
-    def _requeue_first(self, request: Request):
-        with self.waiting.mutex:
-            self.waiting.queue.appendleft(request)
-
-    def _prefill(self, request: Request):
-        """The prompt once through the model; its keys and values become n new rows, each with its first token.
-        With score_prompt the same forward also gives the prompt's own log-probabilities (each token's, given
-        those before it), sent before the first token; with max_tokens 0 they are all there is."""
-        model, n = self.model, request.n
-        ids = torch.tensor([request.prompt], device=self.device)
-        scoring_alone = request.score_prompt and not request.max_tokens  # (no rows join: no cache to fill)
-        own = None if scoring_alone else KVCache(model, 1, len(request.prompt) + model.n_virtual, copy_head=False)
-        if request.score_prompt:
-            hidden = model(ids, cache=own, hidden=True)[0]  # (T, C)
-            with torch.autocast(self.device.type, enabled=False):  # the head in float32, as forward's own
-                every = F.linear(hidden.float(), model.wte.weight.float())  # (T, V)
-            scores = [(request.prompt[0], None, [])] + scored(every[:-1], ids[0, 1:], request.logprobs or 0)
-            for choice in range(n):
-                request.emit(choice, "", "length" if scoring_alone else None, 0, logprobs=scores)
-            if scoring_alone:
-                return
-            logits = every[-1:].expand(n, -1)  # (n, V)
-        else:
-            logits = model(ids, cache=own)[:, -1].expand(n, -1)  # (n, V), float32
-        length = own.length
-        self._grow(length + 1)
-        width = self.cache.max_len
-        pad = (0, 0, 0, width - length)  # (L, 1, H, length, D) -> (L, 1, H, width, D)
-        k, v = F.pad(own.k[:, :, :, :length], pad), F.pad(own.v[:, :, :, :length], pad)
-        self.cache.k = torch.cat([self.cache.k, k.expand(-1, n, -1, -1, -1)], dim=1)
-        self.cache.v = torch.cat([self.cache.v, v.expand(-1, n, -1, -1, -1)], dim=1)
-        valid = torch.zeros(n, width, dtype=torch.bool, device=self.device)
-        valid[:, :length] = True
-        self.cache.valid = torch.cat([self.cache.valid, valid])
-        self.logits = torch.cat([self.logits, logits])
-        for choice in range(n):
-            generator = None
-            if request.temperature > 0:
-                seed = request.seed + choice if request.seed is not None else int(torch.randint(2**62, ()))
-                generator = torch.Generator(self.device).manual_seed(seed)
-            self.rows.append(Row(request, choice, length, TextStream(self.enc, request.stop), generator))
-
-    def _grow(self, needed: int):
-        """Room in the cache for `needed` positions (rounded up to SLOTS, at most the model's context)."""
-        if needed <= self.cache.max_len:
-            return
-        width = min(-(-needed // SLOTS) * SLOTS, self.model.config.n_positions)
-        extra = width - self.cache.max_len
-        self.cache.k = F.pad(self.cache.k, (0, 0, 0, extra))
-        self.cache.v = F.pad(self.cache.v, (0, 0, 0, extra))
-        self.cache.valid = F.pad(self.cache.valid, (0, extra))
-        self.cache.max_len = width
-
-    def _without_cancelled(self):
-        keep = [i for i, row in enumerate(self.rows) if not row.request.cancelled]
-        return [self.rows[i] for i in keep], keep
-
-    def _keep(self, keep: list[int]):
-        """Only these rows stay in the cache (the others ended or were cancelled); an empty batch shrinks it."""
-        if len(keep) == self.cache.k.shape[1]:
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.cache.k, self.cache.v = self.cache.k.index_select(1, index), self.cache.v.index_select(1, index)
-        self.cache.valid, self.logits = self.cache.valid[index], self.logits[index]
-        if not keep:  # nothing running: back to the smallest cache
-            self.cache.k, self.cache.v = self.cache.k[:, :, :, :SLOTS], self.cache.v[:, :, :, :SLOTS]
-            self.cache.valid, self.cache.max_len = self.cache.valid[:, :SLOTS], SLOTS
-
-    def _step(self):
-        """Pick each row's next token from its logits, send its text, retire the rows that ended, then one
-        decode step for the rest: their next logits. A fault in one row's work fails its request alone; a fault
-        in the decode step, which every row shares, fails the requests in the batch."""
-        greedy = self.logits.argmax(-1).tolist()  # (B,): every greedy row at once
-        keep = []
-        for i, row in enumerate(self.rows):
-            if row.request.cancelled:  # (failed by its other choice's fault in this loop)
-                continue
-            try:
-                finish = self._advance(row, self.logits[i], greedy[i])
-            except Exception as e:
-                self._fail(row.request, e)
-                continue
-            if finish is None:
-                keep.append(i)
-        keep = [i for i in keep if not self.rows[i].request.cancelled]
-        self.rows = [self.rows[i] for i in keep]
-        self._keep(keep)
-        if not self.rows:
-            return
-        try:
-            self._grow(max(row.length for row in self.rows) + 1)
-            at = torch.tensor([row.length for row in self.rows], device=self.device)  # (B,) each row's next slot
-            token = torch.tensor([row.token for row in self.rows], device=self.device)[:, None]  # (B, 1)
-            self.logits = self.model.decode_step(token, self.cache, at)  # (B, V)
-        except Exception as e:
-            self._fail_batch(e)
-            return
-        for row in self.rows:
-            row.length += 1
-        self.steps += 1
-
-    def _advance(self, row: Row, logits: torch.Tensor, greedy: int) -> str | None:
-        """One row's next token (greedy, or sampled with its own generator, so that a request's seed gives the
-        same answer whoever else is in the batch) and its text sent. logits (V,), float32. -> finish_reason."""
-        request = row.request
-        token = greedy
-        if request.temperature > 0:
-            token = int(_pick(logits[None], request.temperature, None, request.top_p, _NONE, row.generator))
-        row.token, row.produced = token, row.produced + 1
-        finish = None
-        if token == self.enc.eot_token:
-            text, finish = row.text.finish(), "stop"
-        else:
-            text, stopped = row.text.feed(token)
-            if stopped:
-                finish = "stop"
-            elif row.produced >= request.max_tokens or row.length + 1 >= self.model.config.n_positions:
-                text, finish = text + row.text.finish(), "length"
-        if request.logprobs is None:
-            request.emit(row.choice, text, finish, row.produced)
-        else:
-            scores = scored(logits[None], torch.tensor([token], device=logits.device), request.logprobs)
-            request.emit(row.choice, text, finish, row.produced, logprobs=scores)
-        return finish
 
     def _fail(self, request: Request, error: Exception):
         """This request alone ends with finish_reason "error" (the server answers 500, naming the error)."""
@@ -343,14 +336,6 @@ class Engine:
         request.error, request.cancelled = error, True
         for choice in range(request.n):
             request.emit(choice, "", "error", 0)
-
-    def _fail_batch(self, error: Exception):
-        """Every request in the batch ends (a fault in the step they share); the engine starts afresh."""
-        for request in {id(row.request): row.request for row in self.rows}.values():
-            if not request.cancelled:
-                self._fail(request, error)
-        self.rows = []
-        self._keep([])  # (every tensor of the batch cut to no rows, whatever state the fault left them in)
 
 
 def scored(logits: torch.Tensor, tokens: torch.Tensor, alternatives: int) -> list[tuple]:

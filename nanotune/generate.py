@@ -115,7 +115,7 @@ def decode(model: GPT, idx, attention_mask, max_new_tokens: int, sampling, compi
     cache.valid[:, : cache.length] = torch.cat([real.new_ones(B, model.n_virtual), real], dim=1)  # (+ prompt tuning)
     step, at = decode_step(model, compile), torch.tensor([cache.length], device=device)  # at: the next slot
     for t in range(T, total):
-        next_token = _pick(logits.float(), temperature, top_k, top_p, banned, generator)  # (B,)
+        next_token = pick_tokens(logits.float(), temperature, top_k, top_p, banned, generator)  # (B,)
         if eos_token is not None:
             next_token = torch.where(done, torch.full_like(next_token, eos_token), next_token)
             done |= next_token == eos_token
@@ -144,8 +144,9 @@ def decode_step(model: GPT, compile: bool | str):
     return steps[backend]
 
 
-def _pick(logits, temperature, top_k, top_p, banned, generator):
-    """logits (B, V) -> next token ids (B,)."""
+def pick_tokens(logits, temperature, top_k, top_p, banned, generator):
+    """logits (B, V) -> next token ids (B,): greedy at temperature 0, else sampled (top-k, nucleus); banned: ids
+    never picked."""
     if banned.numel():
         logits = logits.index_fill(1, banned, float("-inf"))
     if temperature == 0:

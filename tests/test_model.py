@@ -208,11 +208,11 @@ N_DRAWS = 40_000
 
 
 def draw(**kwargs):
-    from nanotune.generate import _pick
+    from nanotune.generate import pick_tokens
 
     logits = FIXED_LOGITS.expand(N_DRAWS, -1)
     kwargs = dict(temperature=1.0, top_k=None, top_p=None, banned=torch.tensor([], dtype=torch.long)) | kwargs
-    tokens = _pick(logits, generator=torch.Generator().manual_seed(0), **kwargs)
+    tokens = pick_tokens(logits, generator=torch.Generator().manual_seed(0), **kwargs)
     return torch.bincount(tokens, minlength=len(FIXED_LOGITS)).double() / N_DRAWS
 
 

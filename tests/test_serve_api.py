@@ -228,14 +228,14 @@ def test_a_fault_in_one_requests_decode_fails_it_alone_and_the_server_goes_on(lo
     from fastapi.testclient import TestClient
 
     model, enc = local
-    pick = engine_module._pick
+    pick = engine_module.pick_tokens
 
     def faulty_pick(logits, temperature, *args):  # sampling at 0.5 fails (bad numbers, say), the rest works
         if temperature == 0.5:
             raise FloatingPointError("the sampling's numbers went bad (simulated)")
         return pick(logits, temperature, *args)
 
-    monkeypatch.setattr(engine_module, "_pick", faulty_pick)
+    monkeypatch.setattr(engine_module, "pick_tokens", faulty_pick)
     forward = model.forward
 
     def faulty_forward(idx, *args, **kwargs):  # a prompt that starts with token 999 fails in its prefill
