@@ -26,7 +26,7 @@ from nanotune.flags import Parser, add_common_args, integer, parse_run_args, rea
 from nanotune.loader import load_model
 from nanotune.metrics import fmt
 from nanotune.peft import apply_peft, base_model, describe_trainable
-from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, make_reward, settle_reward_args
+from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, make_reward, prompt_spec, settle_reward_args
 from nanotune.rollout import answer_logprobs, check_kl, evaluate_policy, layout, plot_heldout, sample_rollout
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
@@ -217,7 +217,7 @@ def train(args, run):
     context = min(context, score.context or context)
 
     # ---- prompts: training prompts are sampled, held-out prompts are fixed
-    prompts = make_prompts(args, enc, context)
+    prompts = make_prompts(prompt_spec(args, args.eval_prompts), enc, context)
 
     def reward(prompt_ids, answers, ended):
         """The score of each answer, less --missing-eos-penalty for answers that never ended. -> (B,) on CPU"""

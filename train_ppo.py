@@ -29,7 +29,15 @@ from nanotune.loader import load_model, load_reward_model
 from nanotune.metrics import fmt
 from nanotune.peft import apply_peft, base_model, describe_trainable
 from nanotune.reward import RewardModel
-from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, make_reward, parse_reward, settle_reward_args
+from nanotune.rewards import (
+    REWARD_FLAGS,
+    add_reward_args,
+    make_prompts,
+    make_reward,
+    parse_reward,
+    prompt_spec,
+    settle_reward_args,
+)
 from nanotune.rollout import answer_logprobs, answer_values, check_kl, evaluate_policy, plot_heldout, sample_rollout
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
@@ -277,7 +285,7 @@ def train(args, run):
     context = min(context, score.context or context)
 
     # ---- prompts: training prompts are sampled, held-out prompts are fixed; training text for PPO-ptx
-    prompts = make_prompts(args, enc, context, with_text=args.ptx_coef > 0)
+    prompts = make_prompts(prompt_spec(args, args.eval_prompts), enc, context, with_text=args.ptx_coef > 0)
 
     def reward(prompt_ids, answers, ended):
         """The score of each answer, less --missing-eos-penalty for answers that never ended. -> (B,) on CPU"""
