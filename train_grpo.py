@@ -32,6 +32,7 @@ from nanotune.rollout import (
     Rollout,
     StepMeans,
     add_detached,
+    add_rl_args,
     answer_logprobs,
     check_kl,
     layout,
@@ -116,13 +117,7 @@ def parse_args(argv=None):
     add("--loss-agg", default="sequence", choices=["sequence", "token", "constant"], help=agg)
     add("--beta", type=real(0), default=0.0, help="weight of the k3 KL term toward the reference (default 0)")
     add("--skip-uniform-groups", action="store_true", help="resample groups whose G scores are equal (DAPO)")
-    add(
-        "--missing-eos-penalty", type=real(), default=0.0, help="subtracted from the score of an answer that never ends"
-    )
-    add("--eval-every", type=integer(1), default=10, help="held-out score and KL every N steps (default 10)")
-    add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
-    add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
-    # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
+    add_rl_args(p)  # --missing-eos-penalty and the held-out evaluation's flags: nanotune/rollout.py
     return settle_reward_args(parse_run_args(p, argv, fixed_on_resume=REWARD_FLAGS + GRPO_OBJECTIVE))
 
 
@@ -132,8 +127,7 @@ def main(argv=None):
     answers = args.prompts_per_step * args.group_size
     if answers % args.batch_size:
         die(f"--prompts-per-step x --group-size = {answers} answers: not a multiple of --batch-size {args.batch_size}")
-    outputs = ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg")
-    with Run(args, __file__, outputs=outputs, show=("score", "uniform_share", "val_score", "val_kl")) as run:
+    with Run(args, __file__, outputs=HeldOut.OUTPUTS, show=("score", "uniform_share", "val_score", "val_kl")) as run:
         train(args, run)
     if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
         sys.exit(run.exit_code)

@@ -37,6 +37,7 @@ from nanotune.rollout import (
     Rollout,
     StepMeans,
     add_detached,
+    add_rl_args,
     answer_logprobs,
     answer_values,
     check_kl,
@@ -164,12 +165,7 @@ def parse_args(argv=None):
     add("--value-clip", type=real(0, low_open=True), default=0.2, help="value clip range (default 0.2)")
     add("--vf-coef", type=real(0), default=0.1, help="weight of the value loss (default 0.1)")
     add("--ptx-coef", type=real(0), default=0.0, help="PPO-ptx: weight of a next-token loss on training text (0: off)")
-    add(
-        "--missing-eos-penalty", type=real(), default=0.0, help="subtracted from the score of an answer that never ends"
-    )
-    add("--eval-every", type=integer(1), default=10, help="held-out score and KL every N steps (default 10)")
-    add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
-    add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
+    add_rl_args(p)  # --missing-eos-penalty and the held-out evaluation's flags: nanotune/rollout.py
     # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
     # (--kl-coef: the checkpoint holds the coefficient, which --target-kl moves; a new one would be ignored)
     fixed = (
@@ -186,8 +182,7 @@ def main(argv=None):
         die(f"--dense-score needs --reward letter:X (a score that is a sum over tokens), got {args.reward!r}")
     if args.rollout_batch % args.batch_size:
         die(f"--rollout-batch ({args.rollout_batch}) must be a multiple of --batch-size ({args.batch_size})")
-    outputs = ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg")
-    with Run(args, __file__, outputs=outputs, show=("score", "kl", "val_score", "val_kl")) as run:
+    with Run(args, __file__, outputs=HeldOut.OUTPUTS, show=("score", "kl", "val_score", "val_kl")) as run:
         train(args, run)
     if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
         sys.exit(run.exit_code)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .flags import integer, real
 from .generate import generate
 from .instruct import token_logprobs
 from .loader import load_model
@@ -58,7 +59,10 @@ class Reward:
         scores = self.score(prompt_ids, answers)
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (len(answers),):
             shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            raise NanotuneError(f"--reward {self.spec} gave scores of shape {shape} for {len(answers)} answers")
+            n = len(answers)
+            raise NanotuneError(
+                f"--reward {self.spec} gave scores of shape {shape} for {n} answers: one score each expected"
+            )
         scores = scores - self.missing_eos_penalty * (~ended).float()
         if not torch.isfinite(scores).all():
             raise NanotuneError(f"--reward {self.spec} gave NaN or infinite scores: check the reward model")
@@ -233,9 +237,22 @@ def evaluate_policy(policy, reference, prompt_ids, reward, enc, max_new_tokens: 
     return {"val_score": scores.mean().item(), "val_kl": kl.mean().item()}, "\n".join(text)
 
 
+def add_rl_args(parser):
+    """The flags every RL recipe has beside add_reward_args's: what an unended answer costs (Reward) and the
+    held-out evaluation (HeldOut)."""
+    add = parser.add_argument
+    eos = "subtracted from the score of an answer that never ends"
+    add("--missing-eos-penalty", type=real(), default=0.0, help=eos)
+    add("--eval-every", type=integer(1), default=10, help="held-out score and KL every N steps (default 10)")
+    add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
+    add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
+
+
 class HeldOut:
     """An RL run's held-out evaluation (see evaluate_policy): before training, every --eval-every steps and after
     it, on the master process; samples_before.txt, samples_after.txt and the plots (plot_heldout)."""
+
+    OUTPUTS = ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg")  # what it writes in --out
 
     def __init__(self, args, run, models: RLModels, prompts, enc):
         self.args, self.run, self.models, self.prompts, self.enc = args, run, models, prompts, enc
