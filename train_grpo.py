@@ -23,14 +23,28 @@ import torch
 
 from nanotune import load_tokenizer
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
-from nanotune.loader import load_model
 from nanotune.metrics import fmt
-from nanotune.peft import PeftSpec, apply_peft, base_model, describe_trainable
-from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, make_reward, settle_reward_args
-from nanotune.rollout import answer_logprobs, check_kl, evaluate_policy, layout, plot_heldout, sample_rollout
+from nanotune.peft import describe_trainable
+from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, prompt_spec, settle_reward_args
+from nanotune.rollout import (
+    Experience,
+    HeldOut,
+    Rollout,
+    StepMeans,
+    add_detached,
+    add_rl_args,
+    answer_logprobs,
+    check_kl,
+    layout,
+    load_rl_models,
+    micro_batches,
+    minibatches,
+    read_back_logprobs,
+    sample_rollout,
+)
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
-from nanotune.utils import NanotuneError, all_reduce_mean, die
+from nanotune.utils import all_reduce_mean, die
 
 
 # Group-relative advantages of G answers to each of P prompts, from their scores r (P, G):
@@ -103,13 +117,7 @@ def parse_args(argv=None):
     add("--loss-agg", default="sequence", choices=["sequence", "token", "constant"], help=agg)
     add("--beta", type=real(0), default=0.0, help="weight of the k3 KL term toward the reference (default 0)")
     add("--skip-uniform-groups", action="store_true", help="resample groups whose G scores are equal (DAPO)")
-    add(
-        "--missing-eos-penalty", type=real(), default=0.0, help="subtracted from the score of an answer that never ends"
-    )
-    add("--eval-every", type=integer(1), default=10, help="held-out score and KL every N steps (default 10)")
-    add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
-    add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
-    # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
+    add_rl_args(p)  # --missing-eos-penalty and the held-out evaluation's flags: nanotune/rollout.py
     return settle_reward_args(parse_run_args(p, argv, fixed_on_resume=REWARD_FLAGS + GRPO_OBJECTIVE))
 
 
@@ -119,8 +127,7 @@ def main(argv=None):
     answers = args.prompts_per_step * args.group_size
     if answers % args.batch_size:
         die(f"--prompts-per-step x --group-size = {answers} answers: not a multiple of --batch-size {args.batch_size}")
-    outputs = ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg")
-    with Run(args, __file__, outputs=outputs, show=("score", "uniform_share", "val_score", "val_kl")) as run:
+    with Run(args, __file__, outputs=HeldOut.OUTPUTS, show=("score", "uniform_share", "val_score", "val_kl")) as run:
         train(args, run)
     if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
         sys.exit(run.exit_code)
@@ -156,82 +163,44 @@ def sample_groups(policy, prompts, reward, eos: int, args, run, data_rng):
     return rollout, torch.stack([g[2] for g in groups]), share, score_s
 
 
-def grpo_update(args, run, step, train_policy, policy, optimizer, rollout, exp, data_rng):
-    """Step 4: --epochs passes over the step's answers in shuffled minibatches of --batch-size, one optimizer step
-    each, a minibatch as --grad-accum micro-batches. exp: old_logps, ref_logps (B, L) and advantages (B,).
-    -> the mean of each loss and statistic"""
-    B, sums, n_updates = rollout.mask.shape[0], {}, 0
-    for _ in range(args.epochs):
-        order = torch.randperm(B, generator=data_rng).to(run.device)
-        for start in range(0, B, args.batch_size):
-            minibatch, step_sums = order[start : start + args.batch_size], {}
-            minibatch_mask = rollout.mask[minibatch]  # (batch_size, L)
-            tokens = minibatch_mask.sum()  # the statistics below are token means over the minibatch
-            for k in range(args.grad_accum):
-                micro = minibatch[k :: args.grad_accum]
-                m = rollout.mask[micro]
-                # under DDP the gradients are all-reduced once, in the last micro-batch's backward
-                with no_sync_unless_last(train_policy, k == args.grad_accum - 1):
-                    inputs = (rollout.input_ids[micro], rollout.attention_mask[micro], rollout.P, run.ctx)
-                    logps, entropy = answer_logprobs(train_policy, *inputs)
-                    old = exp["old_logps"][micro]
-                    objective, low, high = clipped_objective(
-                        logps, old, exp["advantages"][micro], args.clip_low, args.clip_high
-                    )
-                    kl = k3_kl(logps, exp["ref_logps"][micro]) if args.beta else torch.zeros_like(logps)  # (B, L)
-                    # this micro-batch's share of the minibatch's loss (the shares add up to it)
-                    loss = aggregate(objective + args.beta * kl, m, args.loss_agg, args.max_new_tokens, minibatch_mask)
-                    loss.backward()
-                parts = {
-                    "loss": loss,
-                    "kl_k3": (kl.detach() * m).sum() / tokens,
-                    "entropy": (entropy * m).sum() / tokens,
-                    "clip_low": (low * m).sum() / tokens,
-                    "clip_high": (high * m).sum() / tokens,
-                    "ratio": (torch.exp(logps.detach() - old) * m).sum() / tokens,
-                }
-                for key, value in parts.items():
-                    step_sums[key] = step_sums.get(key, 0.0) + value.detach()
-            step_sums["grad_norm"] = clip_gradients(policy, args.grad_clip)  # the norm before clipping
-            run.stop_if_diverged(step, step_sums["loss"], step_sums["grad_norm"])
-            if n_updates == 0:
-                sums["first_ratio"] = step_sums["ratio"]  # 1 exactly: the first update is on-policy
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for key, value in step_sums.items():
-                sums[key] = sums.get(key, 0.0) + value
-            n_updates += 1
-    return {k: v / (1 if k == "first_ratio" else n_updates) for k, v in sums.items()}
+def grpo_step(args, train_policy, rollout: Rollout, exp: Experience, minibatch, ctx):
+    """Step 4's forward and backward on one minibatch of answers, as --grad-accum micro-batches (their gradients
+    add up to the minibatch's). -> the minibatch's loss and statistics (token means over it, tensors)"""
+    minibatch_mask = rollout.mask[minibatch]  # (batch_size, L)
+    tokens, sums = minibatch_mask.sum(), {}  # the statistics below are token means over the minibatch
+    for micro, last in micro_batches(minibatch, args.grad_accum):
+        m = rollout.mask[micro]
+        # under DDP the gradients are all-reduced once, in the last micro-batch's backward
+        with no_sync_unless_last(train_policy, last):
+            inputs = (rollout.input_ids[micro], rollout.attention_mask[micro], rollout.P, ctx)
+            logps, entropy = answer_logprobs(train_policy, *inputs)
+            old = exp.old_logps[micro]
+            objective, low, high = clipped_objective(logps, old, exp.advantages[micro], args.clip_low, args.clip_high)
+            kl = k3_kl(logps, exp.ref_logps[micro]) if args.beta else torch.zeros_like(logps)  # (B, L)
+            # this micro-batch's share of the minibatch's loss (the shares add up to it)
+            loss = aggregate(objective + args.beta * kl, m, args.loss_agg, args.max_new_tokens, minibatch_mask)
+            loss.backward()
+        parts = {
+            "loss": loss,
+            "kl_k3": (kl.detach() * m).sum() / tokens,
+            "entropy": (entropy * m).sum() / tokens,
+            "clip_low": (low * m).sum() / tokens,
+            "clip_high": (high * m).sum() / tokens,
+            "ratio": (torch.exp(logps.detach() - old) * m).sum() / tokens,
+        }
+        add_detached(sums, parts)
+    return sums
 
 
 def train(args, run):
     device, enc = run.device, load_tokenizer()
 
     # ---- the models: the policy (trains), the reference (frozen: the KL term, and KL measured at evaluations)
-    policy, model_name = load_model(args.model, device, quiet=not run.master)
-    reference = load_model(args.ref_model, device, "--ref-model", quiet=True)[0] if args.ref_model else None
-    reference = base_model(policy, args.peft) if reference is None else reference.eval().requires_grad_(False)
-    score = make_reward(args.reward, enc, device, run.ctx, run.dtype)  # (prompt_ids, answers) -> (B,)
-    peft = PeftSpec.from_flags(args)
-    apply_peft(policy, peft, model_name)
-    context = min(m.config.n_positions - m.n_virtual for m in (policy, reference))
-    context = min(context, score.context or context)
-
-    # ---- prompts: training prompts are sampled, held-out prompts are fixed
-    prompts = make_prompts(args, enc, context)
-
-    def reward(prompt_ids, answers, ended):
-        """The score of each answer, less --missing-eos-penalty for answers that never ended. -> (B,) on CPU"""
-        scores = score(prompt_ids, answers) - args.missing_eos_penalty * (~ended).float()
-        if not torch.isfinite(scores).all():
-            raise NanotuneError(f"--reward {args.reward} gave NaN or infinite scores: check the reward model")
-        return scores
-
-    def evaluate():  # held-out prompts, one answer each (the same draws every time): score, KL, text
-        heldout = prompts.heldout
-        return evaluate_policy(
-            policy, reference, heldout, reward, enc, args.max_new_tokens, run.ctx, args.seed, args.samples
-        )
+    models = load_rl_models(args, run, enc)
+    policy, model_name = models.policy, models.name
+    # ---- prompts: training prompts are sampled, held-out prompts are fixed (the same answers drawn each time)
+    prompts = make_prompts(prompt_spec(args, args.eval_prompts), enc, models.context)
+    heldout = HeldOut(args, run, models, prompts, enc)
 
     run.summary.update(model=model_name, reward=args.reward, ref_model=args.ref_model, world_size=run.world)
     if run.master:
@@ -241,11 +210,7 @@ def train(args, run):
             f"groups of {args.group_size} answers per step and process; advantage {args.advantage}",
             flush=True,
         )
-    if run.master and not run.resumed:
-        before, shown = evaluate()
-        run.summary.update(score_before=before["val_score"], kl_before=before["val_kl"])
-        run.log(0, **before)
-        run.write_text("samples_before.txt", shown)
+    heldout.before()
 
     optimizer = make_optimizer(policy, "adamw", args.lr, 0.0, device)
     data_rng = torch.Generator().manual_seed(args.seed + run.rank)  # each rank draws its own prompts (whole groups)
@@ -258,29 +223,32 @@ def train(args, run):
             group["lr"] = lr
         t0 = time.time()
         # ---- 1-2. G answers to each prompt, and their scores (P, G)
-        sampled = sample_groups(policy, prompts, reward, enc.eot_token, args, run, data_rng)
+        sampled = sample_groups(policy, prompts, models.reward, enc.eot_token, args, run, data_rng)
         rollout, scores, uniform_share, score_s = sampled
         t1 = time.time()
         # ---- 3. each answer against the others to its prompt: advantages (P * G,)
         advantages = group_advantages(scores, args.advantage).flatten().to(device)
-        with torch.no_grad():  # what the update compares against: the sampling policy's log-probs, the reference's
-            policy.eval()
-            inputs = (rollout.input_ids, rollout.attention_mask, rollout.P, run.ctx)
-            old_logps = answer_logprobs(policy, *inputs)[0]  # (B, L)
-            policy.train()
-            ref_logps = answer_logprobs(reference, *inputs)[0] if args.beta else None  # (--beta 0: not run)
+        # what the update compares against: the sampling policy's log-probs, the reference's (--beta 0: not run)
+        old_logps, ref_logps = read_back_logprobs(policy, models.reference, rollout, run.ctx, bool(args.beta))
         mean_kl = None  # the sampled answers' KL to the reference, per answer, when the update uses it
         if args.beta:
             mean_kl = all_reduce_mean(((old_logps - ref_logps) * rollout.mask).sum(-1).mean().item(), device)
             check_kl(mean_kl, step)
         t2 = time.time()
-        # ---- 4. --epochs passes of the clipped objective
-        exp = {"old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages}
-        update = grpo_update(args, run, step, train_policy, policy, optimizer, rollout, exp, data_rng)
+        # ---- 4. --epochs passes of the clipped objective over shuffled minibatches, one optimizer step each
+        exp, update = Experience(old_logps, advantages, ref_logps), StepMeans()
+        for minibatch in minibatches(len(advantages), args.batch_size, args.epochs, data_rng, device):
+            sums = grpo_step(args, train_policy, rollout, exp, minibatch, run.ctx)  # forward and backward
+            sums["grad_norm"] = clip_gradients(policy, args.grad_clip)  # the norm before clipping
+            run.stop_if_diverged(step, sums["loss"], sums["grad_norm"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update.add(sums)
+        update = {"first_ratio": update.first["ratio"], **update.means()}  # 1 exactly: the first step is on-policy
         t3 = time.time()
         # ---- 5. evaluate, log, checkpoint
-        if run.master and (step % args.eval_every == 0 or step == args.steps):
-            run.log(step, **evaluate()[0])
+        if heldout.due(step):
+            run.log(step, **heldout()[0])
         stats = {"score": scores.mean(), "uniform_share": uniform_share, "answer_len": rollout.mask.sum(-1).mean()}
         # (the phases PPO times: generation; scoring and the read-back of log-probs; the update)
         times = {"time_generate_s": t1 - t0 - score_s, "time_score_s": t2 - t1 + score_s, "time_update_s": t3 - t2}
@@ -296,12 +264,7 @@ def train(args, run):
         return
     run.summary.update(steps=args.steps, lr=args.lr)
     run.save_model(policy, template=args.template, prompt_source=args.prompt_source)
-    with run.optional("the held-out evaluation after training"):
-        after, shown = evaluate()
-        run.summary.update(score_after=after["val_score"], kl_after=after["val_kl"])
-        run.write_text("samples_after.txt", shown)
-    with run.optional("the plots"):
-        plot_heldout(run.out, run.log.history, f"GRPO ({args.advantage}), reward {args.reward}")
+    heldout.after(f"GRPO ({args.advantage}), reward {args.reward}")
     s = {k: fmt(run.summary.get(k)) for k in ("score_before", "score_after", "kl_after")}
     print(
         f"held-out score {s['score_before']} -> {s['score_after']}, KL to the start {s['kl_after']} nats per answer; "

@@ -17,6 +17,7 @@ policy's weights (model.safetensors + config.json, loadable by transformers).
 import copy
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -25,12 +26,27 @@ import torch.nn.functional as F
 from nanotune import load_tokenizer
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.instruct import IGNORE, token_logprobs
-from nanotune.loader import load_model, load_reward_model
+from nanotune.loader import load_reward_model
 from nanotune.metrics import fmt
-from nanotune.peft import PeftSpec, apply_peft, base_model, describe_trainable
+from nanotune.peft import describe_trainable
 from nanotune.reward_model import RewardModel
-from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, make_reward, parse_reward, settle_reward_args
-from nanotune.rollout import answer_logprobs, answer_values, check_kl, evaluate_policy, plot_heldout, sample_rollout
+from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, parse_reward, prompt_spec, settle_reward_args
+from nanotune.rollout import (
+    Experience,
+    HeldOut,
+    Rollout,
+    StepMeans,
+    add_detached,
+    add_rl_args,
+    answer_logprobs,
+    answer_values,
+    check_kl,
+    load_rl_models,
+    micro_batches,
+    minibatches,
+    read_back_logprobs,
+    sample_rollout,
+)
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
 from nanotune.utils import all_reduce_mean, die
@@ -149,12 +165,7 @@ def parse_args(argv=None):
     add("--value-clip", type=real(0, low_open=True), default=0.2, help="value clip range (default 0.2)")
     add("--vf-coef", type=real(0), default=0.1, help="weight of the value loss (default 0.1)")
     add("--ptx-coef", type=real(0), default=0.0, help="PPO-ptx: weight of a next-token loss on training text (0: off)")
-    add(
-        "--missing-eos-penalty", type=real(), default=0.0, help="subtracted from the score of an answer that never ends"
-    )
-    add("--eval-every", type=integer(1), default=10, help="held-out score and KL every N steps (default 10)")
-    add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
-    add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
+    add_rl_args(p)  # --missing-eos-penalty and the held-out evaluation's flags: nanotune/rollout.py
     # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
     # (--kl-coef: the checkpoint holds the coefficient, which --target-kl moves; a new one would be ignored)
     fixed = (
@@ -171,37 +182,43 @@ def main(argv=None):
         die(f"--dense-score needs --reward letter:X (a score that is a sum over tokens), got {args.reward!r}")
     if args.rollout_batch % args.batch_size:
         die(f"--rollout-batch ({args.rollout_batch}) must be a multiple of --batch-size ({args.batch_size})")
-    outputs = ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg")
-    with Run(args, __file__, outputs=outputs, show=("score", "kl", "val_score", "val_kl")) as run:
+    with Run(args, __file__, outputs=HeldOut.OUTPUTS, show=("score", "kl", "val_score", "val_kl")) as run:
         train(args, run)
     if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
         sys.exit(run.exit_code)
 
 
 @torch.no_grad()
-def read_back(policy, reference, value_model, rollout, ctx):
+def read_back(policy, reference, value_model, rollout: Rollout, ctx):
     """What the update compares against, without gradients: log-probs of the policy that sampled the answers and
     of the reference, and the value model's estimates. -> old_logps, ref_logps, old_values (B, L)"""
-    args = (rollout.input_ids, rollout.attention_mask, rollout.P, ctx)
-    policy.eval()
-    old_logps = answer_logprobs(policy, *args)[0]
-    policy.train()
-    ref_logps = answer_logprobs(reference, *args)[0]
-    return old_logps, ref_logps, answer_values(value_model, *args) * rollout.mask
+    old_logps, ref_logps = read_back_logprobs(policy, reference, rollout, ctx)
+    values = answer_values(value_model, rollout.input_ids, rollout.attention_mask, rollout.P, ctx)
+    return old_logps, ref_logps, values * rollout.mask
 
 
-def minibatch_losses(args, train_policy, train_value, rollout, exp, micro, ctx):
-    """PPO's losses on the answers `micro` of the rollout, exp holding what the update compares against.
-    -> loss, metrics (each a tensor)"""
+@dataclass
+class Learner:
+    """What the PPO update trains, as it runs them (DDP-wrapped, compiled): the policy and the value model, under
+    the run's autocast ctx."""
+
+    policy: nn.Module
+    value: nn.Module
+    ctx: object
+
+
+def minibatch_losses(args, learner: Learner, rollout: Rollout, exp: Experience, micro):
+    """PPO's losses on the answers `micro` of the rollout. -> loss, metrics (each a tensor)"""
     m = rollout.mask[micro]
-    inputs = (rollout.input_ids[micro], rollout.attention_mask[micro], rollout.P, ctx)
-    logps, entropy = answer_logprobs(train_policy, *inputs)
-    values = answer_values(train_value, *inputs)
-    policy_loss, clip_fraction = ppo_policy_loss(logps, exp["old_logps"][micro], exp["advantages"][micro], m, args.clip)
+    inputs = (rollout.input_ids[micro], rollout.attention_mask[micro], rollout.P, learner.ctx)
+    logps, entropy = answer_logprobs(learner.policy, *inputs)
+    values = answer_values(learner.value, *inputs)
+    old_logps = exp.old_logps[micro]
+    policy_loss, clip_fraction = ppo_policy_loss(logps, old_logps, exp.advantages[micro], m, args.clip)
     value_loss, value_clip_fraction = ppo_value_loss(
-        values, exp["old_values"][micro], exp["returns"][micro], m, args.value_clip
+        values, exp.old_values[micro], exp.returns[micro], m, args.value_clip
     )
-    log_ratio = (logps - exp["old_logps"][micro]).detach()
+    log_ratio = (logps - old_logps).detach()
     metrics = {
         "policy_loss": policy_loss,
         "value_loss": value_loss,
@@ -213,41 +230,25 @@ def minibatch_losses(args, train_policy, train_value, rollout, exp, micro, ctx):
     return policy_loss + args.vf_coef * value_loss, metrics
 
 
-def ppo_update(args, run, step, models, optimizer, rollout, exp, prompts, data_rng):
-    """--ppo-epochs passes over the rollout in shuffled minibatches of --batch-size answers, one optimizer step
-    each; a minibatch runs as --grad-accum micro-batches. -> the mean of each loss and statistic"""
-    train_policy, train_value, trained = models
-    sums, n_updates = {}, 0
-    for _ in range(args.ppo_epochs):
-        order = torch.randperm(args.rollout_batch, generator=data_rng).to(run.device)
-        for start in range(0, args.rollout_batch, args.batch_size):
-            minibatch = order[start : start + args.batch_size]
-            minibatch_tokens = rollout.mask[minibatch].sum()
-            step_sums = {}
-            for k in range(args.grad_accum):
-                micro = minibatch[k :: args.grad_accum]
-                # both losses are means over answer tokens: a micro-batch weighs by its share of the tokens
-                weight = rollout.mask[micro].sum() / minibatch_tokens
-                last = k == args.grad_accum - 1
-                # under DDP the gradients are all-reduced once, in the last micro-batch's backward
-                with no_sync_unless_last(train_policy, last), no_sync_unless_last(train_value, last):
-                    loss, metrics = minibatch_losses(args, train_policy, train_value, rollout, exp, micro, run.ctx)
-                    loss, parts = weight * loss, {name: weight * value for name, value in metrics.items()}
-                    if args.ptx_coef:  # PPO-ptx, equal-sized text batches: each micro-batch adds 1/grad_accum
-                        ptx = ptx_loss(train_policy, *prompts.text_batch(len(micro), data_rng, run.device), run.ctx)
-                        loss = loss + args.ptx_coef * ptx / args.grad_accum
-                        parts["ptx_loss"] = ptx / args.grad_accum
-                    loss.backward()
-                for key, value in {"loss": loss, **parts}.items():  # tensors: read back when logged
-                    step_sums[key] = step_sums.get(key, 0.0) + value.detach()
-            step_sums["grad_norm"] = clip_gradients(trained, args.grad_clip)  # the norm before clipping
-            run.stop_if_diverged(step, step_sums["loss"], step_sums["grad_norm"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for key, value in step_sums.items():
-                sums[key] = sums.get(key, 0.0) + value
-            n_updates += 1
-    return {k: v / n_updates for k, v in sums.items()}
+def ppo_step(args, learner: Learner, rollout: Rollout, exp: Experience, minibatch, ptx_text=None):
+    """Step 5's forward and backward on one minibatch of answers, as --grad-accum micro-batches (their gradients
+    add up to the minibatch's). ptx_text(n) -> n examples of training text (PPO-ptx). -> the minibatch's losses
+    and statistics (tensors)"""
+    minibatch_tokens, sums = rollout.mask[minibatch].sum(), {}
+    for micro, last in micro_batches(minibatch, args.grad_accum):
+        # both losses are means over answer tokens: a micro-batch weighs by its share of the tokens
+        weight = rollout.mask[micro].sum() / minibatch_tokens
+        # under DDP the gradients are all-reduced once, in the last micro-batch's backward
+        with no_sync_unless_last(learner.policy, last), no_sync_unless_last(learner.value, last):
+            loss, metrics = minibatch_losses(args, learner, rollout, exp, micro)
+            loss, parts = weight * loss, {name: weight * value for name, value in metrics.items()}
+            if ptx_text:  # PPO-ptx, equal-sized text batches: each micro-batch adds 1/grad_accum
+                ptx = ptx_loss(learner.policy, *ptx_text(len(micro)), learner.ctx)
+                loss = loss + args.ptx_coef * ptx / args.grad_accum
+                parts["ptx_loss"] = ptx / args.grad_accum
+            loss.backward()
+        add_detached(sums, {"loss": loss, **parts})  # tensors: read back when logged
+    return sums
 
 
 # PPO-ptx: the next-token loss on training text (InstructGPT). input_ids, labels (n, T) -> scalar
@@ -263,31 +264,21 @@ def train(args, run):
     kind, target = parse_reward(args.reward)
 
     # ---- the models: the policy (trains), the reference (frozen), the reward, the value model (trains)
-    policy, model_name = load_model(args.model, device, quiet=not run.master)
-    # the KL reference: --ref-model, or where the policy starts (with --peft the policy, its additions switched off)
-    reference = load_model(args.ref_model, device, "--ref-model", quiet=True)[0] if args.ref_model else None
-    reference = base_model(policy, args.peft) if reference is None else reference.eval().requires_grad_(False)
-    score = make_reward(args.reward, enc, device, run.ctx, run.dtype)  # (prompt_ids, answers) -> (B,)
-    # the value model, GPT-2 + a scalar head: the reward model (as InstructGPT) or the policy (--peft: sharing its base)
-    shared = {id(p): p for p in policy.parameters()} if args.peft != "none" else {}
-    value_model = load_reward_model(target, device) if kind == "model" else RewardModel(copy.deepcopy(policy, shared))
-    peft = PeftSpec.from_flags(args)
-    apply_peft(policy, peft, model_name)
-    apply_peft(value_model.body, peft, model_name)  # (the value head stays trainable)
-    context = min(m.config.n_positions - m.n_virtual for m in (policy, reference, value_model.body))
-    context = min(context, score.context or context)
+    def make_value_model(policy):
+        """GPT-2 + a scalar head: the reward model (as InstructGPT) or the policy (--peft: sharing its base)"""
+        shared = {id(p): p for p in policy.parameters()} if args.peft != "none" else {}
+        return load_reward_model(target, device) if kind == "model" else RewardModel(copy.deepcopy(policy, shared))
 
+    models = load_rl_models(args, run, enc, make_value_model)
+    policy, reference, value_model, model_name = models.policy, models.reference, models.value_model, models.name
     # ---- prompts: training prompts are sampled, held-out prompts are fixed; training text for PPO-ptx
-    prompts = make_prompts(args, enc, context, with_text=args.ptx_coef > 0)
-
-    def reward(prompt_ids, answers, ended):
-        """The score of each answer, less --missing-eos-penalty for answers that never ended. -> (B,) on CPU"""
-        return score(prompt_ids, answers) - args.missing_eos_penalty * (~ended).float()
+    prompts = make_prompts(prompt_spec(args, args.eval_prompts), enc, models.context, with_text=args.ptx_coef > 0)
+    heldout = HeldOut(args, run, models, prompts, enc)
 
     def paid_scores(scores, rollout):
         """What the rewards pay: the scores (whitened with --whiten-scores), all on each answer's last token or,
         with --dense-score, each letter token's part of the share where it was sampled. -> scores, token_scores"""
-        answer_ids = rollout.input_ids[:, rollout.P :]
+        answer_ids, score = rollout.input_ids[:, rollout.P :], models.reward.score
         token_scores = score.token_scores(answer_ids, rollout.mask, rollout.ended) if args.dense_score else None
         return whiten_scores(scores, token_scores) if args.whiten_scores else (scores, token_scores)
 
@@ -296,12 +287,6 @@ def train(args, run):
         if args.target_kl is None:
             return kl_coef
         return adaptive_kl_coef(kl_coef, kl, args.target_kl, args.rollout_batch * run.world, args.kl_horizon)
-
-    def evaluate():  # held-out prompts, one answer each (the same draws every time): score, KL, text
-        heldout = prompts.heldout
-        return evaluate_policy(
-            policy, reference, heldout, reward, enc, args.max_new_tokens, run.ctx, args.seed, args.samples
-        )
 
     kl_state = {"kl_coef": args.kl_coef}  # moves with --target-kl; part of every checkpoint
     run.summary.update(model=model_name, reward=args.reward, ref_model=args.ref_model, world_size=run.world)
@@ -315,11 +300,7 @@ def train(args, run):
             f"{args.rollout_batch * run.world} answers per step",
             flush=True,
         )
-    if run.master and not run.resumed:
-        before, shown = evaluate()
-        run.summary.update(score_before=before["val_score"], kl_before=before["val_kl"])
-        run.log(0, **before, kl_coef=kl_state["kl_coef"])
-        run.write_text("samples_before.txt", shown)
+    heldout.before(kl_coef=kl_state["kl_coef"])
 
     # value model and policy train together: one optimizer, one gradient clip over both
     trained = nn.ModuleList([policy, value_model])
@@ -329,6 +310,8 @@ def train(args, run):
     first_step = run.track(policy, optimizer, data_rng, extras={"value_model": value_model, "kl": kl_state})
     train_policy = wrap_model(policy, device, run.world, args.compile, args.activation_checkpointing)
     train_value = wrap_model(value_model, device, run.world, args.compile, args.activation_checkpointing)
+    learner = Learner(train_policy, train_value, run.ctx)
+    ptx_text = (lambda n: prompts.text_batch(n, data_rng, device)) if args.ptx_coef else None  # PPO-ptx
     trained.train()
     for step in range(first_step, args.steps + 1):
         lr = lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule)
@@ -342,7 +325,7 @@ def train(args, run):
         mask = rollout.mask  # (B, L): 1 on each answer's tokens
         t1 = time.time()
         # ---- 2. score the answers, and read them back: old log-probs, reference log-probs, values (no gradients)
-        scores = reward(prompt_ids, rollout.answers, rollout.ended).to(device)  # (B,)
+        scores = models.reward(prompt_ids, rollout.answers, rollout.ended).to(device)  # (B,)
         old_logps, ref_logps, old_values = read_back(policy, reference, value_model, rollout, run.ctx)  # (B, L)
         # ---- 3. per-token rewards: the score, less the KL penalty at every token
         paid, token_scores = paid_scores(scores, rollout)
@@ -361,19 +344,25 @@ def train(args, run):
         mean_kl = all_reduce_mean(stats["kl"].item(), device)  # what every rank checks and adapts to
         check_kl(mean_kl, step)
         t2 = time.time()
-        # ---- 5. the PPO update: --ppo-epochs passes over shuffled minibatches of --batch-size answers
-        exp = dict(old_logps=old_logps, old_values=old_values, advantages=advantages, returns=returns)
-        models = (train_policy, train_value, trained)
-        update = ppo_update(args, run, step, models, optimizer, rollout, exp, prompts, data_rng)
+        # ---- 5. the PPO update: --ppo-epochs passes over shuffled minibatches of --batch-size answers, one
+        # optimizer step each
+        exp, update = Experience(old_logps, advantages, ref_logps, old_values, returns), StepMeans()
+        for minibatch in minibatches(args.rollout_batch, args.batch_size, args.ppo_epochs, data_rng, device):
+            sums = ppo_step(args, learner, rollout, exp, minibatch, ptx_text)  # forward and backward
+            sums["grad_norm"] = clip_gradients(trained, args.grad_clip)  # the norm before clipping
+            run.stop_if_diverged(step, sums["loss"], sums["grad_norm"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update.add(sums)
         t3 = time.time()
         # ---- 6. adapt the KL coefficient; evaluate, log, checkpoint
         kl_state["kl_coef"] = next_kl_coef(kl_coef, mean_kl)
-        if run.master and (step % args.eval_every == 0 or step == args.steps):
-            run.log(step, **evaluate()[0], kl_coef=kl_coef)
+        if heldout.due(step):
+            run.log(step, **heldout()[0], kl_coef=kl_coef)
         times = {"time_generate_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2}
         run.log.count(mask.sum())
         if run.log.due(step):
-            run.log.step(step, **stats, **update, kl_coef=kl_coef, lr=lr, **times)
+            run.log.step(step, **stats, **update.means(), kl_coef=kl_coef, lr=lr, **times)
         if run.checkpoint_due(step):
             run.save_checkpoint(step)
         if run.stop_requested:
@@ -383,12 +372,7 @@ def train(args, run):
         return
     run.summary.update(steps=args.steps, lr=args.lr, kl_coef=kl_state["kl_coef"])
     run.save_model(policy, template=args.template, prompt_source=args.prompt_source)
-    with run.optional("the held-out evaluation after training"):
-        after, shown = evaluate()
-        run.summary.update(score_after=after["val_score"], kl_after=after["val_kl"])
-        run.write_text("samples_after.txt", shown)
-    with run.optional("the plots"):
-        plot_heldout(run.out, run.log.history, f"PPO, reward {args.reward}")
+    heldout.after(f"PPO, reward {args.reward}")
     s = {k: fmt(run.summary.get(k)) for k in ("score_before", "score_after", "kl_after", "kl_coef")}
     kl = f"KL to the reference {s['kl_after']} nats per answer (kl_coef {s['kl_coef']})"
     print(f"held-out score {s['score_before']} -> {s['score_after']}, {kl}; outputs in {run.out}", flush=True)

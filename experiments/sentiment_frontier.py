@@ -27,7 +27,6 @@ again, so a sweep that stopped continues where it was (`--out` the same folder).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -46,7 +45,7 @@ from nanotune import load_tokenizer  # noqa: E402
 from nanotune.flags import Parser, integer, real  # noqa: E402
 from nanotune.loader import load_model  # noqa: E402
 from nanotune.plot import plot_curves  # noqa: E402
-from nanotune.rewards import BookPrompts, make_reward  # noqa: E402
+from nanotune.rewards import BookPrompts, PromptSpec, make_reward  # noqa: E402
 from nanotune.rollout import answer_logprobs, sample_rollout  # noqa: E402
 from nanotune.utils import atomic_write, die, pick_device  # noqa: E402
 
@@ -196,8 +195,8 @@ class Measure:
         self.enc, self.device, self.seed = load_tokenizer(), device, args.seed
         self.reference, _ = load_model(args.model, device, quiet=True)
         self.reference.eval()
-        spec = argparse.Namespace(books=args.books, heldout_book=args.heldout_book, prompt_len=PROMPT_LEN)
-        spec.max_new_tokens, spec.eval_prompts = ANSWER_LEN, args.eval_prompts
+        spec = PromptSpec(max_new_tokens=ANSWER_LEN, eval_prompts=args.eval_prompts, prompt_len=PROMPT_LEN)
+        spec.books, spec.heldout_book = args.books, args.heldout_book
         self.windows = BookPrompts(spec, self.enc, self.reference.config.n_positions).heldout
         self.samples = args.eval_samples
         self.reward = make_reward("sentiment", self.enc, device, OFF)

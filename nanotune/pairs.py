@@ -46,7 +46,7 @@ from .flags import Parser, integer
 from .loader import load_model
 from .metrics import fmt, progress
 from .outdir import OutputFolder
-from .rewards import add_reward_args, make_prompts, make_reward, settle_reward_args
+from .rewards import add_reward_args, make_prompts, make_reward, prompt_spec, settle_reward_args
 from .rollout import sample_rollout
 from .tokenizer import load_tokenizer
 from .utils import (
@@ -190,7 +190,7 @@ def write_jsonl(path: Path, rows: list[dict]):
 def prompt_source(args, enc, context: int):
     """nanotune.rewards.make_prompts for these flags. It also builds held-out prompts, which this tool does not
     use: one is asked for (the source still checks that the held-out book or test split has one)."""
-    return make_prompts(argparse.Namespace(**vars(args), eval_prompts=1), enc, context)
+    return make_prompts(prompt_spec(args, eval_prompts=1), enc, context)
 
 
 def make_pairs(args, out: Path) -> dict:

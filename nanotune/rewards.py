@@ -16,6 +16,7 @@ text (text_batch).
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
@@ -151,24 +152,58 @@ def make_reward(spec: str, enc, device, ctx, dtype: str = "float32"):
     return SentimentScore(enc) if kind == "sentiment" else LetterShare(enc, target)
 
 
+@dataclass
+class PromptSpec:
+    """What a prompt source reads: where the prompts come from, how long an answer may be, how many held-out
+    prompts; instruction prompts: their sources, record limit, split seed and template; book prompts: the
+    training books, the held-out book and the window length. (prompt_spec(args): these from the flags.)"""
+
+    source: str = "books"  # "books" or "instructions"
+    max_new_tokens: int = 24
+    eval_prompts: int = 64
+    data: list[str] | None = None  # None: SFT's instruction set
+    limit: int | None = None
+    seed: int = 1337
+    template: str = "alpaca"
+    books: list[str] | None = None  # None: the five default books
+    heldout_book: str | None = None  # None: Gulliver's Travels
+    prompt_len: int = 64
+
+
+def prompt_spec(args, eval_prompts: int) -> PromptSpec:
+    """The PromptSpec of add_reward_args's flags (settled) and --seed, with eval_prompts held-out prompts."""
+    return PromptSpec(
+        source=args.prompt_source,
+        max_new_tokens=args.max_new_tokens,
+        eval_prompts=eval_prompts,
+        data=args.data,
+        limit=args.limit,
+        seed=args.seed,
+        template=args.template,
+        books=args.books,
+        heldout_book=args.heldout_book,
+        prompt_len=args.prompt_len,
+    )
+
+
 class InstructionPrompts:
     """Instruction prompts in the SFT template: the training split is sampled, the test split held out (the same
     seeded split as SFT and DPO); prompts too long to leave room for a whole answer are skipped. PPO-ptx text:
     the SFT examples, loss on their response tokens."""
 
-    def __init__(self, args, enc, context: int, with_text: bool = False):
-        sources = args.data or [default_file("instruction-data.json", INSTRUCTIONS_URL)]
-        train, _, test = load_splits(sources, "prompt", args.limit, args.seed)  # a conversation: all before its answer
+    def __init__(self, spec: PromptSpec, enc, context: int, with_text: bool = False):
+        sources = spec.data or [default_file("instruction-data.json", INSTRUCTIONS_URL)]
+        train, _, test = load_splits(sources, "prompt", spec.limit, spec.seed)  # a conversation: all before its answer
         encoded = {
-            name: [prompt_ids(enc, ex, args.template) for ex in split]
+            name: [prompt_ids(enc, ex, spec.template) for ex in split]
             for name, split in (("train", train), ("test", test))
         }
-        fitting = {name: [p for p in ids if len(p) + args.max_new_tokens <= context] for name, ids in encoded.items()}
+        fitting = {name: [p for p in ids if len(p) + spec.max_new_tokens <= context] for name, ids in encoded.items()}
         self.skipped = sum(len(encoded[name]) - len(fitting[name]) for name in encoded)
-        self.train, self.heldout = fitting["train"], fitting["test"][: args.eval_prompts]
+        self.train, self.heldout = fitting["train"], fitting["test"][: spec.eval_prompts]
         if not self.train or not self.heldout:
             raise NanotuneError(
-                f"no prompt leaves room for --max-new-tokens {args.max_new_tokens} in the context of {context}: "
+                f"no prompt leaves room for --max-new-tokens {spec.max_new_tokens} in the context of {context}: "
                 "lower --max-new-tokens"
             )
         self.texts = [  # the SFT examples whose prompt fits, their response cut to the context
@@ -191,24 +226,24 @@ class BookPrompts:
     """Windows of --prompt-len tokens: random ones from the training books, evenly spread fixed ones from the
     held-out book. PPO-ptx text: random windows of prompt + answer length."""
 
-    def __init__(self, args, enc, context: int, with_text: bool = False):
-        self.prompt_len, self.text_len = args.prompt_len, args.prompt_len + args.max_new_tokens
+    def __init__(self, spec: PromptSpec, enc, context: int, with_text: bool = False):
+        self.prompt_len, self.text_len = spec.prompt_len, spec.prompt_len + spec.max_new_tokens
         if self.text_len > context:
             raise NanotuneError(
-                f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceed the models' "
+                f"--prompt-len {spec.prompt_len} + --max-new-tokens {spec.max_new_tokens} exceed the models' "
                 f"context of {context}"
             )
         url = "https://www.gutenberg.org/cache/epub/{0}/pg{0}.txt"
-        books = args.books or [default_file(f"{n}.txt", url.format(i), "--books") for n, i in BOOKS.items()]
+        books = spec.books or [default_file(f"{n}.txt", url.format(i), "--books") for n, i in BOOKS.items()]
         self.tokens = torch.cat([torch.tensor(enc.encode_ordinary(read_book(book) + "\n\n")) for book in books])
-        heldout_book = args.heldout_book or default_file("gulliver.txt", GULLIVER_URL, "--heldout-book")
+        heldout_book = spec.heldout_book or default_file("gulliver.txt", GULLIVER_URL, "--heldout-book")
         heldout = enc.encode_ordinary(read_book(heldout_book))
         if len(self.tokens) <= self.text_len or len(heldout) <= self.prompt_len:
             raise NanotuneError(
                 f"the books hold {len(self.tokens)} and {len(heldout)} tokens: too few for --prompt-len "
-                f"{args.prompt_len} + --max-new-tokens {args.max_new_tokens}"
+                f"{spec.prompt_len} + --max-new-tokens {spec.max_new_tokens}"
             )
-        starts = torch.linspace(0, len(heldout) - self.prompt_len, args.eval_prompts).long().tolist()
+        starts = torch.linspace(0, len(heldout) - self.prompt_len, spec.eval_prompts).long().tolist()
         self.heldout = [heldout[s : s + self.prompt_len] for s in starts]
         self.skipped, self.described = 0, f"{len(self.tokens)} book tokens"
 
@@ -223,7 +258,7 @@ class BookPrompts:
         return windows[:, :-1], windows[:, 1:]
 
 
-def make_prompts(args, enc, context: int, with_text: bool = False):
-    """The prompt source --prompt-source names (see settle_reward_args for its default)."""
-    source = InstructionPrompts if args.prompt_source == "instructions" else BookPrompts
-    return source(args, enc, context, with_text)
+def make_prompts(spec: PromptSpec, enc, context: int, with_text: bool = False):
+    """The prompt source spec.source names (--prompt-source; see settle_reward_args for its default)."""
+    source = InstructionPrompts if spec.source == "instructions" else BookPrompts
+    return source(spec, enc, context, with_text)

@@ -1,17 +1,24 @@
-"""Sampling answers and reading their log-probabilities back: the part of an RL step that is the same whatever
-the algorithm (train_ppo.py, and any recipe that samples answers to prompts and scores them)."""
+"""What an RL step is whatever the algorithm (train_ppo.py, train_grpo.py, and any recipe that samples answers to
+prompts and scores them): the models (load_rl_models: the policy, its KL reference, the reward), sampling
+answers (Rollout) and scoring them (Reward), reading their log-probabilities back (Experience: what an update
+compares against), the minibatches of an update, and the held-out evaluation (HeldOut)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .flags import integer, real
 from .generate import generate
 from .instruct import token_logprobs
+from .loader import load_model
+from .peft import PeftSpec, apply_peft, base_model
 from .plot import plot_curves
-from .utils import DivergedError
+from .rewards import make_reward
+from .utils import DivergedError, NanotuneError
 
 KL_FLOOR = -1.0  # nats; see check_kl
 
@@ -27,6 +34,71 @@ class Rollout:
     P: int
     answers: list[list[int]]  # token lists without <|endoftext|>
     ended: torch.Tensor  # (B,) bool, on the CPU: the answer ended with <|endoftext|>
+
+
+@dataclass
+class Experience:
+    """What an update compares the policy against, one row per answer of a Rollout, read without gradients."""
+
+    old_logps: torch.Tensor  # (B, L) log-probs of the policy that sampled the answers
+    advantages: torch.Tensor  # (B, L) per token (PPO's GAE) or (B,) per answer (GRPO's group baseline)
+    ref_logps: torch.Tensor | None = None  # (B, L) the KL reference's log-probs (GRPO: only with --beta)
+    old_values: torch.Tensor | None = None  # (B, L) the value model's estimates (PPO)
+    returns: torch.Tensor | None = None  # (B, L) the value model's regression targets (PPO)
+
+
+class Reward:
+    """--reward's score of each answer, less --missing-eos-penalty for an answer that never ended, checked: one
+    finite score per answer, or a one-line error. reward(prompt_ids, answers, ended) -> (B,) on the CPU."""
+
+    def __init__(self, spec: str, score, missing_eos_penalty: float):
+        self.spec, self.score, self.missing_eos_penalty = spec, score, missing_eos_penalty
+        self.context = score.context  # prompt + answer must fit (None: no limit)
+
+    def __call__(self, prompt_ids, answers, ended: torch.Tensor) -> torch.Tensor:
+        scores = self.score(prompt_ids, answers)
+        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (len(answers),):
+            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            n = len(answers)
+            raise NanotuneError(
+                f"--reward {self.spec} gave scores of shape {shape} for {n} answers: one score each expected"
+            )
+        scores = scores - self.missing_eos_penalty * (~ended).float()
+        if not torch.isfinite(scores).all():
+            raise NanotuneError(f"--reward {self.spec} gave NaN or infinite scores: check the reward model")
+        return scores
+
+
+@dataclass
+class RLModels:
+    """What an RL recipe samples, scores and compares with (see load_rl_models)."""
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    reward: Reward
+    name: str  # the policy's name, for saving it
+    context: int  # the longest prompt + answer every model (and the reward) reads
+    value_model: torch.nn.Module | None = None
+
+
+def load_rl_models(args, run, enc, value_model: Callable | None = None) -> RLModels:
+    """The policy (--model, trained: --peft applied), the frozen KL reference (--ref-model, or where the policy
+    starts: with --peft the policy, its additions switched off), --reward's scorer, and the context they all
+    read. value_model(policy) -> a value model, built from the policy before --peft changes it (PPO)."""
+    policy, name = load_model(args.model, run.device, quiet=not run.master)
+    reference = load_model(args.ref_model, run.device, "--ref-model", quiet=True)[0] if args.ref_model else None
+    reference = base_model(policy, args.peft) if reference is None else reference.eval().requires_grad_(False)
+    score = make_reward(args.reward, enc, run.device, run.ctx, run.dtype)  # (prompt_ids, answers) -> (B,)
+    value = value_model(policy) if value_model else None
+    peft = PeftSpec.from_flags(args)
+    apply_peft(policy, peft, name)
+    bodies = [policy, reference]
+    if value is not None:
+        apply_peft(value.body, peft, name)  # (the value head stays trainable)
+        bodies.append(value.body)
+    context = min(m.config.n_positions - m.n_virtual for m in bodies)
+    reward = Reward(args.reward, score, args.missing_eos_penalty)
+    return RLModels(policy, reference, reward, name, min(context, reward.context or context), value)
 
 
 @torch.no_grad()
@@ -76,6 +148,55 @@ def answer_logprobs(model, input_ids, attention_mask, P: int, ctx):
     return logps, entropy
 
 
+@torch.no_grad()
+def read_back_logprobs(policy, reference, rollout: Rollout, ctx, with_reference: bool = True):
+    """The log-probs of the sampled answers under the policy that sampled them (in eval mode, as it sampled) and,
+    with_reference, under the reference. -> old_logps, ref_logps or None (B, L)"""
+    inputs = (rollout.input_ids, rollout.attention_mask, rollout.P, ctx)
+    policy.eval()
+    old_logps = answer_logprobs(policy, *inputs)[0]
+    policy.train()
+    return old_logps, answer_logprobs(reference, *inputs)[0] if with_reference else None
+
+
+def minibatches(n: int, size: int, epochs: int, rng: torch.Generator, device):
+    """An update's passes over n answers: each epoch a new shuffle (drawn from rng when it begins), cut into
+    minibatches of `size`, one optimizer step each. -> index tensors (size,) on the device"""
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=rng).to(device)
+        for start in range(0, n, size):
+            yield order[start : start + size]
+
+
+def micro_batches(minibatch: torch.Tensor, grad_accum: int):
+    """A minibatch as --grad-accum micro-batches (every grad_accum-th answer). -> (indices, is it the last?)"""
+    for k in range(grad_accum):
+        yield minibatch[k::grad_accum], k == grad_accum - 1
+
+
+class StepMeans:
+    """The mean over an update's optimizer steps of each loss and statistic (tensors, read back when logged);
+    first: the first step's."""
+
+    def __init__(self):
+        self.sums, self.first, self.n = {}, None, 0
+
+    def add(self, step_sums: dict):
+        self.first = step_sums if self.first is None else self.first
+        for key, value in step_sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.n += 1
+
+    def means(self) -> dict:
+        return {key: value / self.n for key, value in self.sums.items()}
+
+
+def add_detached(sums: dict, parts: dict):
+    """sums[key] += parts[key], detached (a micro-batch's share of a minibatch's statistics)."""
+    for key, value in parts.items():
+        sums[key] = sums.get(key, 0.0) + value.detach()
+
+
 def answer_values(model, input_ids, attention_mask, P: int, ctx):
     """The value model's estimate before each answer token. input_ids (B, P + L) -> (B, L)"""
     with ctx:
@@ -115,6 +236,57 @@ def evaluate_policy(policy, reference, prompt_ids, reward, enc, max_new_tokens: 
         end = "" if e else ", no end"
         text.append(f"--- prompt {i} (score {s:.3f}, KL {k:.2f} nats{end}) ---\n{enc.decode(p)}\n>>> {enc.decode(a)}\n")
     return {"val_score": scores.mean().item(), "val_kl": kl.mean().item()}, "\n".join(text)
+
+
+def add_rl_args(parser):
+    """The flags every RL recipe has beside add_reward_args's: what an unended answer costs (Reward) and the
+    held-out evaluation (HeldOut)."""
+    add = parser.add_argument
+    eos = "subtracted from the score of an answer that never ends"
+    add("--missing-eos-penalty", type=real(), default=0.0, help=eos)
+    add("--eval-every", type=integer(1), default=10, help="held-out score and KL every N steps (default 10)")
+    add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
+    add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
+
+
+class HeldOut:
+    """An RL run's held-out evaluation (see evaluate_policy): before training, every --eval-every steps and after
+    it, on the master process; samples_before.txt, samples_after.txt and the plots (plot_heldout)."""
+
+    OUTPUTS = ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg")  # what it writes in --out
+
+    def __init__(self, args, run, models: RLModels, prompts, enc):
+        self.args, self.run, self.models, self.prompts, self.enc = args, run, models, prompts, enc
+
+    def __call__(self):
+        """-> {"val_score", "val_kl"}, the first --samples answers as text"""
+        a, m = self.args, self.models
+        heldout, samples = self.prompts.heldout, a.samples
+        return evaluate_policy(
+            m.policy, m.reference, heldout, m.reward, self.enc, a.max_new_tokens, self.run.ctx, a.seed, samples
+        )
+
+    def due(self, step: int) -> bool:
+        return self.run.master and (step % self.args.eval_every == 0 or step == self.args.steps)
+
+    def before(self, **extra):
+        """Step 0 of a run that does not resume: logged (with extra), written to samples_before.txt."""
+        run = self.run
+        if run.master and not run.resumed:
+            before, shown = self()
+            run.summary.update(score_before=before["val_score"], kl_before=before["val_kl"])
+            run.log(0, **before, **extra)
+            run.write_text("samples_before.txt", shown)
+
+    def after(self, title: str):
+        """After training, the weights saved: samples_after.txt and the plots, each allowed to fail alone."""
+        run = self.run
+        with run.optional("the held-out evaluation after training"):
+            after, shown = self()
+            run.summary.update(score_after=after["val_score"], kl_after=after["val_kl"])
+            run.write_text("samples_after.txt", shown)
+        with run.optional("the plots"):
+            plot_heldout(run.out, run.log.history, title)
 
 
 def plot_heldout(out, history: list[dict], title: str):

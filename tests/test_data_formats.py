@@ -267,12 +267,10 @@ def test_mix_needs_one_weight_per_source(tiny, tmp_path, capsys):
 
 
 def test_dpo_reward_and_rl_prompts_take_conversations_whose_prompt_is_all_before_the_last_answer(tmp_path):
-    import argparse
-
     import train_dpo
     import train_reward
     from nanotune.chat import render
-    from nanotune.rewards import InstructionPrompts
+    from nanotune.rewards import InstructionPrompts, PromptSpec
 
     enc = load_tokenizer()
     history = [
@@ -306,7 +304,8 @@ def test_dpo_reward_and_rl_prompts_take_conversations_whose_prompt_is_all_before
     # PPO and GRPO: the held-out and training prompts of conversations, preference data's too
     for records in (pairs, [{"messages": p + [{"role": "assistant", "content": "The Nile."}]} for p in prompts]):
         (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        rl_args = argparse.Namespace(
+        rl_args = PromptSpec(
+            source="instructions",
             data=[str(tmp_path / "data.jsonl")],
             limit=None,
             seed=1337,

@@ -14,9 +14,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import nanotune.rollout
 import train_grpo
 from nanotune import GPT, GPTConfig
-from nanotune.rollout import answer_logprobs, layout
+from nanotune.rollout import Experience, StepMeans, answer_logprobs, layout, minibatches
+from nanotune.training import clip_gradients
 from train_grpo import aggregate, clipped_objective, group_advantages, k3_kl
 
 finite = st.floats(-5, 5, allow_nan=False, width=32)
@@ -99,6 +101,18 @@ def test_loss_aggregations_equal_float64_loops(x, lengths):
         assert aggregate(padded, mask, kind, max_new_tokens=10).item() == pytest.approx(value, rel=1e-5, abs=1e-5)
 
 
+def grpo_update(args, policy, optimizer, rollout, exp, rng):
+    """train_grpo.train()'s step 4 (without DDP, compile or the divergence check) -> its logged statistics"""
+    update = StepMeans()
+    for minibatch in minibatches(rollout.mask.shape[0], args.batch_size, args.epochs, rng, "cpu"):
+        sums = train_grpo.grpo_step(args, policy, rollout, exp, minibatch, contextlib.nullcontext())
+        sums["grad_norm"] = clip_gradients(policy, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update.add(sums)
+    return {"first_ratio": update.first["ratio"], **update.means()}
+
+
 def test_one_update_raises_the_better_answers_of_a_group(tiny):
     # four answers to one prompt, two scored 1 and two 0: one GRPO step makes the first two more likely
     torch.manual_seed(0)
@@ -120,12 +134,9 @@ def test_one_update_raises_the_better_answers_of_a_group(tiny):
         max_new_tokens=3,
         grad_clip=0.0,
     )
-    run = argparse.Namespace(device=torch.device("cpu"), ctx=contextlib.nullcontext(), stop_if_diverged=lambda *a: None)
-    exp = {"old_logps": before, "ref_logps": None, "advantages": group_advantages(scores, "grpo").flatten()}
+    exp = Experience(old_logps=before, ref_logps=None, advantages=group_advantages(scores, "grpo").flatten())
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
-    update = train_grpo.grpo_update(
-        args, run, 1, policy, policy, optimizer, rollout, exp, torch.Generator().manual_seed(0)
-    )
+    update = grpo_update(args, policy, optimizer, rollout, exp, torch.Generator().manual_seed(0))
     assert update["first_ratio"].item() == 1.0  # the first update is on-policy: the ratio is exactly 1
     with torch.no_grad():
         after = answer_logprobs(policy, *inputs)[0]
@@ -140,19 +151,18 @@ def test_grad_accum_changes_memory_not_the_update(loss_agg, tiny):
     prompt, answers = [464, 3290, 318], [[11], [14, 15], [16, 17, 18], [19, 20, 21, 22, 23]]
     rollout = layout([prompt] * 4, [prompt + a for a in answers], 50256, torch.device("cpu"))
     inputs = (rollout.input_ids, rollout.attention_mask, rollout.P, contextlib.nullcontext())
-    run = argparse.Namespace(device=torch.device("cpu"), ctx=contextlib.nullcontext(), stop_if_diverged=lambda *a: None)
     results = []
     for grad_accum in (1, 2):
         policy = GPT.from_pretrained(tiny).train()
         start = torch.cat([p.detach().flatten() for p in policy.parameters()])
         with torch.no_grad():
             old = answer_logprobs(policy, *inputs)[0] - 0.05  # off-policy a little, so the ratio matters
-        exp = {"old_logps": old, "ref_logps": old - 0.1, "advantages": torch.tensor([1.0, -0.5, 0.8, -1.2])}
+        exp = Experience(old_logps=old, ref_logps=old - 0.1, advantages=torch.tensor([1.0, -0.5, 0.8, -1.2]))
         args = argparse.Namespace(epochs=1, batch_size=4, grad_accum=grad_accum, clip_low=0.2, clip_high=0.2,
                                   beta=0.1, loss_agg=loss_agg, max_new_tokens=5, grad_clip=0.0)  # fmt: skip
         optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
         rng = torch.Generator().manual_seed(0)
-        stats = train_grpo.grpo_update(args, run, 1, policy, policy, optimizer, rollout, exp, rng)
+        stats = grpo_update(args, policy, optimizer, rollout, exp, rng)
         results.append((stats, torch.cat([p.detach().flatten() for p in policy.parameters()]) - start))
     (whole, update), (pieces, update_accum) = results
     for key in ("loss", "kl_k3", "entropy", "ratio", "clip_low", "clip_high"):
@@ -232,7 +242,7 @@ def test_uniform_groups_are_drawn_again_with_skip_uniform_groups(tiny, shared, t
         score.context = None
         return score
 
-    monkeypatch.setattr(train_grpo, "make_reward", half_uniform)
+    monkeypatch.setattr(nanotune.rollout, "make_reward", half_uniform)
     for flag, mean_score in (([], 0.75), (["--skip-uniform-groups"], 0.5)):
         out = tmp_path / f"g{len(flag)}"
         argv = ["--model", tiny, "--out", str(out), "--reward", "letter:e", "--steps", "1"] + flag
@@ -265,7 +275,7 @@ def test_nan_rewards_stop_with_one_line(tiny, shared, tmp_path, monkeypatch, cap
         score.context = None
         return score
 
-    monkeypatch.setattr(train_grpo, "make_reward", nan_reward)
+    monkeypatch.setattr(nanotune.rollout, "make_reward", nan_reward)
     argv = ["--model", tiny, "--out", str(tmp_path / "nan"), "--reward", "letter:x", "--steps", "1"]
     assert run_main(train_grpo.main, argv + book_args(shared)) == 2
     assert "gave NaN or infinite scores" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import nanotune.rollout
 import train_ppo
 from nanotune import GPT, GPTConfig
 from nanotune.reward_model import RewardModel
@@ -422,6 +423,33 @@ def test_ppo_stops_when_the_kl_goes_strongly_negative(tiny, shared, tmp_path, mo
     )
     assert code == 2
     assert "mean KL to the reference is -5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "scores, message",
+    [
+        (lambda n: torch.full((n,), float("nan")), "--reward letter:x gave NaN or infinite scores: check the reward"),
+        (lambda n: torch.full((n,), float("inf")), "--reward letter:x gave NaN or infinite scores: check the reward"),
+        (lambda n: torch.zeros(n, 2), "--reward letter:x gave scores of shape (8, 2) for 8 answers"),
+    ],
+    ids=["nan", "inf", "two-per-answer"],
+)
+def test_a_reward_that_is_not_one_finite_score_per_answer_stops_with_one_line(
+    scores, message, tiny, shared, tmp_path, monkeypatch, capsys
+):
+    # the same scoring as GRPO's (nanotune.rollout.Reward): a NaN would train on NaN advantages
+    def bad_reward(spec, enc, device, ctx, dtype):
+        def score(prompt_ids, answers):
+            return scores(len(answers))
+
+        score.context = None
+        return score
+
+    monkeypatch.setattr(nanotune.rollout, "make_reward", bad_reward)
+    argv = ["--model", tiny, "--out", str(tmp_path / "nan"), "--reward", "letter:x", "--steps", "1"]
+    assert run_main(train_ppo.main, argv + book_args(shared, **{"--eval-prompts": "8"})) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize(
