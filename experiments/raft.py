@@ -212,8 +212,8 @@ def parse_args(argv=None):
     add("--out", default="out/raft-exp", help="folder of the data, the runs and the results (default out/raft-exp)")
     add("--model", default="weights/nano", help="the start model of every run (default weights/nano)")
     add("--quick", action="store_true", help="fewer entities, settings and steps (minutes, not an hour)")
-    add("--steps", type=integer(1), help="training steps of part 1's runs (default 150, --quick 40)")
-    add("--mix-steps", type=integer(1), help="training steps of part 2's runs (default 50, --quick 20)")
+    add("--steps", type=integer(1), help="training steps of part 1's runs (default 100, --quick 40)")
+    add("--mix-steps", type=integer(1), help="training steps of part 2's runs (default 40, --quick 20)")
     add("--entities", type=integer(8), help="people, places and organisations, 2:1:1 (default 240, --quick 80)")
     add("--test-questions", type=integer(1), help="held-out questions measured (default 150, --quick 60)")
     tokens = "longest passage (default 24: a fact or two, so that a step costs half what 40-token passages cost)"
@@ -228,7 +228,7 @@ def parse_args(argv=None):
     add("--device", default="cpu", help="device of every run (default cpu)")
     add("--seed", type=integer(0), default=1337, help="the world's, the split's and every run's seed")
     args = p.parse_args(argv)
-    defaults = {"steps": (150, 40), "mix_steps": (50, 20), "entities": (240, 80), "test_questions": (150, 60)}
+    defaults = {"steps": (100, 40), "mix_steps": (40, 20), "entities": (240, 80), "test_questions": (150, 60)}
     defaults |= {"windows": (40, 12)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
