@@ -394,13 +394,17 @@ def main(argv=None):
         f"world: {world[0]} entities, {world[1]} passages, {world[2]} train / {world[3]} held-out questions", flush=True
     )
     commands, folders = train_commands(args, out), {}
-    for name, folder, command in commands:
-        try:  # a run that fails (diverged, say) is a missing row, not the end of the experiment
-            run_step(command, folder, out / "logs" / f"{folder.name}.log")
-            folders[name] = folder
-        except StepFailed as e:
-            print(f"warning: {e}", file=sys.stderr, flush=True)
-    points = part_one(args, out, folders)
+    first = [c for c in commands if not c[0].endswith(("alone", "mixture"))]
+    for part, runs in (("part 1", first), ("part 2", commands[len(first) :])):
+        for name, folder, command in runs:
+            try:  # a run that fails (diverged, say) is a missing row, not the end of the experiment
+                run_step(command, folder, out / "logs" / f"{folder.name}.log")
+                folders[name] = folder
+            except StepFailed as e:
+                print(f"warning: {e}", file=sys.stderr, flush=True)
+        if part == "part 1":  # measured, and its tables written, before part 2 trains
+            points = part_one(args, out, folders)
+            report(out, world, points, [], first, (time.time() - started) / 60)
     tasks = part_two(args, out, folders)
     report(out, world, points, tasks, commands, (time.time() - started) / 60)
     print(f"{len(points)} points in {(time.time() - started) / 60:.1f} min: {out}/raft.md and raft.svg", flush=True)
