@@ -155,7 +155,8 @@ def write_world(args, out: Path, enc):
     (out / "docs").mkdir(parents=True, exist_ok=True)
     for e in entities:
         atomic_write(out / "docs" / f"{e['id']}.txt", " ".join(sentence for _, _, sentence, _ in e["facts"]) + "\n")
-    passages = split_passages(enc, [(e["id"], (out / "docs" / f"{e['id']}.txt").read_text()) for e in entities], 40)
+    docs = [(e["id"], (out / "docs" / f"{e['id']}.txt").read_text()) for e in entities]
+    passages = split_passages(enc, docs, args.passage_tokens)  # the passages every run and measurement indexes
     by_doc = {}
     for p in passages:
         by_doc.setdefault(p["doc"], []).append(p)
@@ -180,7 +181,7 @@ def write_tasks(args, out: Path, enc):
     """Part 2's data: entity.jsonl (RAFT examples of the training questions written out once: p 0.8, three random
     distractors, each question twice), attribution.jsonl and attribution-test.jsonl (windows of the books: the
     training ones from each book's first 98%, the test ones from its last 2%, which nano never saw)."""
-    index = Index.build(enc, out / "docs", 40)
+    index = Index.build(enc, out / "docs", args.passage_tokens)
     spec = type("Spec", (), {"p": 0.8, "distractors": 3, "distractor_source": "random"})
     rng, rows = random.Random(args.seed), []
     for q in read_questions(out / "train.jsonl", index) * 2:
@@ -213,9 +214,9 @@ def parse_args(argv=None):
     add("--model", default="weights/nano", help="the start model of every run (default weights/nano)")
     add("--quick", action="store_true", help="fewer entities, settings and steps (minutes, not an hour)")
     add("--steps", type=integer(1), help="training steps of part 1's runs (default 100, --quick 40)")
-    add("--mix-steps", type=integer(1), help="training steps of part 2's runs (default 40, --quick 20)")
+    add("--mix-steps", type=integer(1), help="training steps of part 2's runs (default 30, --quick 20)")
     add("--entities", type=integer(8), help="people, places and organisations, 2:1:1 (default 240, --quick 80)")
-    add("--test-questions", type=integer(1), help="held-out questions measured (default 150, --quick 60)")
+    add("--test-questions", type=integer(1), help="held-out questions measured (default 120, --quick 60)")
     tokens = "longest passage (default 24: a fact or two, so that a step costs half what 40-token passages cost)"
     add("--passage-tokens", type=integer(8), default=24, help=tokens)
     limit = "part 2: use only the first N records of the instruction set (default all)"
@@ -228,7 +229,7 @@ def parse_args(argv=None):
     add("--device", default="cpu", help="device of every run (default cpu)")
     add("--seed", type=integer(0), default=1337, help="the world's, the split's and every run's seed")
     args = p.parse_args(argv)
-    defaults = {"steps": (100, 40), "mix_steps": (40, 20), "entities": (240, 80), "test_questions": (150, 60)}
+    defaults = {"steps": (100, 40), "mix_steps": (30, 20), "entities": (240, 80), "test_questions": (120, 60)}
     defaults |= {"windows": (40, 12)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
