@@ -251,10 +251,31 @@ def test_generate_and_evaluate_put_the_retrieved_passages_into_the_prompt(tiny, 
 # ---------------------------------------------------------------- the experiment, end to end
 
 
-def test_the_experiment_quick_runs_end_to_end_and_every_point_is_its_command(tiny, tmp_path, shared):
+def load_experiment():
     spec_ = importlib.util.spec_from_file_location("raft_experiment", ROOT / "experiments" / "raft.py")
     experiment = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(experiment)
+    return experiment
+
+
+@pytest.mark.parametrize("passage_tokens", [16, 24, 40])
+def test_the_generated_worlds_gold_passage_states_the_answer_and_held_out_entities_are_never_trained(
+    tmp_path, passage_tokens
+):
+    experiment = load_experiment()
+    args = experiment.parse_args(["--out", str(tmp_path), "--entities", "40", "--passage-tokens", str(passage_tokens)])
+    experiment.write_world(args, tmp_path, ENC)
+    index = Index.build(ENC, tmp_path / "docs", passage_tokens)  # as every run and measurement indexes it
+    train, test = (read_questions(tmp_path / f"{name}.jsonl", index) for name in ("train", "test"))
+    for q in train + test:
+        (gold,) = q["gold"]
+        assert q["answer"] in index.passages[gold]["text"], (q, index.passages[gold])
+    documents = lambda qs: {index.passages[q["gold"][0]]["doc"] for q in qs}  # noqa: E731
+    assert not documents(train) & documents(test) and len(documents(test)) >= 8
+
+
+def test_the_experiment_quick_runs_end_to_end_and_every_point_is_its_command(tiny, tmp_path, shared):
+    experiment = load_experiment()
     out = tmp_path / "exp"
     argv = ["--quick", "--model", tiny, "--out", str(out), "--steps", "2", "--entities", "16", "--test-questions", "6"]
     argv += [
