@@ -228,6 +228,8 @@ def main(argv=None) -> dict:
             index, [q["question"] for q in questions], [q["gold"] for q in questions], k
         )
     line = f"{result['n']} questions: exact match {result['exact_match']:.1%}, token F1 {result['f1']:.3f}"
+    if "recall_at_k" in result:
+        line += f", BM25 recall@{k} {result['recall_at_k']:.1%}"
     if index is not None:
         line += f", gold passage in the prompt {result['gold_in_prompt']:.1%} ({k} passages"
         line += f"{', gold forced in' if args.gold else ''}; {cut} cut to fit the context)"
