@@ -32,6 +32,7 @@ from nanotune.instruct import (
     encode_example,
     load_examples,
     parse_mix,
+    sft_loss,
     source_names,
     split_examples,
     token_logprobs,
@@ -43,20 +44,6 @@ from nanotune.plot import plot_curves
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
 from nanotune.utils import NanotuneError, perplexity
-
-
-# L3 = L2 + lm_weight * L1, GPT-1's auxiliary objective (Radford et al. 2018): L2 = mean NLL of the response
-# tokens (labels), L1 = mean NLL of the prompt's own next tokens (prompt_labels), i.e. plain language modelling
-# of the instruction. n_response / n_prompt are the token counts the two means divide by: the whole batch's when
-# it is split into micro-batches (so the micro-batch losses add up to the batch's L3), else this call's own.
-def sft_loss(logits, labels, prompt_labels=None, lm_weight: float = 0.0, n_response=None, n_prompt=None):
-    lse = torch.logsumexp(logits.float(), dim=-1)  # (B, T): log softmax's normaliser, shared by both terms
-    n_response = (labels != IGNORE).sum() if n_response is None else n_response
-    loss = -token_logprobs(logits, labels, lse).sum() / n_response  # L2
-    if lm_weight:
-        n_prompt = (prompt_labels != IGNORE).sum() if n_prompt is None else n_prompt
-        loss = loss + lm_weight * -token_logprobs(logits, prompt_labels, lse).sum() / max(n_prompt, 1)  # + L * L1
-    return loss
 
 
 def load_data(enc, sources: list, args):

@@ -36,10 +36,11 @@ import torch
 from .data import INSTRUCTIONS_URL, default_file, read_records
 from .flags import Parser, integer, real
 from .formats import prompt_messages
-from .generate import generate
+from .generate import add_docs_args, generate
 from .instruct import check_answerable, load_examples, load_splits, prompt_ids
 from .loader import check_model, load_model, load_reward_model
 from .metrics import progress
+from .retrieval import answer_reserve, open_index, with_passages
 from .reward_model import PAD, RewardModel
 from .tokenizer import load_tokenizer
 from .utils import (
@@ -86,7 +87,13 @@ def parse_args(argv=None):
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     add("--out", default=None, help="output folder (default out/evaluate-<timestamp>)")
     add("--overwrite", action="store_true", help="replace an evaluation already in --out")
-    return p.parse_args(argv)
+    add_docs_args(p)  # --docs: both models (and the judge) read each prompt with the same retrieved passages
+    args = p.parse_args(argv)
+    if args.passages is not None and args.docs is None:
+        p.error("--passages needs --docs")
+    if args.answers and args.docs:
+        p.error("--docs puts passages into the prompts the models answer; --answers brings answers made elsewhere")
+    return args
 
 
 # normalized score = sigmoid(r(response) - r(reference)): the judge's probability that the response beats the
@@ -130,6 +137,17 @@ def load_prompts(args, enc):
     for ex in examples:
         ex["reference"] = ex.pop("answer")
     return examples, " ".join(map(str, sources))
+
+
+def add_passages(examples: list[dict], args, enc, context: int):
+    """--docs: each prompt's last user message gets the top --passages passages for it (the RAG layout of
+    nanotune/retrieval.py), whole passages left out where the context is short; the ids used go into
+    comparisons.jsonl."""
+    index, reserve = open_index(args.docs, enc, args.passage_tokens), answer_reserve(args.max_new_tokens, context)
+    for ex in examples:
+        ex["prompt"], ex["passages"] = with_passages(
+            enc, ex["prompt"], index, args.passages or 3, args.template, context, reserve
+        )
 
 
 def generate_answers(model_name, examples, args, device, enc):
@@ -220,6 +238,8 @@ def main(argv=None):
             examples, names, answers = read_answers(args.answers)
         else:
             examples, _ = load_prompts(args, enc)
+            if args.docs is not None:  # fitted to the judge's context, which reads prompt and answer together
+                add_passages(examples, args, enc, judge.config.n_positions)
             names = (
                 list(args.models)
                 if args.models[0] != args.models[1]
@@ -286,6 +306,7 @@ def main(argv=None):
                 "prompt": ex["prompt"],
                 "reference": ex.get("reference"),
                 "reference_reward": reference_rewards[i],
+                **({"passages": ex["passages"]} if "passages" in ex else {}),
                 **{name: {"answers": answers[m][i], "rewards": by_prompt[m][i]} for m, name in enumerate(names)},
             }
         )

@@ -14,6 +14,7 @@ from .flags import Parser, integer, real
 from .instruct import format_prompt
 from .loader import load_model
 from .model import GPT
+from .retrieval import DEFAULT_PASSAGE_TOKENS, answer_reserve, open_index, rag_prompt_ids
 from .tokenizer import load_tokenizer
 from .utils import NanotuneError, die, pick_device
 
@@ -166,6 +167,30 @@ def pick_tokens(logits, temperature, top_k, top_p, banned, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def add_docs_args(p):
+    """--docs, --passages and --passage-tokens: retrieval-augmented prompts (nanotune/retrieval.py)."""
+    docs = "answer from documents: a collection (folder of .txt/.md, JSONL of {id, text}) or a saved index folder "
+    p.add_argument("--docs", default=None, help=docs + "(a train_raft.py run's index/); see docs/raft.md")
+    passages = "with --docs: passages retrieved (BM25) and put before the question (default 3)"
+    p.add_argument("--passages", type=integer(1), default=None, help=passages)
+    tokens = f"with a --docs collection: longest passage in tokens (default {DEFAULT_PASSAGE_TOKENS})"
+    p.add_argument("--passage-tokens", type=integer(1), default=DEFAULT_PASSAGE_TOKENS, help=tokens)
+
+
+def passages_prompt(args, model, enc) -> list[int]:
+    """The instruction (and its input) as the question, the top --passages passages before it; each passage used
+    is named on stderr, and whole passages give way when the context is short."""
+    index = open_index(args.docs, enc, args.passage_tokens)
+    question = args.instruction + (f"\n{args.input}" if args.input else "")
+    hits = index.top_k(question, args.passages or 3)
+    context = model.config.n_positions - model.n_virtual
+    reserve = answer_reserve(args.max_new_tokens, context)
+    ids, kept = rag_prompt_ids(enc, question, [text for _, _, text, _ in hits], args.template, context, reserve)
+    for _, passage_id, _, score in hits[:kept]:
+        print(f"passage {passage_id} (BM25 score {score:.2f})", file=sys.stderr, flush=True)
+    return ids
+
+
 def main(argv=None):
     """python -m nanotune.generate: sample from a model, to look at what it writes.
 
@@ -187,9 +212,14 @@ def main(argv=None):
     p.add_argument("--samples", type=integer(1), default=1, help="how many continuations (default 1)")
     p.add_argument("--seed", type=int, default=1337, help="random seed of the sampling")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    add_docs_args(p)
     args = p.parse_args(argv)
     if args.instruction is not None and not args.instruction.strip():
         die("--instruction is empty: give the model something to answer")
+    if args.passages is not None and args.docs is None:
+        die("--passages needs --docs")
+    if args.docs is not None and args.prompt is not None:
+        die("--docs needs --instruction: the passages go into the chat template, before the question")
     try:
         device = pick_device(args.device)
         model, _ = load_model(args.model, device)
@@ -200,6 +230,9 @@ def main(argv=None):
             else format_prompt({"instruction": args.instruction, "input": args.input}, args.template)
         )
         ids = enc.encode_ordinary(text) or [enc.eot_token]
+        if args.docs is not None:  # the question with its retrieved passages, in the layout RAFT trains on
+            ids = passages_prompt(args, model, enc)
+            text = enc.decode(ids)
         room = model.config.n_positions - model.n_virtual - len(ids)
         if room < 1:
             raise NanotuneError(

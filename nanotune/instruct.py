@@ -183,6 +183,20 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor
     return (picked - lse) * (labels != IGNORE)
 
 
+# L3 = L2 + lm_weight * L1, GPT-1's auxiliary objective (Radford et al. 2018): L2 = mean NLL of the response
+# tokens (labels), L1 = mean NLL of the prompt's own next tokens (prompt_labels), i.e. plain language modelling
+# of the instruction. n_response / n_prompt are the token counts the two means divide by: the whole batch's when
+# it is split into micro-batches (so the micro-batch losses add up to the batch's L3), else this call's own.
+def sft_loss(logits, labels, prompt_labels=None, lm_weight: float = 0.0, n_response=None, n_prompt=None):
+    lse = torch.logsumexp(logits.float(), dim=-1)  # (B, T): log softmax's normaliser, shared by both terms
+    n_response = (labels != IGNORE).sum() if n_response is None else n_response
+    loss = -token_logprobs(logits, labels, lse).sum() / n_response  # L2
+    if lm_weight:
+        n_prompt = (prompt_labels != IGNORE).sum() if n_prompt is None else n_prompt
+        loss = loss + lm_weight * -token_logprobs(logits, prompt_labels, lse).sum() / max(n_prompt, 1)  # + L * L1
+    return loss
+
+
 # Sum of log p over the response tokens of each row (prompt and padding are IGNORE in labels).
 # logits (B, T, V), labels (B, T) -> (B,)
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
