@@ -106,6 +106,7 @@ def parse_args(argv=None):
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda")
     add("--seed", type=integer(0), default=1337, help="random seed (default 1337)")
     add("--max-kl", type=real(0, low_open=True), help="frontier.svg: draw only the points at KL <= this")
+    add("--replot", action="store_true", help="only redraw frontier.md and frontier.svg from --out's frontier.json")
     args = p.parse_args(argv)
     defaults = {"steps": (100, 30), "rl_steps": (20, 6), "pair_prompts": (512, 128), "rollout": (64, 32)}
     defaults |= {"max_n": (64, 32)}
@@ -267,6 +268,14 @@ def report(out: Path, points: list[dict], max_kl: float | None):
 def main(argv=None):
     args = parse_args(argv)
     out, started = Path(args.out), time.time()
+    if args.replot:  # (a figure drawn again, say with --max-kl, without running the sweep again)
+        try:
+            points = json.loads((out / "frontier.json").read_text())
+        except (OSError, ValueError) as e:
+            die(f"--replot: cannot read {out / 'frontier.json'}: {e}")
+        report(out, points, args.max_kl)
+        print(f"{len(points)} points redrawn: {out}/frontier.md and frontier.svg", flush=True)
+        return
     (out / "logs").mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
 
