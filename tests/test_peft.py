@@ -5,6 +5,7 @@ import importlib
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from helpers import run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
 import train_sft
 import train_xkl
@@ -20,7 +22,7 @@ from nanotune import GPT, generate
 from nanotune.checkpoint import save_trained
 from nanotune.instruct import IGNORE
 from nanotune.loader import load_model
-from nanotune.peft import PeftSpec, apply_peft, load_adapter_folder, merge
+from nanotune.peft import PEFT_PREFIX, PeftSpec, apply_peft, load_adapter_folder, merge
 from nanotune.run import Run
 
 METHODS = ["lora", "adapter", "lora+adapter", "prompt"]
@@ -377,3 +379,18 @@ def test_recipes_that_compare_log_probs_offer_no_lora_dropout(recipe, capsys):
         module.parse_args(["--peft", "lora", "--lora-dropout", "0.1"])
     assert exit_info.value.code == 2 and "unrecognized arguments: --lora-dropout" in capsys.readouterr().err
     assert importlib.import_module("train_sft").parse_args(["--lora-dropout", "0.1"]).lora_dropout == 0.1
+
+
+def test_a_lora_folder_whose_tensor_holds_a_nan_is_refused_at_load_naming_it(tiny, tmp_path, capsys):
+    # issue 34's probe: a LoRA folder with a NaN in one adapter tensor must not load silently
+    save_trained(perturb_new_tensors(with_peft(tiny, "lora")), tmp_path / "run")
+    adapter = tmp_path / "run" / "lora"
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    key = name.removeprefix(PEFT_PREFIX).removesuffix(".weight")
+    with pytest.raises(ValueError, match=rf"tensor {re.escape(key)} holds NaN/inf values"):
+        load_adapter_folder(adapter)
+    assert run_main(train_xkl.main, ["--model", str(adapter), "--out", str(tmp_path / "x")]) == 2
+    assert f"tensor {key} holds NaN/inf values" in capsys.readouterr().err
