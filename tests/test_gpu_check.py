@@ -2,6 +2,7 @@
 command instead of running it: every recipe is there (with and without --compile), each command's flags parse
 as its script's own parser reads them, and the summary counts what ran, what failed and what TIME_LIMIT cut."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import train_dpo
 import train_grpo
 import train_gulliver
 import train_ppo
+import train_raft
 import train_reward
 import train_sft
 import train_xkl
@@ -28,6 +30,8 @@ PARSERS = {
     "train_reward.py": train_reward.parse_args,
     "train_ppo.py": train_ppo.parse_args,
     "train_grpo.py": train_grpo.parse_args,
+    "train_raft.py": train_raft.parse_args,
+    "experiments/raft.py": importlib.import_module("experiments.raft").parse_args,
     "nanotune.verify": verify.parse_args,
     "nanotune.bench": bench.parse_args,
     "nanotune.bench_sampling": bench_sampling.parse_args,
@@ -75,11 +79,11 @@ def test_every_command_of_the_gpu_check_parses_and_every_recipe_runs_compiled_an
     assert recipes == {name: {False, True} for name in PARSERS if name.startswith("train_")}
     assert {p.name for p in ROOT.glob("train_*.py")} == set(recipes)  # a new recipe belongs in .ci/gpu too
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert len(summary["checks"]) == len(commands) == 20  # a command each
+    assert len(summary["checks"]) == len(commands) == 23  # a command each
     assert f"GPU check: {len(commands)} passed, 0 failed;" in out
 
 
-@pytest.mark.parametrize("part, checks", [("checks", 17), ("bench", 3)])
+@pytest.mark.parametrize("part, checks", [("checks", 20), ("bench", 3)])
 def test_the_gpu_check_runs_one_part(part, checks, tmp_path, shared):
     code, out, commands = run_gpu_check(tmp_path, shared, PART=part)
     benches = [argv for argv in commands if argv[:2] in (["-m", "nanotune.bench"], ["-m", "nanotune.bench_sampling"])]
