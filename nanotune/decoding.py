@@ -37,7 +37,7 @@ class KVCache:
         self.head = self.wte.t().contiguous() if copy_head else self.wte.t()
         self.packed_head = pack_bf16(model.wte.weight) if packed and onednn_bf16(device) else None
 
-    # ---- rows that join and leave (the server's batch, nanotune/engine.py)
+    # ---- rows that join and leave (the server's batch, nanotune/serve/engine.py)
 
     def add_rows(self, prompt: KVCache, length: int, n: int):
         """n rows at the end of the batch that continue `prompt`'s one row (its first `length` positions)."""
@@ -75,7 +75,7 @@ class KVCache:
 
 def onednn_bf16(device) -> bool:
     """A CPU whose oneDNN has bfloat16 kernels (AVX512-BF16 or AMX): there they stream packed bfloat16 weights at
-    2.5-10x MKL's float32 matrix-vector rate (python -m nanotune.bench_sampling)."""
+    2.5-10x MKL's float32 matrix-vector rate (python -m nanotune.bench.sampling)."""
     return (
         torch.device(device).type == "cpu"
         and torch.backends.mkldnn.is_available()

@@ -190,7 +190,7 @@ class GPT(nn.Module):
     def decode_step(self, token: torch.Tensor, cache: KVCache, at: torch.Tensor) -> torch.Tensor:
         """One new token per row, written into cache slot `at`, every shape fixed: what torch.compile (and on a GPU
         a CUDA graph) captures once for a whole generation (nanotune/generate.py). `at` is a tensor: one slot for
-        every row (1,), or a slot per row (B,), as when rows joined at different times (nanotune/engine.py).
+        every row (1,), or a slot per row (B,), as when rows joined at different times (nanotune/serve/engine.py).
         cache.valid marks the keys of real tokens, so left-padded rows take their own positions.
         token (B, 1) -> the next token's logits (B, vocab_size), float32."""
         cache.valid.scatter_(1, at.view(-1, 1).expand(token.shape[0], 1), True)

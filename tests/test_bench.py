@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from nanotune.bench import in_child
+from nanotune.bench.vs_transformers import in_child
 
 
 def reports(name, queue):

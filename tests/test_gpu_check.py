@@ -19,7 +19,9 @@ import train_raft
 import train_reward
 import train_sft
 import train_xkl
-from nanotune import bench, bench_sampling, verify
+from nanotune import verify
+from nanotune.bench import sampling as bench_sampling
+from nanotune.bench import vs_transformers
 
 ROOT = Path(__file__).resolve().parent.parent
 PARSERS = {
@@ -33,8 +35,8 @@ PARSERS = {
     "train_raft.py": train_raft.parse_args,
     "experiments/raft.py": importlib.import_module("experiments.raft").parse_args,
     "nanotune.verify": verify.parse_args,
-    "nanotune.bench": bench.parse_args,
-    "nanotune.bench_sampling": bench_sampling.parse_args,
+    "nanotune.bench": vs_transformers.parse_args,
+    "nanotune.bench.sampling": bench_sampling.parse_args,
 }
 
 
@@ -86,7 +88,7 @@ def test_every_command_of_the_gpu_check_parses_and_every_recipe_runs_compiled_an
 @pytest.mark.parametrize("part, checks", [("checks", 20), ("bench", 3)])
 def test_the_gpu_check_runs_one_part(part, checks, tmp_path, shared):
     code, out, commands = run_gpu_check(tmp_path, shared, PART=part)
-    benches = [argv for argv in commands if argv[:2] in (["-m", "nanotune.bench"], ["-m", "nanotune.bench_sampling"])]
+    benches = [argv for argv in commands if argv[:2] in (["-m", "nanotune.bench"], ["-m", "nanotune.bench.sampling"])]
     assert code == 0 and len(commands) == checks and len(benches) == (3 if part == "bench" else 0), out
 
 

@@ -48,6 +48,11 @@ def help_flags(module: str) -> set[str]:
             spec.loader.exec_module(script)
         else:
             script = importlib.import_module(module)
+            if hasattr(script, "__path__"):  # a package (nanotune.serve): the module its __main__.py runs
+                main_of = re.search(
+                    r"from \.(\w+) import main", (ROOT / module.replace(".", "/") / "__main__.py").read_text()
+                )
+                script = importlib.import_module(f"{module}.{main_of.group(1)}")
         script.main(["--help"])
     return set(re.findall(r"--[a-z0-9][a-z0-9-]*", out.getvalue()))
 

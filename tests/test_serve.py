@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 
 from nanotune.chat import render_text
 from nanotune.decoding import onednn_bf16
-from nanotune.engine import Engine, Request, TextStream
 from nanotune.folder import write_model_files
 from nanotune.generate import generate
 from nanotune.instruct import format_prompt
 from nanotune.model import GPT
-from nanotune.serve import Limits, chat_template, create_app
+from nanotune.serve.engine import Engine, Request, TextStream
+from nanotune.serve.server import Limits, chat_template, create_app
 from nanotune.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -429,7 +429,7 @@ def test_engine_in_bfloat16_matches_generate_in_bfloat16(tiny):
 
 
 def test_an_empty_api_key_is_refused(capsys):
-    from nanotune.serve import main
+    from nanotune.serve.server import main
 
     with pytest.raises(SystemExit) as e:
         main(["--api-key", " "])
@@ -508,9 +508,9 @@ def test_a_method_a_route_does_not_take_is_405_with_allow(server):
 
 
 def test_a_request_without_max_tokens_gets_a_chats_length_or_what_the_context_leaves():
-    from nanotune.api_schema import request_schemas
-    from nanotune.openai_api import sampling_request
-    from nanotune.serve import parse_args
+    from nanotune.serve.api_schema import request_schemas
+    from nanotune.serve.openai_api import sampling_request
+    from nanotune.serve.server import parse_args
 
     limits = Limits(parse_args([]), 256)  # the server's defaults, nano's context
     schema = request_schemas("tiny", 256, limits.max_n, limits.max_tokens, limits.max_prompts, 50257)["completions"]
@@ -520,7 +520,7 @@ def test_a_request_without_max_tokens_gets_a_chats_length_or_what_the_context_le
 
 
 def test_chat_content_parts_read_as_training_data_reads_them():
-    from nanotune.openai_api import ApiError, chat_prompt
+    from nanotune.serve.openai_api import ApiError, chat_prompt
 
     enc = load_tokenizer()
     parts = [{"type": "text", "text": "Name a "}, {"type": "text", "text": "river."}]

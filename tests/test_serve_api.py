@@ -9,14 +9,14 @@ import threading
 import pytest
 import torch
 
-import nanotune.engine as engine_module
-from nanotune.api_schema import ApiError, request_schemas
-from nanotune.engine import Engine, Request
+import nanotune.serve.engine as engine_module
 from nanotune.generate import generate
 from nanotune.instruct import format_prompt, token_logprobs
 from nanotune.model import GPT
-from nanotune.openai_api import parse_body
-from nanotune.serve import Limits, create_app
+from nanotune.serve.api_schema import ApiError, request_schemas
+from nanotune.serve.engine import Engine, Request
+from nanotune.serve.openai_api import parse_body
+from nanotune.serve.server import Limits, create_app
 from nanotune.tokenizer import load_tokenizer
 
 ARGS = type("Args", (), {"max_tokens": 8, "max_batch": 4, "max_request_bytes": 100_000, "max_queue": 8})
@@ -215,7 +215,7 @@ def test_openapi_json_publishes_the_schemas_the_server_checks(http):
 
 
 def test_a_schema_keyword_the_checker_does_not_enforce_is_refused():
-    from nanotune.api_schema import _check_keywords
+    from nanotune.serve.api_schema import _check_keywords
 
     with pytest.raises(ValueError, match="pattern"):
         _check_keywords({"type": "object", "properties": {"stop": {"type": "string", "pattern": "^a"}}})

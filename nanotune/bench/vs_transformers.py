@@ -43,7 +43,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A
 
 
 def parse_args(argv=None):
-    p = Parser(__doc__)
+    p = Parser(__doc__, prog="python -m nanotune.bench")
     p.add_argument("--preset", default="gpt2", choices=list(PRESETS))
     p.add_argument("--n-layer", type=integer(1), default=None, help="override the preset's depth (quick runs)")
     p.add_argument("--batch-size", type=integer(1), default=4)
@@ -363,7 +363,3 @@ def main(argv=None):
             )
         )
     return rows + peft_rows
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """What nanotune.serve accepts, written once as JSON Schema: the request bodies of /v1/completions and
 /v1/chat/completions (every field, its type, range and default), which the server checks each request against
-(check() below reads these schemas and nothing else) and which /openapi.json publishes (nanotune/openapi.py).
+(check() below reads these schemas and nothing else) and which /openapi.json publishes (nanotune/serve/openapi.py).
 So the document and the checks cannot drift apart. A field that is not here is refused with 400, whatever its
 value: a request that asked for logit_bias or tools gets told, not an answer that silently ignored them.
 

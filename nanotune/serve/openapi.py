@@ -1,5 +1,5 @@
 """nanotune.serve's OpenAPI document (GET /openapi.json): its routes, the request bodies as the server checks
-them (the very schemas of nanotune/api_schema.py), the answers, and every error it can give in OpenAI's shape."""
+them (the very schemas of nanotune/serve/api_schema.py), the answers, and every error it can give in OpenAI's shape."""
 
 ERROR = {
     "type": "object",

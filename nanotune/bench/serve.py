@@ -1,11 +1,11 @@
-"""python -m nanotune.bench_serve: does the server's throughput grow with its clients?
+"""python -m nanotune.bench.serve: does the server's throughput grow with its clients?
 
 Starts `python -m nanotune.serve` on a free localhost port, then for 1, 2, 4 and 8 concurrent clients has each
 client stream the same number of completions (greedy, a fixed number of tokens, a different book-like prompt
 each) and measures the total generated tokens per second and the time to the first token, in --rounds rounds
 (medians in the table). Clients and server share this machine's cores, as they would on a laptop.
 
-    python -m nanotune.bench_serve --model weights/nano
+    python -m nanotune.bench.serve --model weights/nano
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .flags import Parser, integer
-from .utils import die, save_json
+from ..flags import Parser, integer
+from ..utils import die, save_json
 
 PROMPTS = [
     "It was a dark and stormy night; the rain fell in torrents",
@@ -109,11 +109,11 @@ def start_server(args) -> tuple[subprocess.Popen, int]:
 
 
 def main(argv=None):
-    """python -m nanotune.bench_serve: tokens/s and time to first token with 1, 2, 4, 8 concurrent clients.
+    """python -m nanotune.bench.serve: tokens/s and time to first token with 1, 2, 4, 8 concurrent clients.
 
-    python -m nanotune.bench_serve --model weights/nano
+    python -m nanotune.bench.serve --model weights/nano
     """
-    p = Parser(main.__doc__, prog="python -m nanotune.bench_serve")
+    p = Parser(main.__doc__, prog="python -m nanotune.bench.serve")
     p.add_argument("--model", default="weights/nano", help="what the server serves (default weights/nano)")
     p.add_argument("--clients", type=integer(1), nargs="+", default=[1, 2, 4, 8], help="client counts to try")
     p.add_argument("--requests", type=integer(1), default=3, help="completions per client (default 3)")

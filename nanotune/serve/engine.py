@@ -1,4 +1,4 @@
-"""Continuous batching for the server (nanotune/serve.py): one loop owns the model and decodes every running
+"""Continuous batching for the server (nanotune/serve/server.py): one loop owns the model and decodes every running
 request together, one token per row per step; a request that arrives meanwhile joins the batch at the next step,
 and one that ends (or whose client left) leaves it. So tokens per second grow with the number of clients, where
 one generate() call per request would make them queue.
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .decoding import KVCache, packed_bf16
-from .generate import pick_tokens
-from .instruct import token_logprobs
-from .model import GPT
+from ..decoding import KVCache, packed_bf16
+from ..generate import pick_tokens
+from ..instruct import token_logprobs
+from ..model import GPT
 
 SLOTS = 64  # the cache grows in steps of this many positions (fewer reallocations, attention over few unused)
 

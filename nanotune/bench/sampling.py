@@ -1,8 +1,8 @@
 """How fast nanotune samples, against the memory bandwidth that bounds it and against transformers.
 
-    python -m nanotune.bench_sampling                         # the bundled nano model, batch 1, 8 and 64
-    python -m nanotune.bench_sampling --preset gpt2 --batches 1 --transformers --bf16   # random gpt2 weights
-    python -m nanotune.bench_sampling --device cuda --compile
+    python -m nanotune.bench.sampling                         # the bundled nano model, batch 1, 8 and 64
+    python -m nanotune.bench.sampling --preset gpt2 --batches 1 --transformers --bf16   # random gpt2 weights
+    python -m nanotune.bench.sampling --device cuda --compile
 
 Decoding one token reads every weight once (the tied head alone is 50257 x width), so at batch 1 the memory
 bandwidth bounds it: the copy bandwidth measured here, divided by the weights' bytes, is the ceiling in tokens/s.
@@ -30,18 +30,18 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, GPTConfig
-from .decoding import KVCache, packed_bf16
-from .flags import Parser, integer
-from .generate import generate
-from .loader import load_model
-from .model import GPT
-from .tokenizer import load_tokenizer
-from .utils import pick_device
+from ..config import PRESETS, GPTConfig
+from ..decoding import KVCache, packed_bf16
+from ..flags import Parser, integer
+from ..generate import generate
+from ..loader import load_model
+from ..model import GPT
+from ..tokenizer import load_tokenizer
+from ..utils import pick_device
 
 
 def parse_args(argv=None):
-    p = Parser(__doc__, prog="python -m nanotune.bench_sampling")
+    p = Parser(__doc__, prog="python -m nanotune.bench.sampling")
     p.add_argument("--model", default="weights/nano", help="what --model accepts (default: the bundled nano)")
     p.add_argument("--preset", default=None, help="instead: random weights of this shape (gpt2, gpt2-medium, ...)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
@@ -102,8 +102,8 @@ def main(argv=None):
     )
     hf = None
     if args.transformers:
-        from .verify import load_transformers, quiet_transformers
-        from .weights import resolve_checkpoint
+        from ..verify import load_transformers, quiet_transformers
+        from ..weights import resolve_checkpoint
 
         quiet_transformers()
         hf = load_transformers(*resolve_checkpoint(model_source(args.model, name)), model).to(device)
@@ -149,7 +149,7 @@ def main(argv=None):
 @torch.no_grad()
 def bf16_agreement(model: GPT, device) -> float:
     """Share of the verify passage's positions (up to 512) where the bfloat16 decode step's argmax is float32's."""
-    text = (Path(__file__).parent / "verify.txt").read_text(encoding="utf-8")
+    text = (Path(__file__).parent.parent / "verify.txt").read_text(encoding="utf-8")
     tokens = torch.tensor(load_tokenizer().encode(text)[: min(512, model.config.n_positions)], device=device)
     picks = []
     for bf16 in (False, True):

@@ -5,9 +5,9 @@
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true sends server-sent
 events in OpenAI's chunk format), GET /health, GET /openapi.json (every field each endpoint accepts: the schemas
-of nanotune/api_schema.py, which every request is checked against), and the chat page at /. Point any OpenAI
+of nanotune/serve/api_schema.py, which every request is checked against), and the chat page at /. Point any OpenAI
 client at it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret" or anything). Requests are decoded together
-(nanotune/engine.py): one that arrives while others generate joins their batch. Every bad request gets OpenAI's
+(nanotune/serve/engine.py): one that arrives while others generate joins their batch. Every bad request gets OpenAI's
 error JSON and a 4xx status, a request the model fails on a 500; the server goes on. FastAPI and uvicorn come
 with the `serve` extra.
 """
@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
+from ..flags import Parser, integer
+from ..folder import read_template
+from ..loader import load_model
+from ..tokenizer import load_tokenizer
+from ..utils import NanotuneError, die, pick_device
 from .api_schema import request_schemas
 from .engine import Engine, Request
-from .flags import Parser, integer
-from .folder import read_template
-from .loader import load_model
 from .openai_api import Answer, ApiError, Limits, chat_prompt, completion_prompts, parse_body, sampling_request
 from .openapi import openapi_document
-from .tokenizer import load_tokenizer
-from .utils import NanotuneError, die, pick_device
 
 PAGE = Path(__file__).with_name("chat.html")
 
@@ -259,7 +259,7 @@ def main(argv=None):
             engine.stop()
 
     # HTTP in a thread, decoding in the main thread: there PyTorch's CPU kernels ran 1.4-2x faster than from
-    # a second thread (python -m nanotune.bench_serve, nano on 2 cores)
+    # a second thread (python -m nanotune.bench.serve, nano on 2 cores)
     http = threading.Thread(target=serve_http, name="nanotune-http", daemon=True)
     http.start()
     layout = f"the {template} template" if template else "a plain User:/Assistant: transcript"
@@ -277,7 +277,3 @@ def main(argv=None):
         die(f"could not serve on {args.host}:{args.port} (see above)")
     if engine.error is not None:  # a non-zero exit, for whatever supervises the server to restart it
         die(f"the model failed while decoding (traceback above): {type(engine.error).__name__}: {engine.error}")
-
-
-if __name__ == "__main__":
-    main()

@@ -6,11 +6,11 @@ import json
 import time
 import uuid
 
+from ..chat import render
+from ..formats import content as message_content
+from ..utils import NanotuneError
 from .api_schema import ApiError, check, field
-from .chat import render
 from .engine import Request
-from .formats import content as message_content
-from .utils import NanotuneError
 
 __all__ = ["ApiError", "Answer", "Limits", "chat_prompt", "completion_prompts", "parse_body", "sampling_request"]
 
@@ -28,7 +28,7 @@ def _refuse_constant(name: str):
 
 
 def parse_body(data: bytes, model_id: str, schema: dict) -> dict:
-    """A request's body -> its JSON object, checked against its endpoint's schema (nanotune/api_schema.py)."""
+    """A request's body -> its JSON object, checked against its endpoint's schema (nanotune/serve/api_schema.py)."""
     try:
         body = json.loads(data, parse_constant=_refuse_constant)  # (Python's json would read NaN and Infinity)
     except ValueError as e:

@@ -1,0 +1,3 @@
+from .vs_transformers import main
+
+main()
