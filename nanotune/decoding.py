@@ -7,6 +7,7 @@ make and own them.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +28,17 @@ class KVCache:
         self.length = 0  # positions filled so far
         self.max_len = max_len
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # keys of real tokens
+        self.ragged = True  # rows with gaps in their real keys (padding, rows of different lengths): attention
+        # over the filled slots needs cache.valid as its mask (the owner clears it when no row has a gap)
         # the tied head. One row at a time is a matrix-vector product, which streams a contiguous (C, V) copy
-        # faster than wte's (V, C) (8 vs 13 ms per token for gpt2 on a 2-core CPU); the copy costs ~130 ms to make,
-        # so short generations (copy_head=False) use a transposed view. Several rows are a matrix product, which
-        # MKL runs faster as wte (V, C) @ x.T (nano, 8 rows: 3.3 against 7.2 ms; gpt2: 17 against 27 ms).
+        # 3x faster than wte's (V, C) (nano: 2.4 against 7.5 ms per token on a 2-core CPU); the copy is kept for
+        # later generations (head_copy), and one too short to pay for making it (copy_head=False) uses a copy
+        # already made or else a transposed view. Several rows are a matrix product, which MKL runs faster as
+        # wte (V, C) @ x.T (nano, 8 rows: 3.3 against 7.2 ms; gpt2: 17 against 27 ms).
         # packed: sampling that may round its logits, on a CPU with oneDNN's bfloat16 kernels, reads a packed
         # bfloat16 copy instead (see packed_bf16)
         self.wte = model.wte.weight.detach()
-        self.head = self.wte.t().contiguous() if copy_head else self.wte.t()
+        self.head = head_copy(model, make=copy_head)
         self.packed_head = pack_bf16(model.wte.weight) if packed and onednn_bf16(device) else None
 
     # ---- rows that join and leave (the server's batch, nanotune/serve/engine.py)
@@ -69,8 +73,31 @@ class KVCache:
             if self.packed_head is not None:
                 return linear_bf16(x, self.packed_head).float()
             if x.shape[0] == 1:
-                return x.float() @ self.head.float()  # (1, V)
+                head = self.head if self.head is not None else self.wte.t()
+                return x.float() @ head.float()  # (1, V)
             return (self.wte.float() @ x.float().t()).t()  # (V, B) -> (B, V)
+
+
+_head_copies = weakref.WeakKeyDictionary()  # model -> (what its wte was when copied, the (C, V) copy)
+
+
+def head_copy(model: nn.Module, make: bool) -> torch.Tensor | None:
+    """The tied head as a contiguous (C, V) copy, kept while the model's wte is the same tensor with the same
+    contents (its version counter moves with every in-place change, an optimizer step's included): making one
+    costs ~40 ms for nano and ~290 ms for gpt2 on a 2-core CPU (mostly first touches of new memory), which every
+    generation at batch 1 would pay again. It holds as much memory as wte. make=False: only a copy already made."""
+    wte = model.wte.weight
+    if wte.is_inference():  # (made under torch.inference_mode: it keeps no version counter, so no copy is kept)
+        return wte.detach().t().contiguous() if make else None
+    kept = _head_copies.get(model)
+    if kept is not None and kept[0] == (id(wte), wte.data_ptr(), wte._version):  # (.to() and .data= move data_ptr)
+        return kept[1]
+    if not make:
+        return None
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whatever mode the first generation ran in
+        copy = wte.detach().t().contiguous()
+    _head_copies[model] = ((id(wte), wte.data_ptr(), wte._version), copy)
+    return copy
 
 
 def onednn_bf16(device) -> bool:

@@ -114,6 +114,7 @@ def decode(model: GPT, idx, attention_mask, max_new_tokens: int, sampling, compi
     logits = model(idx, attention_mask=attention_mask, cache=cache)[:, -1, :]  # the prompts at once: (B, V)
     real = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
     cache.valid[:, : cache.length] = torch.cat([real.new_ones(B, model.n_virtual), real], dim=1)  # (+ prompt tuning)
+    cache.ragged = attention_mask is not None  # (left padding: each row's real keys start elsewhere)
     step, at = decode_step(model, compile), torch.tensor([cache.length], device=device)  # at: the next slot
     for t in range(T, total):
         next_token = pick_tokens(logits.float(), temperature, top_k, top_p, banned, generator)  # (B,)
@@ -124,7 +125,9 @@ def decode(model: GPT, idx, attention_mask, max_new_tokens: int, sampling, compi
         if t + 1 == total or (eos_token is not None and (t - T + 1) % ask_every == 0 and bool(done.all())):
             out[:, t + 1 :] = eos_token if eos_token is not None else 0
             break
-        logits = step(next_token[:, None], cache, at)  # (B, V)
+        # eager, attention reads the slots filled so far; compiled, all of them (one graph for every token)
+        span = None if compile else model.n_virtual + t + 1
+        logits = step(next_token[:, None], cache, at, span)  # (B, V)
         at += 1  # (in place, on the device: no wait for it)
     return out
 

@@ -44,17 +44,17 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = Conv1D(config.n_embd, config.n_embd)
 
-    def forward(self, x, attn_mask=None, cache: KVCache | None = None, layer: int = 0, at=None):
+    def forward(self, x, attn_mask=None, cache: KVCache | None = None, layer: int = 0, at=None, span=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         past = 0 if cache is None else cache.length
-        if at is not None:  # GPT.decode_step: row b into cache slot at[b] (or all into at[0]), seeing the whole cache
-            slot = at.view(-1, 1, 1, 1).expand_as(k)  # (B, n_head, 1, head_dim): where each row's key goes
+        if at is not None:  # GPT.decode_step: row b into cache slot at[b] (or all into at[0]), seeing the first
+            slot = at.view(-1, 1, 1, 1).expand_as(k)  # span slots (None: all of them)  (B, n_head, 1, head_dim)
             cache.k[layer].scatter_(2, slot, k)
             cache.v[layer].scatter_(2, slot, v)
-            k, v = cache.k[layer], cache.v[layer]
+            k, v = cache.k[layer, :, :, :span], cache.v[layer, :, :, :span]
         elif cache is not None:
             cache.k[layer, :, :, past : past + T] = k
             cache.v[layer, :, :, past : past + T] = v
@@ -62,10 +62,10 @@ class CausalSelfAttention(nn.Module):
         if attn_mask is None:
             # plain causal attention, or, after a filled cache, one new token that sees all of it. (A static
             # condition, not T > 1: under torch.compile T is symbolic and a bool of it breaks the graph.)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and at is None)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C) (a view when T is 1, as in decoding)
         return self.c_proj(y)
 
 
@@ -92,8 +92,8 @@ class Block(nn.Module):
         self.adapter_attn = nn.Identity()
         self.adapter_mlp = nn.Identity()
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0, at=None):
-        x = x + self.adapter_attn(self.attn(self.ln_1(x), attn_mask, cache, layer, at))
+    def forward(self, x, attn_mask=None, cache=None, layer=0, at=None, span=None):
+        x = x + self.adapter_attn(self.attn(self.ln_1(x), attn_mask, cache, layer, at, span))
         x = x + self.adapter_mlp(self.mlp(self.ln_2(x)))
         return x
 
@@ -187,18 +187,21 @@ class GPT(nn.Module):
                 return cache.logits(x[:, -1])[:, None]
             return F.linear(x.float(), self.wte.weight.float())  # (B, T, vocab_size)
 
-    def decode_step(self, token: torch.Tensor, cache: KVCache, at: torch.Tensor) -> torch.Tensor:
-        """One new token per row, written into cache slot `at`, every shape fixed: what torch.compile (and on a GPU
-        a CUDA graph) captures once for a whole generation (nanotune/generate.py). `at` is a tensor: one slot for
-        every row (1,), or a slot per row (B,), as when rows joined at different times (nanotune/serve/engine.py).
+    def decode_step(self, token: torch.Tensor, cache: KVCache, at: torch.Tensor, span: int | None = None):
+        """One new token per row, written into cache slot `at`: what torch.compile (and on a GPU a CUDA graph)
+        captures once for a whole generation (nanotune/generate.py). `at` is a tensor: one slot for every row (1,),
+        or a slot per row (B,), as when rows joined at different times (nanotune/serve/engine.py).
         cache.valid marks the keys of real tokens, so left-padded rows take their own positions.
+        span: attention reads only the first span slots, the ones filled so far (eager decoding knows how many;
+        the empty ones after them cost time); None: every slot, so that every shape stays fixed (compiled).
+        When no row has a gap (cache.ragged False), attention needs no mask.
         token (B, 1) -> the next token's logits (B, vocab_size), float32."""
         cache.valid.scatter_(1, at.view(-1, 1).expand(token.shape[0], 1), True)
         pos = cache.valid.sum(-1, keepdim=True) - 1  # (B, 1): the real tokens before this one
         x = self.wte(token) + self.wpe(pos)  # (B, 1, C)
-        mask = cache.valid[:, None, None, :]  # (B, 1, 1, max_len): the keys each row may see
+        mask = cache.valid[:, None, None, :span] if cache.ragged or span is None else None  # (B, 1, 1, span)
         for i, block in enumerate(self.h):
-            x = block(x, mask, cache, i, at)
+            x = block(x, mask, cache, i, at, span)
         return cache.logits(self.ln_f(x)[:, -1])  # (B, vocab_size), float32
 
     def _prepend_prompt(self, x: torch.Tensor, attention_mask: torch.Tensor | None, past: int):

@@ -101,3 +101,48 @@ def test_bfloat16_sampling_packs_large_layers_and_lora_and_leaves_the_model_as_i
         with packed_bf16(model):
             packed = [m for m in model.modules() if isinstance(m, Conv1D) and m.packed is not None]
         assert {m.weight.numel() for m in packed} == {512 * 2048, 512 * 1536}  # c_fc, c_proj (MLP), c_attn
+
+
+@torch.no_grad()
+def test_a_batch_greedy_tokens_are_each_rows_alone_for_64_tokens():
+    """Eight prompts of different lengths decoded together (left-padded, attention over the filled slots with the
+    mask of real keys) pick, position by position, what each prompt decoded alone picks (no mask: no padding).
+    Batching changes the order of float sums, so a position whose two best logits lie within 1e-4 may differ,
+    and the rest of that row is then another text: such a row is compared up to there."""
+    model = model_with("nano")
+    lengths = [1, 3, 5, 8, 13, 21, 34, 55]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in lengths]
+    together = generate(model, prompts, 64, temperature=0)
+    compared = 0
+    for prompt, row in zip(prompts, together):
+        alone = generate(model, [prompt], 64, temperature=0)[0]
+        for at in range(len(prompt), len(alone)):
+            if row[at] != alone[at]:
+                top2 = model(torch.tensor([alone[:at]]))[0, -1].topk(2).values
+                assert top2[0] - top2[1] < 1e-4, (len(prompt), at - len(prompt), row[at], alone[at])
+                break
+            compared += 1
+    assert compared >= 8 * 64 * 3 // 4, compared  # most positions compared, not a few before a near tie
+
+
+def test_the_head_copy_is_kept_across_generations_and_remade_when_the_weights_change():
+    from nanotune.decoding import head_copy
+
+    model = model_with("tiny")
+    prompt = torch.tensor([[1, 2, 3]])
+    first = generate(model, prompt, 40, temperature=0)
+    copy = head_copy(model, make=False)
+    assert copy is not None and torch.equal(copy, model.wte.weight.t())
+    generate(model, prompt, 40, temperature=0)
+    assert head_copy(model, make=False) is copy  # kept: the second generation made none
+    with torch.no_grad():
+        model.wte.weight.mul_(-1.0)  # in place, as an optimizer step: the kept copy is stale
+    assert head_copy(model, make=False) is None
+    again = generate(model, prompt, 40, temperature=0)
+    assert torch.equal(again, greedy_without_cache_tensor(model, prompt, 40)) and not torch.equal(again, first)
+
+
+@torch.no_grad()
+def greedy_without_cache_tensor(model, prompt, n):
+    return torch.tensor(greedy_without_cache(model, prompt.tolist(), n))

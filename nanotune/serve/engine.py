@@ -195,10 +195,12 @@ class Batch:
         if not self.rows:
             return False
         try:
-            self._grow(max(row.length for row in self.rows) + 1)
+            span = max(row.length for row in self.rows) + 1  # the slots any row has filled, this step's included
+            self._grow(span)
             at = torch.tensor([row.length for row in self.rows], device=self.device)  # (B,) each row's next slot
             token = torch.tensor([row.token for row in self.rows], device=self.device)[:, None]  # (B, 1)
-            self.logits = self.model.decode_step(token, self.cache, at)  # (B, V)
+            self.cache.ragged = len(self.rows) > 1  # (rows of different lengths: each sees only its own keys)
+            self.logits = self.model.decode_step(token, self.cache, at, span)  # (B, V)
         except Exception as e:
             self.fail_all(e)
             return False
