@@ -102,6 +102,10 @@ def test_an_earlier_conversation_stays_and_only_the_last_user_message_gets_passa
     texts = [text for _, _, text, _ in index.top_k(QUESTION, 2)]
     assert prompts == [fit_passages(ENC, before, QUESTION, texts, "alpaca", 256, 2)[1]]
     assert ENC.decode(prompts[0]).count(DOC_OPEN) == 2 and FIELD not in answer  # (not asked: not in the answer)
+    # an answer begun after the question (rare, but kept, as without --docs): the passages still go before the question
+    started = {"role": "assistant", "content": "In"}
+    chat(http, [*ask(QUESTION), started])
+    assert prompts[1] == render(ENC, [*ask(rag_content(QUESTION, texts)), started], "alpaca", True)[0]
 
 
 def test_passages_give_way_whole_to_the_answers_max_tokens(engine, index, prompts, capfd):
@@ -182,7 +186,11 @@ def test_the_openai_client_reads_the_field_from_a_served_docs_run(tiny, docs, in
      (["--docs", "EMPTY"], "the collection is empty"),
      (["--docs", "MISSING"], "no such folder or file")],
 )  # fmt: skip
-def test_bad_docs_flags_are_one_line_errors(tiny, tmp_path, capsys, argv, message):
+def test_bad_docs_flags_are_one_line_errors(tiny, tmp_path, capsys, monkeypatch, argv, message):
+    import nanotune.serve.server as server_module
+
+    # refused before a model is loaded (a check that let it through would go on to serve, not end)
+    monkeypatch.setattr(server_module, "load_model", lambda *args: pytest.fail("the bad flag was not refused"))
     (tmp_path / "EMPTY").mkdir()
     argv = [str(tmp_path / a) if a in ("EMPTY", "MISSING") else a for a in argv]
     assert run_main(serve_main, ["--model", tiny, *argv]) == 2
