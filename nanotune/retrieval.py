@@ -183,14 +183,15 @@ def answer_reserve(max_new_tokens: int, context: int) -> int:
 
 
 def fit_passages(
-    enc, before: list[dict], question: str, passages: list[str], template: str, context: int, reserve: int
+    enc, before: list[dict], question: str, passages: list[str], template: str, context: int, reserve: int, after=()
 ):
     """The conversation `before` (earlier messages, often none), then the question with its passages (best first)
-    as the user message, in `template`, leaving `reserve` tokens of `context` for the answer: passages that do not
-    fit are left out whole, the last first. -> (messages, prompt ids, how many passages were kept)"""
+    as the user message, then `after` (messages that follow it, rarely any), in `template`, leaving `reserve`
+    tokens of `context` for the answer: passages that do not fit are left out whole, the last first.
+    -> (messages, prompt ids, how many passages were kept)"""
     kept = len(passages)
     while True:
-        messages = [*before, {"role": "user", "content": rag_content(question, passages[:kept])}]
+        messages = [*before, {"role": "user", "content": rag_content(question, passages[:kept])}, *after]
         ids = render(enc, messages, template, add_generation_prompt=True)[0]
         if len(ids) + reserve <= context:
             return messages, ids, kept

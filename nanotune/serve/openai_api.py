@@ -12,7 +12,16 @@ from ..utils import NanotuneError
 from .api_schema import ApiError, check, field
 from .engine import Request
 
-__all__ = ["ApiError", "Answer", "Limits", "chat_prompt", "completion_prompts", "parse_body", "sampling_request"]
+__all__ = [
+    "ApiError",
+    "Answer",
+    "Limits",
+    "chat_messages",
+    "chat_prompt",
+    "completion_prompts",
+    "parse_body",
+    "sampling_request",
+]
 
 
 class Limits:
@@ -88,6 +97,11 @@ def sampling_request(body: dict, prompt: list[int], limits: Limits, emit, schema
 
 def chat_prompt(body: dict, template: str, enc) -> list[int]:
     """The messages, checked, as the token ids the model continues (nanotune/chat.py's renderer)."""
+    return render(enc, chat_messages(body), template, add_generation_prompt=True)[0]
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """The messages, checked, as nanotune's conversations: [{role, content}] with the content's text."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content}", "messages")
@@ -99,7 +113,7 @@ def chat_prompt(body: dict, template: str, enc) -> list[int]:
             checked.append({"role": m["role"], "content": message_content(m.get("content"), f"messages[{i}]")})
         except NanotuneError as e:
             raise ApiError(400, str(e), f"messages[{i}].content") from None
-    return render(enc, checked, template, add_generation_prompt=True)[0]
+    return checked
 
 
 def completion_prompts(body: dict, enc) -> list[list[int]]:
@@ -123,7 +137,8 @@ def token_text(data: bytes) -> str:
 class Answer:
     """The choices of one API call as the engine's pieces arrive, and the JSON OpenAI's clients expect.
     prompts: each prompt's token ids, answered with n choices each; echo: the prompt's text leads each choice;
-    logprobs: the alternatives per token that the request asked for (None: no log-probabilities)."""
+    logprobs: the alternatives per token that the request asked for (None: no log-probabilities); extra: top-level
+    fields of nanotune's own (the answer's, or a stream's first chunk's), such as --docs's nanotune_passages."""
 
     def __init__(self, kind: str, model_id: str, prompts: list[list[int]], n: int, enc, echo=False, logprobs=None):
         prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
@@ -131,7 +146,7 @@ class Answer:
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         choices = len(prompts) * n
         self.text, self.finish, self.tokens = [""] * choices, [None] * choices, [0] * choices
-        self.enc, self.logprobs = enc, logprobs
+        self.enc, self.logprobs, self.extra = enc, logprobs, {}
         prompt_texts = [enc.decode(prompts[i // n]) for i in range(choices)] if kind == "text_completion" else []
         self.echo = prompt_texts if echo else None
         # log-probabilities: each choice's tokens so far, and where each starts in the prompt + completion text
@@ -199,7 +214,7 @@ class Answer:
         choices = [self.choice(i, t, f, "message", self.scores[i], True)
                    for i, (t, f) in enumerate(zip(self.text, self.finish))]  # fmt: skip
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage()}  # fmt: skip
+                "choices": choices, "usage": self.usage(), **self.extra}  # fmt: skip
 
     def sse(self, choices: list[dict], usage: bool = False, final: bool = False) -> str:
         """One server-sent chunk. With usage (stream_options.include_usage) every chunk has "usage": null, as
@@ -208,4 +223,6 @@ class Answer:
         chunk = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
         if usage:
             chunk["usage"] = self.usage() if final else None
+        chunk |= self.extra  # (the first chunk only: said once, before the text it concerns)
+        self.extra = {}
         return f"data: {json.dumps(chunk)}\n\n"

@@ -33,7 +33,7 @@ COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 USAGE = {"type": "object", "required": list(COUNTS), "properties": {k: {"type": "integer"} for k in COUNTS}}
 
 
-def _answer(choice_key: str, obj: str) -> dict:
+def _answer(choice_key: str, obj: str, extra: dict | None = None) -> dict:
     choice = {
         "type": "object",
         "required": ["index", choice_key, "logprobs", "finish_reason"],
@@ -54,6 +54,7 @@ def _answer(choice_key: str, obj: str) -> dict:
             "model": {"type": "string"},
             "choices": {"type": "array", "items": choice},
             "usage": USAGE,
+            **(extra or {}),
         },
     }
 
@@ -85,9 +86,9 @@ def _generation(summary: str, schema: str, answer: str, secured: list[str]) -> d
     }
 
 
-def openapi_document(model_id: str, schemas: dict, api_key: bool) -> dict:
+def openapi_document(model_id: str, schemas: dict, api_key: bool, chat_answer_fields: dict | None = None) -> dict:
     """The OpenAPI 3.1 document of a server of this model, with these request schemas (request_schemas()),
-    and with an API key or without."""
+    with an API key or without, and with nanotune's own top-level fields of a chat's answer (--docs's)."""
     secured = ["401"] if api_key else []
     security = {"security": [{"bearer": []}]} if api_key else {}
     models = {
@@ -141,7 +142,7 @@ def openapi_document(model_id: str, schemas: dict, api_key: bool) -> dict:
             "CompletionRequest": schemas["completions"],
             "ChatCompletionRequest": schemas["chat"],
             "Completion": _answer("text", "text_completion"),
-            "ChatCompletion": _answer("message", "chat.completion"),
+            "ChatCompletion": _answer("message", "chat.completion", chat_answer_fields),
             "Error": ERROR,
         }
     }

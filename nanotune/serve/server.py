@@ -2,14 +2,16 @@
 
     python -m nanotune.serve --model out/sft             # then open http://127.0.0.1:8000
     python -m nanotune.serve --model out/dpo --api-key secret --port 8080
+    python -m nanotune.serve --model out/raft --docs out/raft/index   # chats answered from documents
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true sends server-sent
 events in OpenAI's chunk format), GET /health, GET /openapi.json (every field each endpoint accepts: the schemas
 of nanotune/serve/api_schema.py, which every request is checked against), and the chat page at /. Point any OpenAI
 client at it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret" or anything). Requests are decoded together
 (nanotune/serve/engine.py): one that arrives while others generate joins their batch. Every bad request gets OpenAI's
-error JSON and a 4xx status, a request the model fails on a 500; the server goes on. FastAPI and uvicorn come
-with the `serve` extra.
+error JSON and a 4xx status, a request the model fails on a 500; the server goes on. With --docs, each chat's
+question gets retrieved passages before it (nanotune/serve/documents.py). FastAPI and uvicorn come with the
+`serve` extra.
 """
 
 import asyncio
@@ -23,12 +25,24 @@ import torch
 
 from ..flags import Parser, integer
 from ..folder import read_template
+from ..generate import add_docs_args
 from ..loader import load_model
+from ..retrieval import open_index
 from ..tokenizer import load_tokenizer
 from ..utils import NanotuneError, die, pick_device
 from .api_schema import request_schemas
+from .documents import ANSWER_FIELD, FIELD, REQUEST_FIELD, Documents, log_passages
 from .engine import Engine, Request
-from .openai_api import Answer, ApiError, Limits, chat_prompt, completion_prompts, parse_body, sampling_request
+from .openai_api import (
+    Answer,
+    ApiError,
+    Limits,
+    chat_messages,
+    chat_prompt,
+    completion_prompts,
+    parse_body,
+    sampling_request,
+)
 from .openapi import openapi_document
 
 PAGE = Path(__file__).with_name("chat.html")
@@ -52,8 +66,16 @@ def chat_template(model_dir: str, flag: str) -> str | None:
     return args["template"]
 
 
-def create_app(engine: Engine, enc, model_id: str, template: str | None, limits: Limits, api_key: str | None = None):
-    """The FastAPI app around a started engine."""
+def create_app(
+    engine: Engine,
+    enc,
+    model_id: str,
+    template: str | None,
+    limits: Limits,
+    api_key: str | None = None,
+    documents: Documents | None = None,
+):
+    """The FastAPI app around a started engine; with documents (--docs), chats are answered from them."""
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -65,7 +87,10 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
     schemas = request_schemas(
         model_id, limits.context, limits.max_n, limits.max_tokens, limits.max_prompts, enc.n_vocab
     )
-    document = openapi_document(model_id, schemas, api_key is not None)
+    if documents is not None:  # the extension field exists only here: elsewhere refused as any unknown field
+        schemas["chat"]["properties"][FIELD] = REQUEST_FIELD
+    answer_fields = {FIELD: ANSWER_FIELD} if documents is not None else {}
+    document = openapi_document(model_id, schemas, api_key is not None, answer_fields)
     app.openapi = lambda: document  # what the server checks (api_schema), not what FastAPI infers from the routes
 
     @app.exception_handler(ApiError)
@@ -116,17 +141,31 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
     @app.post("/v1/chat/completions")
     async def chat(http: HttpRequest):
         body = await read_json(http, schemas["chat"])
-        prompt = chat_prompt(body, template or "transcript", enc)
+        passages = None
+        if documents is None:
+            prompt = chat_prompt(body, template or "transcript", enc)
+        else:
+            max_tokens = body.get("max_completion_tokens")
+            max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
+            prompt, passages = documents.chat_prompt(enc, chat_messages(body), max_tokens)
         # a transcript's answer ends where the model starts to write the user's next line
-        return await complete(http, body, [prompt], "chat", () if template else ("\nUser:",))
+        return await complete(http, body, [prompt], "chat", () if template else ("\nUser:",), passages)
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
-        body = await read_json(http, schemas["completions"])
+        try:
+            body = await read_json(http, schemas["completions"])
+        except ApiError as e:
+            if documents is not None and e.param == FIELD:  # (no passages here: nanotune/serve/documents.py)
+                raise ApiError(400, f"{FIELD} is for /v1/chat/completions: /v1/completions continues its prompt "
+                               "as it is, without passages", FIELD) from None  # fmt: skip
+            raise
         return await complete(http, body, completion_prompts(body, enc), "completions")
 
-    async def complete(http: HttpRequest, body: dict, prompts: list[list[int]], endpoint: str, stop: tuple = ()):
-        """Queue one engine request per prompt; answer with the whole completion or stream its chunks."""
+    async def complete(http: HttpRequest, body: dict, prompts: list[list[int]], endpoint: str, stop: tuple = (),
+                       passages: list[dict] | None = None):  # fmt: skip
+        """Queue one engine request per prompt; answer with the whole completion or stream its chunks (with
+        --docs: passages, those put into a chat's prompt, logged and, when asked, in the answer)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         requests = [sampling_request(body, prompt, limits, None, schemas[endpoint]) for prompt in prompts]
         for i, r in enumerate(requests):
@@ -145,6 +184,10 @@ def create_app(engine: Engine, enc, model_id: str, template: str | None, limits:
         kind = "chat.completion" if endpoint == "chat" else "text_completion"
         first = requests[0]
         answer = Answer(kind, model_id, prompts, first.n, enc, first.score_prompt, first.logprobs)
+        if passages is not None:
+            log_passages(answer.id, passages)
+            if body.get(FIELD):
+                answer.extra[FIELD] = passages
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(stream(answer, events, requests, usage, engine), media_type="text/event-stream")
@@ -221,7 +264,11 @@ def parse_args(argv=None):
     p.add_argument("--max-request-bytes", type=integer(1), default=1_000_000, help="larger bodies get 413")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="decoding precision")
-    return p.parse_args(argv)
+    add_docs_args(p)  # chats only: /v1/completions continues its prompt as it is (nanotune/serve/documents.py)
+    args = p.parse_args(argv)
+    if args.passages is not None and args.docs is None:
+        p.error("--passages needs --docs")
+    return args
 
 
 def main(argv=None):
@@ -229,6 +276,7 @@ def main(argv=None):
 
     python -m nanotune.serve --model out/sft
     python -m nanotune.serve --model out/dpo --host 0.0.0.0 --api-key secret
+    python -m nanotune.serve --model out/raft --docs out/raft/index --passages 3
     """
     args = parse_args(argv)
     if args.api_key is not None and not args.api_key.strip():
@@ -238,18 +286,24 @@ def main(argv=None):
         import uvicorn
     except ImportError:
         die("python -m nanotune.serve needs FastAPI and uvicorn: pip install -e '.[serve]'")
-    try:
+    enc = load_tokenizer()
+    try:  # (the index first: a bad --docs is told before a model is loaded)
+        index = open_index(args.docs, enc, args.passage_tokens) if args.docs is not None else None
         device = pick_device(args.device)
         model, name = load_model(args.model, device)
         template = chat_template(name, args.template)
     except NanotuneError as e:
         die(str(e))
     model_id = args.name or (Path(name).name if Path(name).exists() else name)
-    enc = load_tokenizer()
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
     engine = Engine(model, enc, max_batch=args.max_batch, max_queue=args.max_queue, dtype=dtype)
     limits = Limits(args, model.config.n_positions - model.n_virtual)
-    app = create_app(engine, enc, model_id, template, limits, args.api_key)
+    documents = None
+    if index is not None:
+        k = args.passages or 3
+        documents = Documents(index, k, template or "transcript", limits.context, limits.max_tokens)
+        print(f"nanotune: chats get the top {k} of {len(index.passages)} passages of {args.docs}", flush=True)
+    app = create_app(engine, enc, model_id, template, limits, args.api_key, documents)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
 
     def serve_http():
