@@ -66,6 +66,27 @@ def chat_template(model_dir: str, flag: str) -> str | None:
     return args["template"]
 
 
+def answer_errors_as_openai(app):
+    """Every error the app gives in OpenAI's JSON: ours (ApiError), FastAPI's own (unknown paths and methods, with
+    the headers HTTP asks for: 405 names the methods there are in Allow), and a client that left mid-body."""
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+
+    @app.exception_handler(ApiError)
+    async def api_error(http, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(ClientDisconnect)  # the client left while sending its body: nobody to answer, nothing
+    async def client_left(http, e: ClientDisconnect):  # wrong here (and no traceback in the log)
+        return Response(status_code=499)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(http, e: HTTPException):
+        body = ApiError(e.status_code, str(e.detail)).body()
+        return JSONResponse(body, status_code=e.status_code, headers=getattr(e, "headers", None))
+
+
 def create_app(
     engine: Engine,
     enc,
@@ -78,9 +99,7 @@ def create_app(
     """The FastAPI app around a started engine; with documents (--docs), chats are answered from them."""
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
+    from fastapi.responses import HTMLResponse, StreamingResponse
 
     app = FastAPI(title="nanotune", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     page_html = PAGE.read_text()  # read once, not on every visit
@@ -93,18 +112,7 @@ def create_app(
     document = openapi_document(model_id, schemas, api_key is not None, answer_fields)
     app.openapi = lambda: document  # what the server checks (api_schema), not what FastAPI infers from the routes
 
-    @app.exception_handler(ApiError)
-    async def api_error(http, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(ClientDisconnect)  # the client left while sending its body: nobody to answer, nothing
-    async def client_left(http, e: ClientDisconnect):  # wrong here (and no traceback in the log)
-        return Response(status_code=499)
-
-    @app.exception_handler(HTTPException)  # unknown paths and methods answer in OpenAI's format too, with the
-    async def http_error(http, e: HTTPException):  # headers HTTP asks for (405: Allow, the methods there are)
-        body = ApiError(e.status_code, str(e.detail)).body()
-        return JSONResponse(body, status_code=e.status_code, headers=getattr(e, "headers", None))
+    answer_errors_as_openai(app)
 
     def authorize(http: HttpRequest):
         given = http.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -191,22 +199,30 @@ def create_app(
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(stream(answer, events, requests, usage, engine), media_type="text/event-stream")
-        check_at = loop.time() + 0.1
-        while not answer.done():
-            try:
-                answer.add(*await asyncio.wait_for(events.get(), timeout=0.1))
-            except asyncio.TimeoutError:
-                pass
-            if loop.time() >= check_at:  # ten times a second: is anybody still waiting? If not, free its rows
-                check_at = loop.time() + 0.1
-                if await http.is_disconnected():
-                    cancel(requests)
-                    return JSONResponse({}, status_code=499)
-        if "error" in answer.finish:
-            raise ApiError(500, failure(engine, requests))
-        return answer.whole()
+        return await whole(http, answer, events, requests, engine)
 
     return app
+
+
+async def whole(http, answer: Answer, events: asyncio.Queue, requests: list[Request], engine: Engine):
+    """The answer when every choice has ended (499, its rows freed, if the client left before; 500 on a fault)."""
+    from fastapi.responses import JSONResponse
+
+    loop = asyncio.get_running_loop()
+    check_at = loop.time() + 0.1
+    while not answer.done():
+        try:
+            answer.add(*await asyncio.wait_for(events.get(), timeout=0.1))
+        except asyncio.TimeoutError:
+            pass
+        if loop.time() >= check_at:  # ten times a second: is anybody still waiting? If not, free its rows
+            check_at = loop.time() + 0.1
+            if await http.is_disconnected():
+                cancel(requests)
+                return JSONResponse({}, status_code=499)
+    if "error" in answer.finish:
+        raise ApiError(500, failure(engine, requests))
+    return answer.whole()
 
 
 async def stream(answer: Answer, events: asyncio.Queue, requests: list[Request], usage: bool, engine: Engine):
