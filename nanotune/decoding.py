@@ -1,7 +1,7 @@
 """What sampling adds to the model: the KV cache (with the layouts of the tied head that decoding reads fastest)
-and, on a CPU with oneDNN's bfloat16 kernels, packed bfloat16 copies of the weights for one generation. The
-model (model.py) only writes into the cache and reads a packed weight when one is set; generate.py and engine.py
-make and own them.
+and, on a CPU, copies of the large layers' weights in oneDNN's packed layout for one generation (float32, or
+bfloat16 where the CPU has kernels for it). The model (model.py) only writes into the cache and reads a packed
+weight when one is set; generate.py and serve/engine.py make and own them.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ class KVCache:
         # already made or else a transposed view. Several rows are a matrix product, which MKL runs faster as
         # wte (V, C) @ x.T (nano, 8 rows: 3.3 against 7.2 ms; gpt2: 17 against 27 ms).
         # packed: sampling that may round its logits, on a CPU with oneDNN's bfloat16 kernels, reads a packed
-        # bfloat16 copy instead (see packed_bf16)
+        # bfloat16 copy instead (see packed_layers)
         self.wte = model.wte.weight.detach()
         self.head = head_copy(model, make=copy_head)
-        self.packed_head = pack_bf16(model.wte.weight) if packed and onednn_bf16(device) else None
+        self.packed_head = pack(model.wte.weight, torch.bfloat16) if packed and onednn_bf16(device) else None
 
     # ---- rows that join and leave (the server's batch, nanotune/serve/engine.py)
 
@@ -71,7 +71,7 @@ class KVCache:
         """The tied head on the last hidden states x (B, C): next-token logits (B, V) in float32, autocast off."""
         with torch.autocast(x.device.type, enabled=False):
             if self.packed_head is not None:
-                return linear_bf16(x, self.packed_head).float()
+                return linear_packed(x, self.packed_head).float()
             if x.shape[0] == 1:
                 head = self.head if self.head is not None else self.wte.t()
                 return x.float() @ head.float()  # (1, V)
@@ -100,37 +100,44 @@ def head_copy(model: nn.Module, make: bool) -> torch.Tensor | None:
     return copy
 
 
+def onednn(device) -> bool:
+    """A CPU with PyTorch's oneDNN (mkldnn) kernels."""
+    return torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+
+
 def onednn_bf16(device) -> bool:
     """A CPU whose oneDNN has bfloat16 kernels (AVX512-BF16 or AMX): there they stream packed bfloat16 weights at
     2.5-10x MKL's float32 matrix-vector rate (python -m nanotune.bench.sampling)."""
-    return (
-        torch.device(device).type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and (torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    )
+    return onednn(device) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """An (out, in) weight as a bfloat16 copy in oneDNN's blocked layout, PyTorch's own kernel for inference (what
-    torch.compile's freezing prepacks for). Made once per generation; the model's weights stay as they are."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), 1)
+def pack(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An (out, in) weight as a copy in oneDNN's blocked layout and `dtype`, PyTorch's own kernel for inference
+    (what torch.compile's freezing prepacks for), laid out for up to 8 rows at a time in float32. Made once per
+    generation (or once for a server's life); the model's weights stay as they are."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 8 if dtype == torch.float32 else 1)
 
 
-def linear_bf16(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T + bias with a packed bfloat16 weight: (..., in) -> (..., out) in bfloat16."""
-    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
+def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias=None, dtype=torch.bfloat16) -> torch.Tensor:
+    """x @ weight^T + bias with a packed weight of `dtype`: (..., in) -> (..., out) in that dtype."""
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
 
 
 @contextlib.contextmanager
-def packed_bf16(model: nn.Module):
-    """For the length of one generation in bfloat16 on such a CPU: every Conv1D (LoRA merged in) reads a packed
-    bfloat16 copy of its weight. The training weights are untouched; outside the context nothing changes."""
+def packed_layers(model: nn.Module, dtype: torch.dtype):
+    """For the length of one generation on a CPU, every large Conv1D (LoRA merged in) reads a packed copy of its
+    weight: in bfloat16 where oneDNN has bfloat16 kernels (sampling that may round); in float32 on any CPU with
+    oneDNN, where its kernel reads gpt2's layers 1.2x (one row) to 2.2x (2 to 8 rows) faster than MKL's addmm
+    reads the (in, out) layout, exact in float32 (another order of sums: ~1e-6 apart). The training weights are
+    untouched; outside the context nothing changes."""
     # (only large layers: for a small one, as in nano, the kernel's fixed cost outweighs what it saves)
     big = [m for m in model.modules() if hasattr(m, "packed") and m.weight.numel() >= 2**19]  # Conv1D layers
-    layers = big if onednn_bf16(model.wte.weight.device) else []
+    device = model.wte.weight.device
+    usable = onednn_bf16(device) if dtype == torch.bfloat16 else onednn(device)
+    layers = big if usable else []
     for m in layers:
         weight = m.merged().weight if hasattr(m, "merged") else m.weight  # (LoRA: W + (alpha / r) A B)
-        m.packed = (pack_bf16(weight.t()), m.bias.detach().to(torch.bfloat16))
+        m.packed = (pack(weight.t(), dtype), m.bias.detach().to(dtype))
     try:
         yield model
     finally:

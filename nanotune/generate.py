@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .decoding import KVCache, packed_bf16
+from .decoding import KVCache, packed_layers
 from .flags import Parser, integer, real
 from .instruct import format_prompt
 from .loader import load_model
@@ -43,9 +43,11 @@ def generate(
     change. compile: torch.compile that step, once per model (CUDA graphs on a GPU); off by default, as compiling
     takes tens of seconds that only many or long generations (RL rollouts) win back; a string names a backend
     ("eager" in the tests). dtype torch.bfloat16: on a CPU with oneDNN's bfloat16 kernels, the tied head and the
-    large layers read packed bfloat16 copies of their weights (nanotune.decoding.packed_bf16; activations stay
-    float32); on a GPU, bfloat16 autocast. The logits are rounded, so log-probs that matter are computed again
-    in float32, as PPO and GRPO do.
+    large layers read packed bfloat16 copies of their weights (nanotune.decoding.packed_layers; activations stay
+    float32); on a GPU, bfloat16 autocast. Its logits are rounded, so log-probs that matter are computed again
+    in float32, as PPO and GRPO do. In float32 on a CPU, a generation long enough to pay for it (256 tokens for one
+    row, 64 for four) reads packed float32 copies of the large layers (gpt2's, not nano's): the same sums in
+    another order.
     """
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -79,10 +81,19 @@ def generate(
             f"generate: prompt ({T}) + max_new_tokens ({max_new_tokens}){virtual} = "
             f"{T + max_new_tokens + model.n_virtual} exceeds the context of {model.config.n_positions} tokens"
         )
-    sampling = (temperature, top_k, top_p, banned_tokens, eos_token, generator)
-    packed = dtype == torch.bfloat16 and device.type == "cpu" and not compile  # (inductor cannot lower the kernel)
-    bf16 = torch.autocast(device.type, dtype=dtype) if dtype is not None and device.type != "cpu" else None
-    with packed_bf16(model) if packed else bf16 or contextlib.nullcontext():
+    sampling, B = (temperature, top_k, top_p, banned_tokens, eos_token, generator), idx.shape[0]
+    # on a CPU, the large layers read packed copies (decoding.packed_layers; inductor cannot lower the kernel):
+    # bfloat16 ones for bfloat16 sampling, float32 ones for a generation long enough to pay for packing them
+    packed = dtype == torch.bfloat16 and device.type == "cpu" and not compile
+    # (packing gpt2's layers takes ~0.5 s; they then read 1.2x faster for one row, 2x for several)
+    packed_fp32 = dtype is None and device.type == "cpu" and not compile and max_new_tokens * min(B, 4) >= 256
+    if packed or packed_fp32:
+        context = packed_layers(model, torch.bfloat16 if packed else torch.float32)
+    elif dtype is not None and device.type != "cpu":
+        context = torch.autocast(device.type, dtype=dtype)
+    else:
+        context = contextlib.nullcontext()
+    with context:
         out = decode(model, idx, attention_mask, max_new_tokens, sampling, compile, packed)
     if not as_list:
         return out[0] if squeeze else out

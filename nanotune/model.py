@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .config import GPTConfig
-from .decoding import KVCache, linear_bf16
+from .decoding import KVCache, linear_packed
 from .weights import load_checkpoint, resolve_checkpoint, save_checkpoint
 
 
@@ -28,11 +28,12 @@ class Conv1D(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
-        self.packed = None  # (weight, bias) in bfloat16, oneDNN's layout, while generate samples (packed_bf16)
+        self.packed = None  # (weight, bias) in oneDNN's layout while a CPU samples (decoding.packed_layers)
 
     def forward(self, x):
         if self.packed is not None:
-            return linear_bf16(x, *self.packed).to(x.dtype)
+            weight, bias = self.packed
+            return linear_packed(x, weight, bias, bias.dtype).to(x.dtype)
         out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)  # (B*T, n_out)
         return out.view(*x.shape[:-1], -1)
 

@@ -96,9 +96,9 @@ def test_bfloat16_sampling_packs_large_layers_and_lora_and_leaves_the_model_as_i
     assert agree >= 0.8, agree
     assert all(m.packed is None for m in model.modules() if isinstance(m, Conv1D))  # the copies are gone
     if onednn_bf16("cpu"):  # where the kernels are there, the large layers and the head did use them
-        from nanotune.decoding import packed_bf16
+        from nanotune.decoding import packed_layers
 
-        with packed_bf16(model):
+        with packed_layers(model, torch.bfloat16):
             packed = [m for m in model.modules() if isinstance(m, Conv1D) and m.packed is not None]
         assert {m.weight.numel() for m in packed} == {512 * 2048, 512 * 1536}  # c_fc, c_proj (MLP), c_attn
 
@@ -146,3 +146,49 @@ def test_the_head_copy_is_kept_across_generations_and_remade_when_the_weights_ch
 @torch.no_grad()
 def greedy_without_cache_tensor(model, prompt, n):
     return torch.tensor(greedy_without_cache(model, prompt.tolist(), n))
+
+
+@torch.no_grad()
+def test_float32_sampling_on_a_cpu_reads_packed_large_layers_and_picks_the_forwards_tokens(monkeypatch):
+    """A generation of 64 tokens for four rows on a CPU reads oneDNN's packed float32 copies of the large layers (here
+    c_fc and c_attn, 2^19 weights or more): the same greedy tokens as a full forward without a cache (up to a
+    near tie, within 1e-4, after which that row is another text), and the model as it was afterwards."""
+    import importlib
+
+    from nanotune.decoding import onednn
+    from nanotune.model import Conv1D
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=512, n_positions=128)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Conv1D):
+                m.weight.mul_(4.0)  # logits spread further apart than a fresh model's: fewer near ties
+    generate_module = importlib.import_module("nanotune.generate")  # (the package's name for it is the function)
+    seen = []
+    original = generate_module.packed_layers
+
+    def spy(model, dtype):
+        seen.append(dtype)
+        context = original(model, dtype)
+        return context
+
+    monkeypatch.setattr(generate_module, "packed_layers", spy)
+    prompts = [[464, 3290, 318, 257], [40, 588, 11, 12, 13, 14, 15, 16], [1], [9, 8, 7]]
+    out = generate(model, prompts, 64, temperature=0)
+    assert seen == [torch.float32]
+    reference = greedy_without_cache(model, prompts, 64)
+    compared = 0
+    for prompt, row, expected in zip(prompts, out, reference):
+        for at in range(len(prompt), len(expected)):
+            if row[at] != expected[at]:
+                top2 = model(torch.tensor([expected[:at]]))[0, -1].topk(2).values
+                assert top2[0] - top2[1] < 1e-4, (len(prompt), at - len(prompt))
+                break
+            compared += 1
+    assert compared >= 4 * 64 // 2, compared
+    assert all(m.packed is None for m in model.modules() if isinstance(m, Conv1D))
+    if onednn("cpu"):
+        with original(model, torch.float32):
+            packed = {m.weight.numel() for m in model.modules() if isinstance(m, Conv1D) and m.packed is not None}
+        assert packed == {512 * 2048, 512 * 1536}

@@ -4,17 +4,20 @@
     python -m nanotune.bench.sampling --preset gpt2 --batches 1 --transformers --bf16   # random gpt2 weights
     python -m nanotune.bench.sampling --device cuda --compile
 
-Decoding one token reads every weight once (the tied head alone is 50257 x width), so at batch 1 the memory
-bandwidth bounds it: the copy bandwidth measured here, divided by the weights' bytes, is the ceiling in tokens/s.
+Decoding one token reads every weight once (the tied head alone is 50257 x width), by matrix-vector products at
+batch 1, so the rate at which this machine's BLAS reads a weight matrix for one (measured here on the head, and
+printed beside the copy bandwidth) divided by the weights' bytes is the ceiling in tokens/s at batch 1: its last
+column is the share of it each variant reaches.
 Rows, each greedy decoding of --tokens new tokens after a 16-token prompt, timed in one process, the variants
 taking turns for --rounds rounds (a slow spell of a shared machine hits them all) and reported as the median:
   per-token forward   the way nanotune decoded before its static step: GPT.forward with the cache, per token
-  static step         nanotune.generate: GPT.decode_step, every shape fixed
+  static step         nanotune.generate: GPT.decode_step, attention over the slots filled so far
   compiled            the same step through torch.compile (--compile; compiling is not timed; on CUDA it also
                       reports how often inductor skipped CUDA graphs, which it does rather than fail)
   bfloat16            --bf16: generate(dtype=torch.bfloat16); on a CPU with oneDNN's bfloat16 kernels the head and
                       the large layers read packed bfloat16 weights, activations stay float32
-  transformers        GPT2LMHeadModel.generate on the same weights (--transformers)
+  transformers        GPT2LMHeadModel.generate on the same weights (--transformers; "static step vs this": how
+                      many times faster nanotune's sampling is)
 With --bf16 it also reports how often bfloat16 decoding picks float32's greedy token, teacher-forced over the
 passage nanotune.verify uses (one decode step per token, so every position counts, not only the first miss).
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..config import PRESETS, GPTConfig
-from ..decoding import KVCache, packed_bf16
+from ..decoding import KVCache, packed_layers
 from ..flags import Parser, integer
 from ..generate import generate
 from ..loader import load_model
@@ -69,6 +72,22 @@ def copy_bandwidth(device, megabytes: int = 512) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
+def matvec_rate(model, device) -> float:
+    """GB/s at which this machine's BLAS reads the tied head for one row's logits (x @ the (C, V) copy that batch-1
+    decoding reads), the best of ten: the honest limit of batch-1 float32 decoding, which reads every weight once
+    a token by matrix-vector products (well under the copy bandwidth on this CPU)."""
+    head = model.wte.weight.detach().t().contiguous()
+    x = torch.randn(1, head.shape[0], device=device)
+    best = float("inf")
+    for _ in range(10):
+        sync(device)
+        start = time.perf_counter()
+        x @ head
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return head.numel() * head.element_size() / best / 1e9
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -94,10 +113,11 @@ def main(argv=None):
     model, name = load_model(args.model, device)
     model.eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bandwidth = copy_bandwidth(device)
+    bandwidth, matvec = copy_bandwidth(device), matvec_rate(model, device)
+    limit = matvec * 1e9 / weight_bytes  # tokens/s at batch 1 if every weight were read once at the matvec rate
     print(
-        f"{name}: {weight_bytes / 1e6:.0f} MB of weights on {device}; copy bandwidth {bandwidth:.1f} GB/s, so at "
-        f"batch 1 at most {bandwidth * 1e9 / weight_bytes:.0f} tokens/s",
+        f"{name}: {weight_bytes / 1e6:.0f} MB of weights on {device}; copy bandwidth {bandwidth:.1f} GB/s, the head's "
+        f"matrix-vector product reads {matvec:.1f} GB/s, so at batch 1 at most {limit:.0f} tokens/s",
         flush=True,
     )
     hf = None
@@ -126,16 +146,11 @@ def main(argv=None):
                 times[key].append(time.perf_counter() - start)
         for key, seconds in times.items():
             rate = batch * args.tokens / statistics.median(seconds)
-            share = rate / batch * weight_bytes / (bandwidth * 1e9) if batch == 1 else None
-            results.append({"batch": batch, "variant": key, "tokens_per_s": rate, "bandwidth_share": share})
-    baseline = {r["batch"]: r["tokens_per_s"] for r in results if r["variant"] == "per-token forward"}
-    print("| batch | variant | new tokens/s | vs per-token forward | share of copy bandwidth |")
-    print("|---|---|---|---|---|")
-    for r in results:
-        share = f"{r['bandwidth_share']:.0%}" if r["bandwidth_share"] is not None else ""
-        speedup = r["tokens_per_s"] / baseline[r["batch"]]
-        print(f"| {r['batch']} | {r['variant']} | {r['tokens_per_s']:.1f} | {speedup:.2f}x | {share} |", flush=True)
-    report = {"model": name, "weight_bytes": weight_bytes, "copy_gb_s": bandwidth, "rows": results}
+            share = rate / limit if batch == 1 else None  # the time of reading the weights / a token's time
+            results.append({"batch": batch, "variant": key, "tokens_per_s": rate, "limit_share": share})
+    print_table(results)
+    report = {"model": name, "weight_bytes": weight_bytes, "copy_gb_s": bandwidth, "matvec_gb_s": matvec}
+    report |= {"batch1_limit_tokens_per_s": limit, "rows": results}
     if args.compile and device.type == "cuda":  # did the compiled step run as CUDA graphs, or did inductor fall back?
         from torch._dynamo.utils import counters
 
@@ -144,6 +159,20 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+
+
+def print_table(results: list[dict]):
+    """The rows as a table: each against the per-token forward, transformers against the static step (the
+    decoding every sampler uses), and at batch 1 the share of the matrix-vector limit it reaches."""
+    rates = {(r["batch"], r["variant"]): r["tokens_per_s"] for r in results}
+    print("| batch | variant | new tokens/s | vs per-token forward | static step vs this | share of the matvec limit |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        batch, rate = r["batch"], r["tokens_per_s"]
+        versus = f"{rates[batch, 'static step'] / rate:.2f}x" if r["variant"] == "transformers" else ""
+        share = f"{r['limit_share']:.0%}" if r["limit_share"] is not None else ""
+        row = f"| {batch} | {r['variant']} | {rate:.1f} | {rate / rates[batch, 'per-token forward']:.2f}x | {versus} "
+        print(row + f"| {share} |", flush=True)
 
 
 @torch.no_grad()
@@ -156,7 +185,7 @@ def bf16_agreement(model: GPT, device) -> float:
         if not bf16:
             context = nullcontext()
         elif device.type == "cpu":
-            context = packed_bf16(model)
+            context = packed_layers(model, torch.bfloat16)
         else:
             context = torch.autocast(device.type, dtype=torch.bfloat16)
         cache = KVCache(model, 1, len(tokens), packed=bf16 and device.type == "cpu")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..decoding import KVCache, packed_bf16
+from ..decoding import KVCache, packed_layers
 from ..generate import pick_tokens
 from ..instruct import token_logprobs
 from ..model import GPT
@@ -281,7 +281,9 @@ class Engine:
         run(). Either way every request still running or waiting when run() ends gets finish_reason "error"."""
         packed = self.dtype == torch.bfloat16 and self.device.type == "cpu"
         bf16 = self.dtype is not None and self.device.type != "cpu"
-        context = packed_bf16(self.model) if packed else contextlib.nullcontext()
+        # on a CPU the large layers read packed copies for the server's life (decoding.packed_layers)
+        layers = torch.bfloat16 if packed else torch.float32
+        context = packed_layers(self.model, layers) if self.device.type == "cpu" else contextlib.nullcontext()
         with torch.inference_mode(), context, torch.autocast(self.device.type, dtype=self.dtype, enabled=bf16):
             self.batch = batch = Batch(self.model, self.enc, packed, self._fail)
             try:
