@@ -7,7 +7,6 @@ weight when one is set; generate.py and serve/engine.py make and own them.
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +30,15 @@ class KVCache:
         self.ragged = True  # rows with gaps in their real keys (padding, rows of different lengths): attention
         # over the filled slots needs cache.valid as its mask (the owner clears it when no row has a gap)
         # the tied head. One row at a time is a matrix-vector product, which streams a contiguous (C, V) copy
-        # 3x faster than wte's (V, C) (nano: 2.4 against 7.5 ms per token on a 2-core CPU); the copy is kept for
-        # later generations (head_copy), and one too short to pay for making it (copy_head=False) uses a copy
-        # already made or else a transposed view. Several rows are a matrix product, which MKL runs faster as
-        # wte (V, C) @ x.T (nano, 8 rows: 3.3 against 7.2 ms; gpt2: 17 against 27 ms).
+        # 3x faster than wte's (V, C) (nano: 2.4 against 7.5 ms per token on a 2-core CPU); the copy costs ~40 ms
+        # for nano and ~170-290 ms for gpt2 to make (mostly first touches of new memory), so short generations
+        # (copy_head=False) use a transposed view, and the server makes one for its life. (Not kept across
+        # generations: a fused optimizer step changes wte without moving its version counter.) Several rows are
+        # a matrix product, which MKL runs faster as wte (V, C) @ x.T (nano, 8 rows: 3.3 against 7.2 ms).
         # packed: sampling that may round its logits, on a CPU with oneDNN's bfloat16 kernels, reads a packed
         # bfloat16 copy instead (see packed_layers)
         self.wte = model.wte.weight.detach()
-        self.head = head_copy(model, make=copy_head)
+        self.head = self.wte.t().contiguous() if copy_head else None
         self.packed_head = pack(model.wte.weight, torch.bfloat16) if packed and onednn_bf16(device) else None
 
     # ---- rows that join and leave (the server's batch, nanotune/serve/engine.py)
@@ -76,28 +76,6 @@ class KVCache:
                 head = self.head if self.head is not None else self.wte.t()
                 return x.float() @ head.float()  # (1, V)
             return (self.wte.float() @ x.float().t()).t()  # (V, B) -> (B, V)
-
-
-_head_copies = weakref.WeakKeyDictionary()  # model -> (what its wte was when copied, the (C, V) copy)
-
-
-def head_copy(model: nn.Module, make: bool) -> torch.Tensor | None:
-    """The tied head as a contiguous (C, V) copy, kept while the model's wte is the same tensor with the same
-    contents (its version counter moves with every in-place change, an optimizer step's included): making one
-    costs ~40 ms for nano and ~290 ms for gpt2 on a 2-core CPU (mostly first touches of new memory), which every
-    generation at batch 1 would pay again. It holds as much memory as wte. make=False: only a copy already made."""
-    wte = model.wte.weight
-    if wte.is_inference():  # (made under torch.inference_mode: it keeps no version counter, so no copy is kept)
-        return wte.detach().t().contiguous() if make else None
-    kept = _head_copies.get(model)
-    if kept is not None and kept[0] == (id(wte), wte.data_ptr(), wte._version):  # (.to() and .data= move data_ptr)
-        return kept[1]
-    if not make:
-        return None
-    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, whatever mode the first generation ran in
-        copy = wte.detach().t().contiguous()
-    _head_copies[model] = ((id(wte), wte.data_ptr(), wte._version), copy)
-    return copy
 
 
 def onednn(device) -> bool:

@@ -126,28 +126,6 @@ def test_a_batch_greedy_tokens_are_each_rows_alone_for_64_tokens():
     assert compared >= 8 * 64 * 3 // 4, compared  # most positions compared, not a few before a near tie
 
 
-def test_the_head_copy_is_kept_across_generations_and_remade_when_the_weights_change():
-    from nanotune.decoding import head_copy
-
-    model = model_with("tiny")
-    prompt = torch.tensor([[1, 2, 3]])
-    first = generate(model, prompt, 40, temperature=0)
-    copy = head_copy(model, make=False)
-    assert copy is not None and torch.equal(copy, model.wte.weight.t())
-    generate(model, prompt, 40, temperature=0)
-    assert head_copy(model, make=False) is copy  # kept: the second generation made none
-    with torch.no_grad():
-        model.wte.weight.mul_(-1.0)  # in place, as an optimizer step: the kept copy is stale
-    assert head_copy(model, make=False) is None
-    again = generate(model, prompt, 40, temperature=0)
-    assert torch.equal(again, greedy_without_cache_tensor(model, prompt, 40)) and not torch.equal(again, first)
-
-
-@torch.no_grad()
-def greedy_without_cache_tensor(model, prompt, n):
-    return torch.tensor(greedy_without_cache(model, prompt.tolist(), n))
-
-
 @torch.no_grad()
 def test_float32_sampling_on_a_cpu_reads_packed_large_layers_and_picks_the_forwards_tokens(monkeypatch):
     """A generation of 64 tokens for four rows on a CPU reads oneDNN's packed float32 copies of the large layers (here
