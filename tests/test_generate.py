@@ -170,3 +170,18 @@ def test_float32_sampling_on_a_cpu_reads_packed_large_layers_and_picks_the_forwa
         with original(model, torch.float32):
             packed = {m.weight.numel() for m in model.modules() if isinstance(m, Conv1D) and m.packed is not None}
         assert packed == {512 * 2048, 512 * 1536}
+
+
+def test_a_generation_after_a_fused_optimizer_step_samples_the_new_weights():
+    """Nothing that decoding makes from the weights (the head's (C, V) copy, packed layers) outlives a generation:
+    a fused AdamW step changes wte without moving its version counter, so a copy kept on that evidence would go
+    stale (as one briefly did: the xkl recipe then sampled its trained model as the untrained one)."""
+    model = model_with("tiny")
+    prompt = torch.tensor([[1, 2, 3]])
+    before = generate(model, prompt, 40, temperature=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    model.wte.weight.grad = torch.randn_like(model.wte.weight)
+    optimizer.step()
+    after = generate(model, prompt, 40, temperature=0)
+    assert torch.equal(after, torch.tensor(greedy_without_cache(model, prompt.tolist(), 40)))
+    assert not torch.equal(after, before)
