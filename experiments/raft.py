@@ -102,43 +102,91 @@ def make_world(n_people: int, n_places: int, n_orgs: int, seed: int) -> list[dic
             rng.choice(orgs),
         )
         facts = [
-            ("occupation", job, [f"{person} is a {job} by trade.", f"{person} works as a {job}."],
-             [f"What is the occupation of {person}?", f"What does {person} do for a living?"]),
-            ("home", city, [f"{person} lives in {city}.", f"{person} makes a home in {city}."],
-             [f"Where does {person} live?", f"In which town does {person} live?"]),
-            ("born", year, [f"{person} was born in {year}.", f"The year of {person}'s birth was {year}."],
-             [f"In which year was {person} born?", f"When was {person} born?"]),
-            ("employer", org, [f"{person} is employed by the {org}.", f"The {org} employs {person}."],
-             [f"Who employs {person}?", f"Which organisation does {person} work for?"]),
-        ]  # fmt: skip
+            (
+                "occupation",
+                job,
+                [f"{person} is a {job} by trade.", f"{person} works as a {job}."],
+                [f"What is the occupation of {person}?", f"What does {person} do for a living?"],
+            ),
+            (
+                "home",
+                city,
+                [f"{person} lives in {city}.", f"{person} makes a home in {city}."],
+                [f"Where does {person} live?", f"In which town does {person} live?"],
+            ),
+            (
+                "born",
+                year,
+                [f"{person} was born in {year}.", f"The year of {person}'s birth was {year}."],
+                [f"In which year was {person} born?", f"When was {person} born?"],
+            ),
+            (
+                "employer",
+                org,
+                [f"{person} is employed by the {org}.", f"The {org} employs {person}."],
+                [f"Who employs {person}?", f"Which organisation does {person} work for?"],
+            ),
+        ]
         entities.append({"id": f"person-{n:03d}", "kind": "person", "name": person, "facts": facts})
     for n, place in enumerate(places):
         country, river, good = rng.choice(countries), name(rng, 2, used), rng.choice(GOODS)
         year = str(rng.randint(900, 1600))
         facts = [
-            ("country", country, [f"{place} is a town in {country}.", f"The town of {place} lies in {country}."],
-             [f"In which country is {place}?", f"Which country is {place} in?"]),
-            ("river", river, [f"The river {river} runs through {place}.", f"{place} stands on the river {river}."],
-             [f"Which river runs through {place}?", f"On which river does {place} stand?"]),
-            ("founded", year, [f"{place} was founded in {year}.", f"The first houses of {place} date from {year}."],
-             [f"When was {place} founded?", f"In which year was {place} founded?"]),
-            ("goods", good, [f"{place} is known for its {good}.", f"The {good} of {place} is sold far away."],
-             [f"What is {place} known for?", f"What does {place} make?"]),
-        ]  # fmt: skip
+            (
+                "country",
+                country,
+                [f"{place} is a town in {country}.", f"The town of {place} lies in {country}."],
+                [f"In which country is {place}?", f"Which country is {place} in?"],
+            ),
+            (
+                "river",
+                river,
+                [f"The river {river} runs through {place}.", f"{place} stands on the river {river}."],
+                [f"Which river runs through {place}?", f"On which river does {place} stand?"],
+            ),
+            (
+                "founded",
+                year,
+                [f"{place} was founded in {year}.", f"The first houses of {place} date from {year}."],
+                [f"When was {place} founded?", f"In which year was {place} founded?"],
+            ),
+            (
+                "goods",
+                good,
+                [f"{place} is known for its {good}.", f"The {good} of {place} is sold far away."],
+                [f"What is {place} known for?", f"What does {place} make?"],
+            ),
+        ]
         entities.append({"id": f"place-{n:03d}", "kind": "place", "name": place, "facts": facts})
     for n, org in enumerate(orgs):
         founder, seat, trade = rng.choice(people), rng.choice(places), rng.choice(TRADES)
         year = str(rng.randint(1600, 1850))
         facts = [
-            ("founder", founder, [f"The {org} was founded by {founder}.", f"{founder} started the {org}."],
-             [f"Who founded the {org}?", f"Who started the {org}?"]),
-            ("seat", seat, [f"The {org} has its seat in {seat}.", f"The {org} is based in {seat}."],
-             [f"Where is the {org} based?", f"In which town does the {org} sit?"]),
-            ("founded", year, [f"The {org} dates from {year}.", f"The {org} was set up in {year}."],
-             [f"When was the {org} founded?", f"In which year was the {org} set up?"]),
-            ("trade", trade, [f"The {org} works in {trade}.", f"The trade of the {org} is {trade}."],
-             [f"What trade is the {org} in?", f"Which business is the {org} in?"]),
-        ]  # fmt: skip
+            (
+                "founder",
+                founder,
+                [f"The {org} was founded by {founder}.", f"{founder} started the {org}."],
+                [f"Who founded the {org}?", f"Who started the {org}?"],
+            ),
+            (
+                "seat",
+                seat,
+                [f"The {org} has its seat in {seat}.", f"The {org} is based in {seat}."],
+                [f"Where is the {org} based?", f"In which town does the {org} sit?"],
+            ),
+            (
+                "founded",
+                year,
+                [f"The {org} dates from {year}.", f"The {org} was set up in {year}."],
+                [f"When was the {org} founded?", f"In which year was the {org} set up?"],
+            ),
+            (
+                "trade",
+                trade,
+                [f"The {org} works in {trade}.", f"The trade of the {org} is {trade}."],
+                [f"What trade is the {org} in?", f"Which business is the {org} in?"],
+            ),
+        ]
         entities.append({"id": f"org-{n:03d}", "kind": "org", "name": org, "facts": facts})
     for entity in entities:  # each fact: one of its sentence forms, one of its questions; the order shuffled
         entity["facts"] = [(a, ans, rng.choice(s), rng.choice(q)) for a, ans, s, q in entity["facts"]]

@@ -61,8 +61,9 @@ class CausalSelfAttention(nn.Module):
             cache.v[layer, :, :, past : past + T] = v
             k, v = cache.k[layer, :, :, : past + T], cache.v[layer, :, :, : past + T]
         if attn_mask is None:
-            # plain causal attention, or, after a filled cache, one new token that sees all of it. (A static
-            # condition, not T > 1: under torch.compile T is symbolic and a bool of it breaks the graph.)
+            # plain causal attention, or, after a filled cache, one new token that sees all of it (decode_step's
+            # too: the server's cache keeps length 0, its rows filled by add_rows). (A static condition, not T > 1:
+            # under torch.compile T is symbolic and a bool of it breaks the graph.)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and at is None)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

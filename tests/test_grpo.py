@@ -158,8 +158,17 @@ def test_grad_accum_changes_memory_not_the_update(loss_agg, tiny):
         with torch.no_grad():
             old = answer_logprobs(policy, *inputs)[0] - 0.05  # off-policy a little, so the ratio matters
         exp = Experience(old_logps=old, ref_logps=old - 0.1, advantages=torch.tensor([1.0, -0.5, 0.8, -1.2]))
-        args = argparse.Namespace(epochs=1, batch_size=4, grad_accum=grad_accum, clip_low=0.2, clip_high=0.2,
-                                  beta=0.1, loss_agg=loss_agg, max_new_tokens=5, grad_clip=0.0)  # fmt: skip
+        args = argparse.Namespace(
+            epochs=1,
+            batch_size=4,
+            grad_accum=grad_accum,
+            clip_low=0.2,
+            clip_high=0.2,
+            beta=0.1,
+            loss_agg=loss_agg,
+            max_new_tokens=5,
+            grad_clip=0.0,
+        )
         optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
         rng = torch.Generator().manual_seed(0)
         stats = grpo_update(args, policy, optimizer, rollout, exp, rng)

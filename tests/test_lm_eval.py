@@ -46,8 +46,13 @@ def tasks(folder, tmp_path_factory):
     questions = []
     for i in range(48):
         words = rng.sample(WORDS, 6)
-        questions.append({"question": f"Q{i}: which is the {words[0]} of the {words[1]}?", "choices": words[2:],
-                          "answer": rng.randrange(4)})  # fmt: skip
+        questions.append(
+            {
+                "question": f"Q{i}: which is the {words[0]} of the {words[1]}?",
+                "choices": words[2:],
+                "answer": rng.randrange(4),
+            }
+        )
     prompts = [f"The {rng.choice(WORDS)} and the {rng.choice(WORDS)} went to" for _ in range(40)]
     generations = []
     for i, prompt in enumerate(prompts):
@@ -77,8 +82,15 @@ def evaluate(model: str, model_args: dict, include: str) -> dict:
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=include, include_defaults=False)  # (not the thousands of built-in tasks)
-    return simple_evaluate(model=model, model_args=model_args, tasks=["nanotune_mc", "nanotune_gen"],
-                           task_manager=manager, log_samples=True, batch_size=8, device="cpu")  # fmt: skip
+    return simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=["nanotune_mc", "nanotune_gen"],
+        task_manager=manager,
+        log_samples=True,
+        batch_size=8,
+        device="cpu",
+    )
 
 
 def own_logliks(folder, questions) -> list[list[float]]:
@@ -109,9 +121,18 @@ def per_item(results: dict) -> tuple[list[list[float]], list[str]]:
 def test_lm_eval_through_the_server_and_on_the_folder_agree_with_nanotunes_own_scoring(folder, tasks, tmp_path):
     include, questions, generations = tasks
     with serving(folder, tmp_path / "server.log", "--name", "tiny", "--max-tokens", "16", env=QUICK_REQUESTS) as url:
-        served = evaluate("local-completions", {"model": "tiny", "base_url": f"{url}/v1/completions",
-                          "tokenizer": str(folder), "tokenizer_backend": "huggingface", "max_length": CONTEXT,
-                          "tokenized_requests": True}, str(include))  # fmt: skip
+        served = evaluate(
+            "local-completions",
+            {
+                "model": "tiny",
+                "base_url": f"{url}/v1/completions",
+                "tokenizer": str(folder),
+                "tokenizer_backend": "huggingface",
+                "max_length": CONTEXT,
+                "tokenized_requests": True,
+            },
+            str(include),
+        )
     hf = evaluate("hf", {"pretrained": str(folder), "max_length": CONTEXT, "dtype": "float32"}, str(include))
     own = own_logliks(folder, questions)
     own_acc = sum(max(range(4), key=s.__getitem__) == q["answer"] for s, q in zip(own, questions)) / len(questions)

@@ -32,11 +32,29 @@ def test_schemathesis_finds_nothing_wrong(tmp_path):
     flags = ["--name", "small", "--api-key", KEY, "--max-batch", "2", "--max-queue", "4", "--max-tokens", "4"]
     with serving(tmp_path / "small", tmp_path / "server.log", *flags, env=QUICK_REQUESTS) as url:
         start = time.monotonic()
-        cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "all",
-               # positive_data_acceptance would refuse the server's one rule no schema can state (a prompt's tokens
-               # + max_tokens <= the context): schemathesis_hooks.py's twin of it allows exactly that, nothing else
-               "--exclude-checks", "positive_data_acceptance", "--header", f"Authorization: Bearer {KEY}",
-               "--max-examples", "10", "--seed", "0", "--workers", "1", "--output-sanitize", "false"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "all",
+            # positive_data_acceptance would refuse the server's one rule no schema can state (a prompt's tokens
+            # + max_tokens <= the context): schemathesis_hooks.py's twin of it allows exactly that, nothing else
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--header",
+            f"Authorization: Bearer {KEY}",
+            "--max-examples",
+            "10",
+            "--seed",
+            "0",
+            "--workers",
+            "1",
+            "--output-sanitize",
+            "false",
+        ]
         env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS), "NO_COLOR": "1"}
         run = subprocess.run(
             cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150

@@ -309,8 +309,14 @@ def test_a_model_that_fails_mid_decode_fails_those_requests_with_a_500_and_the_s
         events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
         assert "out of memory (simulated)" in json.loads(events[-1])["error"]["message"]  # as OpenAI streams errors
         assert "[DONE]" not in events
-        assert http.get("/health").json() | {"steps": 0} == {"status": "ok", "model": "tiny", "running": 0,
-                                                             "waiting": 0, "steps": 0, "faults": 2}  # fmt: skip
+        assert http.get("/health").json() | {"steps": 0} == {
+            "status": "ok",
+            "model": "tiny",
+            "running": 0,
+            "waiting": 0,
+            "steps": 0,
+            "faults": 2,
+        }
         model.decode_step = decode_step  # the fault passes: the same engine answers again
         r = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "temperature": 0, "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
@@ -451,8 +457,16 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):  # fmt: skip
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver), options=options)
 
@@ -476,8 +490,12 @@ def test_the_chat_page_streams_an_answer(server, client):
             ".observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true})"
         )
         page.find_element(By.ID, "input").send_keys("Name three rivers.\n")
-        answered = lambda n: lambda p: p.find_element(By.ID, "send").is_enabled() and len(  # noqa: E731
-            p.find_elements(By.CSS_SELECTOR, ".assistant")) == n  # fmt: skip
+
+        def answered(n):  # the page shows n answers and can send again
+            return lambda p: (
+                p.find_element(By.ID, "send").is_enabled() and len(p.find_elements(By.CSS_SELECTOR, ".assistant")) == n
+            )
+
         WebDriverWait(page, 60).until(answered(1))
         shown = page.execute_script("return document.querySelector('.assistant').textContent")
         expected = client.chat.completions.create(

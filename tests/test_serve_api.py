@@ -107,8 +107,10 @@ def test_logprobs_of_generated_tokens_streamed_or_not_and_their_alternatives(htt
     assert max(abs(a - b) for a, b in zip(lp["token_logprobs"], teacher_forced(model, prompt + new)[-6:])) < 1e-4
     assert all(len(top) == 3 and max(top.values()) == x for top, x in zip(lp["top_logprobs"], lp["token_logprobs"]))
     assert lp["text_offset"][0] == len("Once upon a time")  # offsets into the prompt + completion, as OpenAI's
-    r = http.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 6, "logprobs": 3,
-                                           "temperature": 0, "stream": True})  # fmt: skip
+    r = http.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": prompt, "max_tokens": 6, "logprobs": 3, "temperature": 0, "stream": True},
+    )
     chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
     streamed = [t for c in chunks for t in c["choices"][0]["logprobs"]["token_logprobs"]]
     assert streamed == lp["token_logprobs"]
@@ -139,9 +141,17 @@ def test_chat_logprobs_in_openais_chat_shape(http, local):
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize(
     "field, value",
-    [("logit_bias", {}), ("tools", []), ("user", "me"), ("suffix", ""), ("response_format", {"type": "text"}),
-     ("logit_bias", None), ("top_k", 5), ("stream_options.continuous_usage_stats", True)],
-)  # fmt: skip
+    [
+        ("logit_bias", {}),
+        ("tools", []),
+        ("user", "me"),
+        ("suffix", ""),
+        ("response_format", {"type": "text"}),
+        ("logit_bias", None),
+        ("top_k", 5),
+        ("stream_options.continuous_usage_stats", True),
+    ],
+)
 def test_a_field_the_server_does_not_support_is_refused_whatever_its_value(http, endpoint, field, value):
     body = {"model": "tiny", "max_tokens": 2}
     body |= {"prompt": "Hi"} if endpoint == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]}
@@ -157,21 +167,36 @@ def test_a_field_the_server_does_not_support_is_refused_whatever_its_value(http,
 
 @pytest.mark.parametrize(
     "body, param, message",
-    [({"max_tokens": 0}, "max_tokens", "max_tokens must be at least 1, or 0 with echo: true (to score the prompt "
-                                       "alone)"),
-     ({"seed": 1.5}, "seed", "seed must be an integer, got 1.5"),
-     ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}, "max_tokens",
-      "max_tokens must be at least 1, got 0"),
-     ({"temperature": 2.5}, "temperature", "temperature must be at most 2, got 2.5"),
-     ({"presence_penalty": 0.5}, "presence_penalty", "presence_penalty must be 0, got 0.5"),
-     ({"n": True}, "n", "n must be an integer, got True"),
-     ({"stop": ["a", ""]}, "stop[1]", "stop[1] must not be empty"),
-     ({"prompt": [1, 50257]}, "prompt[1]", "prompt[1] must be at most 50256, got 50257"),
-     ({"prompt": []}, "prompt", "prompt must be a string, a list of 1 to 8 strings, a non-empty list of token ids "
-                                "or a list of 1 to 8 token-id lists"),
-     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "messages[0].role must be 'system' or "
-                                                        "'user' or 'assistant', got 'tool'")],
-)  # fmt: skip
+    [
+        (
+            {"max_tokens": 0},
+            "max_tokens",
+            "max_tokens must be at least 1, or 0 with echo: true (to score the prompt alone)",
+        ),
+        ({"seed": 1.5}, "seed", "seed must be an integer, got 1.5"),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0},
+            "max_tokens",
+            "max_tokens must be at least 1, got 0",
+        ),
+        ({"temperature": 2.5}, "temperature", "temperature must be at most 2, got 2.5"),
+        ({"presence_penalty": 0.5}, "presence_penalty", "presence_penalty must be 0, got 0.5"),
+        ({"n": True}, "n", "n must be an integer, got True"),
+        ({"stop": ["a", ""]}, "stop[1]", "stop[1] must not be empty"),
+        ({"prompt": [1, 50257]}, "prompt[1]", "prompt[1] must be at most 50256, got 50257"),
+        (
+            {"prompt": []},
+            "prompt",
+            "prompt must be a string, a list of 1 to 8 strings, a non-empty list of token ids "
+            "or a list of 1 to 8 token-id lists",
+        ),
+        (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            "messages[0].role",
+            "messages[0].role must be 'system' or 'user' or 'assistant', got 'tool'",
+        ),
+    ],
+)
 def test_bad_values_are_refused_in_plain_words(http, body, param, message):
     endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     body = {"model": "tiny", **({} if "messages" in body else {"prompt": "Hi"}), **body}

@@ -182,10 +182,12 @@ def test_the_openai_client_reads_the_field_from_a_served_docs_run(tiny, docs, in
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--passages", "2"], "error: --passages needs --docs"),
-     (["--docs", "EMPTY"], "the collection is empty"),
-     (["--docs", "MISSING"], "no such folder or file")],
-)  # fmt: skip
+    [
+        (["--passages", "2"], "error: --passages needs --docs"),
+        (["--docs", "EMPTY"], "the collection is empty"),
+        (["--docs", "MISSING"], "no such folder or file"),
+    ],
+)
 def test_bad_docs_flags_are_one_line_errors(tiny, tmp_path, capsys, monkeypatch, argv, message):
     import nanotune.serve.server as server_module
 

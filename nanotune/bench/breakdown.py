@@ -14,7 +14,6 @@ operator, which is why the profiled token is slower than the unprofiled one prin
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -22,12 +21,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from ..config import PRESETS, GPTConfig
 from ..flags import Parser, integer
 from ..generate import generate
-from ..loader import load_model
-from ..model import GPT
 from ..utils import save_json
+from .sampling import bench_model
 
 # the operators of a decode step, by what they do (anything else counts as "other operators")
 CATEGORIES = {
@@ -156,12 +153,7 @@ def print_table(title: str, cases: dict[str, dict]):
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
-    if args.preset:
-        args.model = str(Path(tempfile.mkdtemp()) / args.preset)
-        torch.manual_seed(0)
-        GPT(GPTConfig(**PRESETS[args.preset])).save_pretrained(args.model)
-    model, name = load_model(args.model, "cpu")
-    model.eval()
+    model, name = bench_model(args, "cpu")
     from ..tokenizer import load_tokenizer
 
     enc = load_tokenizer()

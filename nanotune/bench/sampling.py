@@ -58,6 +58,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def bench_model(args, device) -> tuple[GPT, str]:
+    """--model, or with --preset random weights of that shape (seed 0) in the official layout, in a folder that
+    transformers reads too (args.model then names it) -> (the model in eval mode, its name)."""
+    if args.preset:
+        args.model = str(Path(tempfile.mkdtemp()) / args.preset)
+        torch.manual_seed(0)
+        GPT(GPTConfig(**PRESETS[args.preset])).save_pretrained(args.model)
+    model, name = load_model(args.model, device)
+    return model.eval(), name
+
+
 def copy_bandwidth(device, megabytes: int = 512) -> float:
     """GB/s of a large tensor copy (read + write), the best of five: what streaming weights can reach."""
     src = torch.empty(megabytes * 2**20 // 4, device=device)
@@ -106,12 +117,7 @@ def per_token_forward(model, prompt, tokens: int):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    if args.preset:  # random weights in the official layout, in a folder that transformers reads too
-        args.model = str(Path(tempfile.mkdtemp()) / args.preset)
-        torch.manual_seed(0)
-        GPT(GPTConfig(**PRESETS[args.preset])).save_pretrained(args.model)
-    model, name = load_model(args.model, device)
-    model.eval()
+    model, name = bench_model(args, device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth, matvec = copy_bandwidth(device), matvec_rate(model, device)
     limit = matvec * 1e9 / weight_bytes  # tokens/s at batch 1 if every weight were read once at the matvec rate

@@ -38,8 +38,14 @@ PROMPTS = [
 
 def stream_one(port: int, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
     """One streamed completion -> (seconds to the first text, seconds in all, tokens generated)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start, first, tokens = time.perf_counter(), None, 0
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -131,8 +137,11 @@ def main(argv=None):
                 r = measure(port, "bench", clients, args.requests, args.max_tokens)
                 runs[clients].append(r)
                 ttft = f"time to first token median {r['ttft_median_s']} s, max {r['ttft_max_s']} s"
-                print(f"round {round_ + 1}: {clients} clients: {r['tokens_per_s']} tok/s ({r['tokens']} tokens in "
-                      f"{r['seconds']} s), {ttft}", flush=True)  # fmt: skip
+                print(
+                    f"round {round_ + 1}: {clients} clients: {r['tokens_per_s']} tok/s ({r['tokens']} tokens in "
+                    f"{r['seconds']} s), {ttft}",
+                    flush=True,
+                )
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -10,9 +10,26 @@ that no keyword is published that the server does not enforce."""
 import json
 import math
 
-KEYWORDS = {"type", "enum", "const", "minimum", "maximum", "minLength", "items", "minItems", "maxItems",
-            "properties", "required", "additionalProperties", "anyOf", "if", "then", "default", "description",
-            "title"}  # fmt: skip
+KEYWORDS = {
+    "type",
+    "enum",
+    "const",
+    "minimum",
+    "maximum",
+    "minLength",
+    "items",
+    "minItems",
+    "maxItems",
+    "properties",
+    "required",
+    "additionalProperties",
+    "anyOf",
+    "if",
+    "then",
+    "default",
+    "description",
+    "title",
+}
 TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (vLLM's default limit)
 
 
@@ -114,13 +131,18 @@ def request_schemas(model_id: str, context: int, max_n: int, max_tokens: int, ma
         },
     }
     completions["if"] = {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]}
-    completions["then"] = {"properties": {"echo": {"const": True}}, "required": ["echo"],
-                           "description": "max_tokens must be at least 1, or 0 with echo: true (to score the prompt "
-                           "alone)"}  # fmt: skip
+    completions["then"] = {
+        "properties": {"echo": {"const": True}},
+        "required": ["echo"],
+        "description": "max_tokens must be at least 1, or 0 with echo: true (to score the prompt alone)",
+    }
     chat["properties"]["max_tokens"] = {**common["max_tokens"], "minimum": 1}  # (no echo in a chat)
     chat["if"] = {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]}
-    chat["then"] = {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"],
-                    "description": "top_logprobs needs logprobs: true"}  # (OpenAI's rule)  # fmt: skip
+    chat["then"] = {
+        "properties": {"logprobs": {"const": True}},
+        "required": ["logprobs"],
+        "description": "top_logprobs needs logprobs: true",
+    }  # (OpenAI's rule)
     for schema in (completions, chat):
         _check_keywords(schema)
     return {"completions": completions, "chat": chat}
@@ -185,8 +207,15 @@ def field(body: dict, schema: dict, key: str):
     return schema["properties"][key].get("default") if value is None else value
 
 
-_NAMES = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
-          "array": "a list", "object": "an object", "null": "null"}  # fmt: skip
+_NAMES = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "array": "a list",
+    "object": "an object",
+    "null": "null",
+}
 
 
 def _is(value, kind: str) -> bool:
@@ -194,8 +223,18 @@ def _is(value, kind: str) -> bool:
         return False
     if kind == "integer" and isinstance(value, float):  # JSON Schema's integer is a number's value: 3.0 is one
         return value.is_integer()
-    return isinstance(value, {"string": str, "integer": int, "number": int | float, "boolean": bool,
-                              "array": list, "object": dict, "null": type(None)}[kind])  # fmt: skip
+    return isinstance(
+        value,
+        {
+            "string": str,
+            "integer": int,
+            "number": int | float,
+            "boolean": bool,
+            "array": list,
+            "object": dict,
+            "null": type(None),
+        }[kind],
+    )
 
 
 def check(value, schema: dict, path: str):

@@ -57,9 +57,15 @@ class Documents:
         reserve = max_tokens if max_tokens is not None else answer_reserve(self.default_max_tokens, self.context)
         try:
             _, ids, kept = fit_passages(
-                enc, messages[:last], question, [h[2] for h in hits], self.template, self.context, reserve,
+                enc,
+                messages[:last],
+                question,
+                [h[2] for h in hits],
+                self.template,
+                self.context,
+                reserve,
                 messages[last + 1 :],
-            )  # fmt: skip
+            )
         except NanotuneError as e:  # the question alone leaves no room for the answer
             raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
         warn_cut(len(hits), kept, self.context, reserve)

@@ -45,8 +45,12 @@ def parse_body(data: bytes, model_id: str, schema: dict) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     if body.get("model") != model_id:
-        raise ApiError(404, f"The model {body.get('model')!r} does not exist: this server serves {model_id!r}",
-                       "model", "model_not_found")  # fmt: skip
+        raise ApiError(
+            404,
+            f"The model {body.get('model')!r} does not exist: this server serves {model_id!r}",
+            "model",
+            "model_not_found",
+        )
     try:
         body = check(body, schema, "")
     except ApiError as e:  # more tokens than the whole context: OpenAI's code for it, which clients look for
@@ -64,8 +68,12 @@ def sampling_request(body: dict, prompt: list[int], limits: Limits, emit, schema
     room = limits.context - len(prompt)
     max_tokens = body.get(key)
     if room < 1 and not (echo and max_tokens == 0):
-        raise ApiError(400, f"the prompt has {len(prompt)} tokens: no room left in the context of {limits.context}",
-                       "messages" if "messages" in body else "prompt", "context_length_exceeded")  # fmt: skip
+        raise ApiError(
+            400,
+            f"the prompt has {len(prompt)} tokens: no room left in the context of {limits.context}",
+            "messages" if "messages" in body else "prompt",
+            "context_length_exceeded",
+        )
     max_tokens = min(limits.max_tokens, room) if max_tokens is None else max_tokens
     if max_tokens > room:
         raise ApiError(
@@ -178,8 +186,11 @@ class Answer:
 
     def usage(self) -> dict:
         completion = sum(self.tokens)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}  # fmt: skip
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
 
     def _logprobs(self, scores: list[dict]) -> dict | None:
         """Scored tokens in the endpoint's shape: chat's {"content": [...]}, or the legacy completions' lists
@@ -188,8 +199,17 @@ class Answer:
             return None
         if self.kind == "chat.completion":
             alternative = lambda b, lp: {"token": token_text(b), "logprob": lp, "bytes": list(b)}  # noqa: E731
-            return {"content": [{"token": s["token"], "logprob": s["logprob"], "bytes": s["bytes"],
-                                 "top_logprobs": [alternative(*a) for a in s["top"]]} for s in scores]}  # fmt: skip
+            return {
+                "content": [
+                    {
+                        "token": s["token"],
+                        "logprob": s["logprob"],
+                        "bytes": s["bytes"],
+                        "top_logprobs": [alternative(*a) for a in s["top"]],
+                    }
+                    for s in scores
+                ]
+            }
         return {
             "tokens": [s["token"] for s in scores],
             "token_logprobs": [s["logprob"] for s in scores],
@@ -211,10 +231,19 @@ class Answer:
         return self.choice(index, text, finish, "delta", list(scores), role)
 
     def whole(self) -> dict:
-        choices = [self.choice(i, t, f, "message", self.scores[i], True)
-                   for i, (t, f) in enumerate(zip(self.text, self.finish))]  # fmt: skip
-        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage(), **self.extra}  # fmt: skip
+        choices = [
+            self.choice(i, t, f, "message", self.scores[i], True)
+            for i, (t, f) in enumerate(zip(self.text, self.finish))
+        ]
+        return {
+            "id": self.id,
+            "object": self.kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+            **self.extra,
+        }
 
     def sse(self, choices: list[dict], usage: bool = False, final: bool = False) -> str:
         """One server-sent chunk. With usage (stream_options.include_usage) every chunk has "usage": null, as

@@ -87,6 +87,28 @@ def answer_errors_as_openai(app):
         return JSONResponse(body, status_code=e.status_code, headers=getattr(e, "headers", None))
 
 
+def authorize(http, api_key: str | None):
+    """401 unless the request carries the key (Authorization: Bearer KEY), when the server has one."""
+    given = http.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if api_key is not None and not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise ApiError(
+            401, "Incorrect API key provided (send it as Authorization: Bearer KEY)", None, "invalid_api_key"
+        )
+
+
+async def read_body(http, max_bytes: int) -> bytes:
+    """The request's body, JSON only, read only up to max_bytes (--max-request-bytes)."""
+    # JSON only, as FastAPI's own bodies: a web page cannot send that to this server without asking first (CORS)
+    if http.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise ApiError(415, "send the body as JSON, with the header Content-Type: application/json")
+    data = b""
+    async for chunk in http.stream():
+        data += chunk
+        if len(data) > max_bytes:
+            raise ApiError(413, f"the request is larger than {max_bytes} bytes")
+    return data
+
+
 def create_app(
     engine: Engine,
     enc,
@@ -114,24 +136,9 @@ def create_app(
 
     answer_errors_as_openai(app)
 
-    def authorize(http: HttpRequest):
-        given = http.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if api_key is not None and not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise ApiError(401, "Incorrect API key provided (send it as Authorization: Bearer KEY)", None,
-                           "invalid_api_key")  # fmt: skip
-
     async def read_json(http: HttpRequest, schema: dict) -> dict:
-        """The request's JSON object, read only up to --max-request-bytes, checked against its schema."""
-        authorize(http)
-        # JSON only, as FastAPI's own bodies: a web page cannot send that to this server without asking first (CORS)
-        if http.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            raise ApiError(415, "send the body as JSON, with the header Content-Type: application/json")
-        data = b""
-        async for chunk in http.stream():
-            data += chunk
-            if len(data) > limits.max_request_bytes:
-                raise ApiError(413, f"the request is larger than {limits.max_request_bytes} bytes")
-        return parse_body(data, model_id, schema)
+        authorize(http, api_key)
+        return parse_body(await read_body(http, limits.max_request_bytes), model_id, schema)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -143,7 +150,7 @@ def create_app(
 
     @app.get("/v1/models")
     async def models(http: HttpRequest):
-        authorize(http)
+        authorize(http, api_key)
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "nanotune"}]}
 
     @app.post("/v1/chat/completions")
@@ -165,13 +172,23 @@ def create_app(
             body = await read_json(http, schemas["completions"])
         except ApiError as e:
             if documents is not None and e.param == FIELD:  # (no passages here: nanotune/serve/documents.py)
-                raise ApiError(400, f"{FIELD} is for /v1/chat/completions: /v1/completions continues its prompt "
-                               "as it is, without passages", FIELD) from None  # fmt: skip
+                raise ApiError(
+                    400,
+                    f"{FIELD} is for /v1/chat/completions: /v1/completions continues its prompt "
+                    "as it is, without passages",
+                    FIELD,
+                ) from None
             raise
         return await complete(http, body, completion_prompts(body, enc), "completions")
 
-    async def complete(http: HttpRequest, body: dict, prompts: list[list[int]], endpoint: str, stop: tuple = (),
-                       passages: list[dict] | None = None):  # fmt: skip
+    async def complete(
+        http: HttpRequest,
+        body: dict,
+        prompts: list[list[int]],
+        endpoint: str,
+        stop: tuple = (),
+        passages: list[dict] | None = None,
+    ):
         """Queue one engine request per prompt; answer with the whole completion or stream its chunks (with
         --docs: passages, those put into a chat's prompt, logged and, when asked, in the answer)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -187,8 +204,12 @@ def create_app(
         for r in requests:
             if not engine.submit(r):
                 cancel(requests)
-                raise ApiError(429, f"the server is busy ({engine.max_queue} requests waiting): try again later",
-                               None, "queue_full")  # fmt: skip
+                raise ApiError(
+                    429,
+                    f"the server is busy ({engine.max_queue} requests waiting): try again later",
+                    None,
+                    "queue_full",
+                )
         kind = "chat.completion" if endpoint == "chat" else "text_completion"
         first = requests[0]
         answer = Answer(kind, model_id, prompts, first.n, enc, first.score_prompt, first.logprobs)
@@ -333,8 +354,11 @@ def main(argv=None):
     http = threading.Thread(target=serve_http, name="nanotune-http", daemon=True)
     http.start()
     layout = f"the {template} template" if template else "a plain User:/Assistant: transcript"
-    print(f"nanotune: serving {model_id} (chat as {layout}) at http://{args.host}:{args.port}/ "
-          f"(OpenAI API at /v1; Ctrl-C stops)", flush=True)  # fmt: skip
+    print(
+        f"nanotune: serving {model_id} (chat as {layout}) at http://{args.host}:{args.port}/ "
+        f"(OpenAI API at /v1; Ctrl-C stops)",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, lambda *_: engine.stop_soon())  # (Ctrl-C: KeyboardInterrupt) both end it cleanly
     try:
         engine.run()  # until SIGTERM, Ctrl-C, the HTTP server's end, or the model failing
