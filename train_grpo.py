@@ -22,26 +22,11 @@ import time
 import torch
 
 from nanotune import load_tokenizer
-from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
+from nanotune import rollout as rl  # what every RL step is: sampling, scoring, read-back, held-out
+from nanotune.flags import integer, real
 from nanotune.metrics import fmt
 from nanotune.peft import describe_trainable
-from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, prompt_spec, settle_reward_args
-from nanotune.rollout import (
-    Experience,
-    HeldOut,
-    Rollout,
-    StepMeans,
-    add_detached,
-    add_rl_args,
-    answer_logprobs,
-    check_kl,
-    layout,
-    load_rl_models,
-    micro_batches,
-    minibatches,
-    read_back_logprobs,
-    sample_rollout,
-)
+from nanotune.rewards import make_prompts, prompt_spec
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
 from nanotune.utils import all_reduce_mean, die
@@ -97,28 +82,24 @@ def aggregate(x, mask, kind: str, max_new_tokens: int, minibatch_mask=None):
     return (x * mask).sum() / (minibatch_mask.shape[0] * max_new_tokens)
 
 
-# what the run measured and optimised: a --resume keeps them (nanotune/flags.py adds the model and --peft)
-GRPO_OBJECTIVE = " --eval-prompts --group-size --advantage --clip-low --clip-high --loss-agg --beta"
-GRPO_OBJECTIVE += " --skip-uniform-groups --missing-eos-penalty"
+# what the run optimised: a --resume keeps it (nanotune/rollout.py adds the reward's flags, flags.py the model's)
+GRPO_OBJECTIVE = "--group-size --advantage --clip-low --clip-high --loss-agg --beta --skip-uniform-groups"
 
 
 def parse_args(argv=None):
-    p = Parser(__doc__)
-    add_common_args(p, lr=1e-5, steps=100, batch_size=16, lora_dropout=False)  # (see add_common_args)
+    p = rl.make_parser(__doc__, batch_size=16)  # the shared flags and the reward's: nanotune/rollout.py
     add = p.add_argument
-    add_reward_args(p)  # --reward, --ref-model, the prompts' source and the answer length: nanotune/rewards.py
+    add("--advantage", default="grpo", choices=["grpo", "mean", "rloo"], help="the group baseline (default grpo)")
     add("--group-size", type=integer(2), default=8, help="G: answers sampled for each prompt (default 8)")
     add("--prompts-per-step", type=integer(1), default=8, help="prompts per step per process (default 8)")
     add("--epochs", type=integer(1), default=1, help="passes over each step's answers (default 1: on-policy)")
-    add("--advantage", default="grpo", choices=["grpo", "mean", "rloo"], help="the group baseline (default grpo)")
     add("--clip-low", type=real(0, 1, low_open=True, high_open=True), default=0.2, help="ratio >= 1 - this (0.2)")
     add("--clip-high", type=real(0, low_open=True), default=None, help="ratio <= 1 + this (default: --clip-low)")
     agg = "per-token losses to one: sequence (GRPO), token (DAPO) or constant (Dr. GRPO); default sequence"
     add("--loss-agg", default="sequence", choices=["sequence", "token", "constant"], help=agg)
     add("--beta", type=real(0), default=0.0, help="weight of the k3 KL term toward the reference (default 0)")
     add("--skip-uniform-groups", action="store_true", help="resample groups whose G scores are equal (DAPO)")
-    add_rl_args(p)  # --missing-eos-penalty and the held-out evaluation's flags: nanotune/rollout.py
-    return settle_reward_args(parse_run_args(p, argv, fixed_on_resume=REWARD_FLAGS + GRPO_OBJECTIVE))
+    return rl.parse_flags(p, argv, GRPO_OBJECTIVE)
 
 
 def main(argv=None):
@@ -127,7 +108,7 @@ def main(argv=None):
     answers = args.prompts_per_step * args.group_size
     if answers % args.batch_size:
         die(f"--prompts-per-step x --group-size = {answers} answers: not a multiple of --batch-size {args.batch_size}")
-    with Run(args, __file__, outputs=HeldOut.OUTPUTS, show=("score", "uniform_share", "val_score", "val_kl")) as run:
+    with Run(args, __file__, outputs=rl.HeldOut.OUTPUTS, show=("score", "uniform_share", "val_score", "val_kl")) as run:
         train(args, run)
     if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
         sys.exit(run.exit_code)
@@ -142,7 +123,7 @@ def sample_groups(policy, prompts, reward, eos: int, args, run, data_rng):
     groups, drawn, score_s = [], 0, 0.0  # (G prompts, G prompt + answer sequences, scores (G,), all G scores equal?)
     for _ in range(5 if args.skip_uniform_groups else 1):
         prompt_ids = [p for p in prompts.sample(P, data_rng) for _ in range(G)]
-        rollout = sample_rollout(policy, prompt_ids, args.max_new_tokens, eos, run.ctx, fast=run.sampling)
+        rollout = rl.sample_rollout(policy, prompt_ids, args.max_new_tokens, eos, run.ctx, fast=run.sampling)
         start = time.time()
         scores = reward(prompt_ids, rollout.answers, rollout.ended).view(P, G)
         score_s += time.time() - start
@@ -159,21 +140,21 @@ def sample_groups(policy, prompts, reward, eos: int, args, run, data_rng):
         groups = sorted(groups, key=lambda g: g[3])
     groups = groups[:P]
     prompt_ids = [p for g in groups for p in g[0]]
-    rollout = layout(prompt_ids, [s for g in groups for s in g[1]], eos, run.device)
+    rollout = rl.layout(prompt_ids, [s for g in groups for s in g[1]], eos, run.device)
     return rollout, torch.stack([g[2] for g in groups]), share, score_s
 
 
-def grpo_step(args, train_policy, rollout: Rollout, exp: Experience, minibatch, ctx):
+def grpo_step(args, train_policy, rollout: rl.Rollout, exp: rl.Experience, minibatch, ctx):
     """Step 4's forward and backward on one minibatch of answers, as --grad-accum micro-batches (their gradients
     add up to the minibatch's). -> the minibatch's loss and statistics (token means over it, tensors)"""
     minibatch_mask = rollout.mask[minibatch]  # (batch_size, L)
     tokens, sums = minibatch_mask.sum(), {}  # the statistics below are token means over the minibatch
-    for micro, last in micro_batches(minibatch, args.grad_accum):
+    for micro, last in rl.micro_batches(minibatch, args.grad_accum):
         m = rollout.mask[micro]
         # under DDP the gradients are all-reduced once, in the last micro-batch's backward
         with no_sync_unless_last(train_policy, last):
             inputs = (rollout.input_ids[micro], rollout.attention_mask[micro], rollout.P, ctx)
-            logps, entropy = answer_logprobs(train_policy, *inputs)
+            logps, entropy = rl.answer_logprobs(train_policy, *inputs)
             old = exp.old_logps[micro]
             objective, low, high = clipped_objective(logps, old, exp.advantages[micro], args.clip_low, args.clip_high)
             kl = k3_kl(logps, exp.ref_logps[micro]) if args.beta else torch.zeros_like(logps)  # (B, L)
@@ -188,7 +169,7 @@ def grpo_step(args, train_policy, rollout: Rollout, exp: Experience, minibatch, 
             "clip_high": (high * m).sum() / tokens,
             "ratio": (torch.exp(logps.detach() - old) * m).sum() / tokens,
         }
-        add_detached(sums, parts)
+        rl.add_detached(sums, parts)
     return sums
 
 
@@ -196,11 +177,11 @@ def train(args, run):
     device, enc = run.device, load_tokenizer()
 
     # ---- the models: the policy (trains), the reference (frozen: the KL term, and KL measured at evaluations)
-    models = load_rl_models(args, run, enc)
+    models = rl.load_rl_models(args, run, enc)
     policy, model_name = models.policy, models.name
     # ---- prompts: training prompts are sampled, held-out prompts are fixed (the same answers drawn each time)
     prompts = make_prompts(prompt_spec(args, args.eval_prompts), enc, models.context)
-    heldout = HeldOut(args, run, models, prompts, enc)
+    heldout = rl.HeldOut(args, run, models, prompts, enc)
 
     run.summary.update(model=model_name, reward=args.reward, ref_model=args.ref_model, world_size=run.world)
     if run.master:
@@ -229,15 +210,15 @@ def train(args, run):
         # ---- 3. each answer against the others to its prompt: advantages (P * G,)
         advantages = group_advantages(scores, args.advantage).flatten().to(device)
         # what the update compares against: the sampling policy's log-probs, the reference's (--beta 0: not run)
-        old_logps, ref_logps = read_back_logprobs(policy, models.reference, rollout, run.ctx, bool(args.beta))
+        old_logps, ref_logps = rl.read_back_logprobs(policy, models.reference, rollout, run.ctx, bool(args.beta))
         mean_kl = None  # the sampled answers' KL to the reference, per answer, when the update uses it
         if args.beta:
             mean_kl = all_reduce_mean(((old_logps - ref_logps) * rollout.mask).sum(-1).mean().item(), device)
-            check_kl(mean_kl, step)
+            rl.check_kl(mean_kl, step)
         t2 = time.time()
         # ---- 4. --epochs passes of the clipped objective over shuffled minibatches, one optimizer step each
-        exp, update = Experience(old_logps, advantages, ref_logps), StepMeans()
-        for minibatch in minibatches(len(advantages), args.batch_size, args.epochs, data_rng, device):
+        exp, update = rl.Experience(old_logps, advantages, ref_logps), rl.StepMeans()
+        for minibatch in rl.minibatches(len(advantages), args.batch_size, args.epochs, data_rng, device):
             sums = grpo_step(args, train_policy, rollout, exp, minibatch, run.ctx)  # forward and backward
             sums["grad_norm"] = clip_gradients(policy, args.grad_clip)  # the norm before clipping
             run.stop_if_diverged(step, sums["loss"], sums["grad_norm"])

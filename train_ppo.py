@@ -24,29 +24,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanotune import load_tokenizer
-from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
+from nanotune import rollout as rl  # what every RL step is: sampling, scoring, read-back, held-out
+from nanotune.flags import integer, real
 from nanotune.instruct import IGNORE, token_logprobs
 from nanotune.loader import load_reward_model
 from nanotune.metrics import fmt
 from nanotune.peft import describe_trainable
 from nanotune.reward_model import RewardModel
-from nanotune.rewards import REWARD_FLAGS, add_reward_args, make_prompts, parse_reward, prompt_spec, settle_reward_args
-from nanotune.rollout import (
-    Experience,
-    HeldOut,
-    Rollout,
-    StepMeans,
-    add_detached,
-    add_rl_args,
-    answer_logprobs,
-    answer_values,
-    check_kl,
-    load_rl_models,
-    micro_batches,
-    minibatches,
-    read_back_logprobs,
-    sample_rollout,
-)
+from nanotune.rewards import make_prompts, parse_reward, prompt_spec
 from nanotune.run import Run
 from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
 from nanotune.utils import all_reduce_mean, die
@@ -148,10 +133,8 @@ def whiten_scores(scores, token_scores=None):
 
 
 def parse_args(argv=None):
-    p = Parser(__doc__)
-    add_common_args(p, lr=1e-5, steps=100, batch_size=4, lora_dropout=False)  # (see add_common_args)
+    p = rl.make_parser(__doc__, batch_size=4)  # the shared flags and the reward's: nanotune/rollout.py
     add = p.add_argument
-    add_reward_args(p)  # --reward, --ref-model, the prompts' source and the answer length: nanotune/rewards.py
     add("--rollout-batch", type=integer(1), default=16, help="answers sampled per step per process (default 16)")
     add("--ppo-epochs", type=integer(1), default=4, help="passes over each rollout batch (default 4)")
     add("--kl-coef", type=real(0), default=0.05, help="weight of the per-token KL penalty (default 0.05)")
@@ -165,14 +148,10 @@ def parse_args(argv=None):
     add("--value-clip", type=real(0, low_open=True), default=0.2, help="value clip range (default 0.2)")
     add("--vf-coef", type=real(0), default=0.1, help="weight of the value loss (default 0.1)")
     add("--ptx-coef", type=real(0), default=0.0, help="PPO-ptx: weight of a next-token loss on training text (0: off)")
-    add_rl_args(p)  # --missing-eos-penalty and the held-out evaluation's flags: nanotune/rollout.py
-    # what this recipe trained and measured: a --resume keeps them (nanotune/flags.py adds the model and --peft)
+    # what the run optimised: a --resume keeps it (nanotune/rollout.py adds the reward's flags, flags.py the model's)
     # (--kl-coef: the checkpoint holds the coefficient, which --target-kl moves; a new one would be ignored)
-    fixed = (
-        REWARD_FLAGS + " --eval-prompts --kl-coef --target-kl --kl-horizon --whiten-scores --dense-score --gamma --lam"
-    )
-    fixed += " --clip --value-clip --vf-coef --ptx-coef --missing-eos-penalty"  # (the objective: kept on --resume)
-    return settle_reward_args(parse_run_args(p, argv, fixed_on_resume=fixed))
+    objective = "--kl-coef --target-kl --kl-horizon --whiten-scores --dense-score --gamma --lam --clip --value-clip"
+    return rl.parse_flags(p, argv, objective + " --vf-coef --ptx-coef")
 
 
 def main(argv=None):
@@ -182,18 +161,18 @@ def main(argv=None):
         die(f"--dense-score needs --reward letter:X (a score that is a sum over tokens), got {args.reward!r}")
     if args.rollout_batch % args.batch_size:
         die(f"--rollout-batch ({args.rollout_batch}) must be a multiple of --batch-size ({args.batch_size})")
-    with Run(args, __file__, outputs=HeldOut.OUTPUTS, show=("score", "kl", "val_score", "val_kl")) as run:
+    with Run(args, __file__, outputs=rl.HeldOut.OUTPUTS, show=("score", "kl", "val_score", "val_kl")) as run:
         train(args, run)
     if run.exit_code:  # 2: the error line is printed; 130: interrupted, the resume command is printed
         sys.exit(run.exit_code)
 
 
 @torch.no_grad()
-def read_back(policy, reference, value_model, rollout: Rollout, ctx):
+def read_back(policy, reference, value_model, rollout: rl.Rollout, ctx):
     """What the update compares against, without gradients: log-probs of the policy that sampled the answers and
     of the reference, and the value model's estimates. -> old_logps, ref_logps, old_values (B, L)"""
-    old_logps, ref_logps = read_back_logprobs(policy, reference, rollout, ctx)
-    values = answer_values(value_model, rollout.input_ids, rollout.attention_mask, rollout.P, ctx)
+    old_logps, ref_logps = rl.read_back_logprobs(policy, reference, rollout, ctx)
+    values = rl.answer_values(value_model, rollout.input_ids, rollout.attention_mask, rollout.P, ctx)
     return old_logps, ref_logps, values * rollout.mask
 
 
@@ -207,12 +186,12 @@ class Learner:
     ctx: object
 
 
-def minibatch_losses(args, learner: Learner, rollout: Rollout, exp: Experience, micro):
+def minibatch_losses(args, learner: Learner, rollout: rl.Rollout, exp: rl.Experience, micro):
     """PPO's losses on the answers `micro` of the rollout. -> loss, metrics (each a tensor)"""
     m = rollout.mask[micro]
     inputs = (rollout.input_ids[micro], rollout.attention_mask[micro], rollout.P, learner.ctx)
-    logps, entropy = answer_logprobs(learner.policy, *inputs)
-    values = answer_values(learner.value, *inputs)
+    logps, entropy = rl.answer_logprobs(learner.policy, *inputs)
+    values = rl.answer_values(learner.value, *inputs)
     old_logps = exp.old_logps[micro]
     policy_loss, clip_fraction = ppo_policy_loss(logps, old_logps, exp.advantages[micro], m, args.clip)
     value_loss, value_clip_fraction = ppo_value_loss(
@@ -230,12 +209,12 @@ def minibatch_losses(args, learner: Learner, rollout: Rollout, exp: Experience, 
     return policy_loss + args.vf_coef * value_loss, metrics
 
 
-def ppo_step(args, learner: Learner, rollout: Rollout, exp: Experience, minibatch, ptx_text=None):
+def ppo_step(args, learner: Learner, rollout: rl.Rollout, exp: rl.Experience, minibatch, ptx_text=None):
     """Step 5's forward and backward on one minibatch of answers, as --grad-accum micro-batches (their gradients
     add up to the minibatch's). ptx_text(n) -> n examples of training text (PPO-ptx). -> the minibatch's losses
     and statistics (tensors)"""
     minibatch_tokens, sums = rollout.mask[minibatch].sum(), {}
-    for micro, last in micro_batches(minibatch, args.grad_accum):
+    for micro, last in rl.micro_batches(minibatch, args.grad_accum):
         # both losses are means over answer tokens: a micro-batch weighs by its share of the tokens
         weight = rollout.mask[micro].sum() / minibatch_tokens
         # under DDP the gradients are all-reduced once, in the last micro-batch's backward
@@ -247,7 +226,7 @@ def ppo_step(args, learner: Learner, rollout: Rollout, exp: Experience, minibatc
                 loss = loss + args.ptx_coef * ptx / args.grad_accum
                 parts["ptx_loss"] = ptx / args.grad_accum
             loss.backward()
-        add_detached(sums, {"loss": loss, **parts})  # tensors: read back when logged
+        rl.add_detached(sums, {"loss": loss, **parts})  # tensors: read back when logged
     return sums
 
 
@@ -269,11 +248,11 @@ def train(args, run):
         shared = {id(p): p for p in policy.parameters()} if args.peft != "none" else {}
         return load_reward_model(target, device) if kind == "model" else RewardModel(copy.deepcopy(policy, shared))
 
-    models = load_rl_models(args, run, enc, make_value_model)
+    models = rl.load_rl_models(args, run, enc, make_value_model)
     policy, reference, value_model, model_name = models.policy, models.reference, models.value_model, models.name
     # ---- prompts: training prompts are sampled, held-out prompts are fixed; training text for PPO-ptx
     prompts = make_prompts(prompt_spec(args, args.eval_prompts), enc, models.context, with_text=args.ptx_coef > 0)
-    heldout = HeldOut(args, run, models, prompts, enc)
+    heldout = rl.HeldOut(args, run, models, prompts, enc)
 
     def paid_scores(scores, rollout):
         """What the rewards pay: the scores (whitened with --whiten-scores), all on each answer's last token or,
@@ -321,7 +300,7 @@ def train(args, run):
         t0 = time.time()
         # ---- 1. rollout: the current policy answers a batch of training prompts
         prompt_ids = prompts.sample(args.rollout_batch, data_rng)
-        rollout = sample_rollout(policy, prompt_ids, args.max_new_tokens, enc.eot_token, run.ctx, fast=run.sampling)
+        rollout = rl.sample_rollout(policy, prompt_ids, args.max_new_tokens, enc.eot_token, run.ctx, fast=run.sampling)
         mask = rollout.mask  # (B, L): 1 on each answer's tokens
         t1 = time.time()
         # ---- 2. score the answers, and read them back: old log-probs, reference log-probs, values (no gradients)
@@ -342,12 +321,12 @@ def train(args, run):
         }
         stats["rlhf_reward"] = stats["score"] - kl_coef * stats["kl"]
         mean_kl = all_reduce_mean(stats["kl"].item(), device)  # what every rank checks and adapts to
-        check_kl(mean_kl, step)
+        rl.check_kl(mean_kl, step)
         t2 = time.time()
         # ---- 5. the PPO update: --ppo-epochs passes over shuffled minibatches of --batch-size answers, one
         # optimizer step each
-        exp, update = Experience(old_logps, advantages, ref_logps, old_values, returns), StepMeans()
-        for minibatch in minibatches(args.rollout_batch, args.batch_size, args.ppo_epochs, data_rng, device):
+        exp, update = rl.Experience(old_logps, advantages, ref_logps, old_values, returns), rl.StepMeans()
+        for minibatch in rl.minibatches(args.rollout_batch, args.batch_size, args.ppo_epochs, data_rng, device):
             sums = ppo_step(args, learner, rollout, exp, minibatch, ptx_text)  # forward and backward
             sums["grad_norm"] = clip_gradients(trained, args.grad_clip)  # the norm before clipping
             run.stop_if_diverged(step, sums["loss"], sums["grad_norm"])
@@ -368,9 +347,9 @@ def train(args, run):
         if run.stop_requested:
             return
 
+    run.summary.update(steps=args.steps, lr=args.lr, kl_coef=kl_state["kl_coef"])  # (the same on every rank)
     if not run.master:
         return
-    run.summary.update(steps=args.steps, lr=args.lr, kl_coef=kl_state["kl_coef"])
     run.save_model(policy, template=args.template, prompt_source=args.prompt_source)
     heldout.after(f"PPO, reward {args.reward}")
     s = {k: fmt(run.summary.get(k)) for k in ("score_before", "score_after", "kl_after", "kl_coef")}

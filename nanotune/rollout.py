@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .flags import integer, real
+from .flags import Parser, add_common_args, integer, parse_run_args, real
 from .generate import generate
 from .instruct import token_logprobs
 from .loader import load_model
 from .peft import PeftSpec, apply_peft, base_model
 from .plot import plot_curves
-from .rewards import make_reward
+from .rewards import REWARD_FLAGS, add_reward_args, make_reward, settle_reward_args
 from .utils import DivergedError, NanotuneError
 
 KL_FLOOR = -1.0  # nats; see check_kl
@@ -238,15 +238,27 @@ def evaluate_policy(policy, reference, prompt_ids, reward, enc, max_new_tokens: 
     return {"val_score": scores.mean().item(), "val_kl": kl.mean().item()}, "\n".join(text)
 
 
-def add_rl_args(parser):
-    """The flags every RL recipe has beside add_reward_args's: what an unended answer costs (Reward) and the
-    held-out evaluation (HeldOut)."""
+def make_parser(doc: str, batch_size: int) -> Parser:
+    """An RL recipe's parser, its own flags still to add: the flags every train_*.py shares (flags.py; no LoRA
+    dropout: its noise would enter every ratio against the sampling policy) and the reward's (rewards.py)."""
+    parser = Parser(doc)
+    add_common_args(parser, lr=1e-5, steps=100, batch_size=batch_size, lora_dropout=False)
+    add_reward_args(parser)  # --reward, --ref-model, the prompts' source and the answer length
+    return parser
+
+
+def parse_flags(parser, argv, objective: str):
+    """Adds what every RL recipe has last: what an unended answer costs (Reward) and the held-out evaluation
+    (HeldOut); parses, and fills in the defaults that depend on --reward. objective: the recipe's flags that a
+    --resume keeps (beside the reward's, the held-out prompts and the penalty)."""
     add = parser.add_argument
     eos = "subtracted from the score of an answer that never ends"
     add("--missing-eos-penalty", type=real(), default=0.0, help=eos)
     add("--eval-every", type=integer(1), default=10, help="held-out score and KL every N steps (default 10)")
     add("--eval-prompts", type=integer(1), default=64, help="held-out prompts scored (default 64)")
     add("--samples", type=integer(0), default=4, help="held-out answers written before and after (default 4)")
+    fixed = f"{REWARD_FLAGS} --eval-prompts --missing-eos-penalty {objective}"
+    return settle_reward_args(parse_run_args(parser, argv, fixed_on_resume=fixed))
 
 
 class HeldOut:
