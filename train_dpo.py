@@ -22,9 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nanotune import generate, load_tokenizer
-from nanotune.data import PREFERENCES_URL, default_file
-from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
-from nanotune.instruct import (
+from nanotune.data.instruct import (
     TEMPLATES,
     all_pair_logprobs,
     answers_end,
@@ -35,11 +33,13 @@ from nanotune.instruct import (
     prompt_ids,
     response_logprobs,
 )
-from nanotune.loader import load_model
-from nanotune.peft import PeftSpec, apply_peft, describe_trainable
+from nanotune.data.sources import PREFERENCES_URL, default_file
+from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
+from nanotune.lifecycle.run import Run
+from nanotune.lifecycle.step import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.model.loader import load_model
+from nanotune.model.peft import PeftSpec, apply_peft, describe_trainable
 from nanotune.plot import plot_curves
-from nanotune.run import Run
-from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
 from nanotune.utils import NanotuneError, die, gather_rows
 
 

@@ -24,11 +24,11 @@ import torch
 from nanotune import load_tokenizer
 from nanotune import rollout as rl  # what every RL step is: sampling, scoring, read-back, held-out
 from nanotune.flags import integer, real
-from nanotune.metrics import fmt
-from nanotune.peft import describe_trainable
+from nanotune.lifecycle.run import Run
+from nanotune.lifecycle.step import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.model.peft import describe_trainable
+from nanotune.progress import fmt
 from nanotune.rewards import make_prompts, prompt_spec
-from nanotune.run import Run
-from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
 from nanotune.utils import all_reduce_mean, die
 
 

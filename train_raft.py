@@ -22,15 +22,15 @@ import sys
 import torch
 
 from nanotune import load_tokenizer
+from nanotune.data.instruct import IGNORE, collate_masked, sft_loss, split_examples, token_logprobs
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
-from nanotune.instruct import IGNORE, collate_masked, sft_loss, split_examples, token_logprobs
-from nanotune.loader import load_model
-from nanotune.peft import PeftSpec, apply_peft, describe_trainable
+from nanotune.lifecycle.run import Run
+from nanotune.lifecycle.step import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.model.loader import load_model
+from nanotune.model.peft import PeftSpec, apply_peft, describe_trainable
 from nanotune.plot import plot_curves
 from nanotune.qa import answer_questions, raft_example, read_questions, scores
 from nanotune.retrieval import DEFAULT_PASSAGE_TOKENS, open_index, recall_at_k
-from nanotune.run import Run
-from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
 from nanotune.utils import NanotuneError, perplexity
 
 

@@ -10,7 +10,7 @@ model learns to score the better answer of every pair higher. Its scores then ju
 
 Data: preference records of any format in docs/data.md, or ranked records (responses: K >= 2 answers, best
 first). The prompt template and the seeded train/validation/test split are the SFT recipe's
-(nanotune/instruct.py), so a prompt held out there is held out here. The pairs of one prompt stay together,
+(nanotune/data/instruct.py), so a prompt held out there is held out here. The pairs of one prompt stay together,
 in one split and in one batch, as InstructGPT did. The reward of (prompt, answer) is the head's output at the
 answer's last token. Outputs in --out: metrics.jsonl, summary.json, loss.svg and the reward model in the
 transformers.GPT2ForSequenceClassification layout (model.safetensors + config.json).
@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from nanotune import load_tokenizer
-from nanotune.data import PREFERENCES_URL, default_file
+from nanotune.data.instruct import TEMPLATES, answers_end, encode_pair, load_splits, prompt_ids
+from nanotune.data.sources import PREFERENCES_URL, default_file
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
-from nanotune.instruct import TEMPLATES, answers_end, encode_pair, load_splits, prompt_ids
-from nanotune.loader import load_model
-from nanotune.peft import PeftSpec, apply_peft, describe_trainable
+from nanotune.lifecycle.run import Run
+from nanotune.lifecycle.step import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.model.loader import load_model
+from nanotune.model.peft import PeftSpec, apply_peft, describe_trainable
+from nanotune.model.reward_model import PAD, RewardModel
 from nanotune.plot import plot_curves
-from nanotune.reward_model import PAD, RewardModel
-from nanotune.run import Run
-from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
 from nanotune.utils import NanotuneError
 
 

@@ -1,7 +1,7 @@
 """Instruction-tune GPT-2: supervised fine-tuning with the loss on response tokens only.
 
 Recipe 3 of the research notes. Each example becomes `prompt + response + <|endoftext|>` in the chat template
-(nanotune/chat.py); a conversation, every exchange so, each answer ending in <|endoftext|>. The labels mask every
+(nanotune/data/chat.py); a conversation, every exchange so, each answer ending in <|endoftext|>. The labels mask every
 prompt and user token and every padding position, so the model is trained to answer, not to repeat
 instructions. Validation perplexity = exp(mean NLL over response tokens), overall and per source.
 
@@ -21,10 +21,8 @@ import sys
 import torch
 
 from nanotune import generate, load_tokenizer
-from nanotune.data import INSTRUCTIONS_URL, default_file
-from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
-from nanotune.formats import last_user
-from nanotune.instruct import (
+from nanotune.data.formats import last_user
+from nanotune.data.instruct import (
     IGNORE,
     Mixture,
     check_answerable,
@@ -37,12 +35,14 @@ from nanotune.instruct import (
     split_examples,
     token_logprobs,
 )
-from nanotune.loader import load_model
-from nanotune.metrics import progress
-from nanotune.peft import PeftSpec, apply_peft, describe_trainable
+from nanotune.data.sources import INSTRUCTIONS_URL, default_file
+from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
+from nanotune.lifecycle.run import Run
+from nanotune.lifecycle.step import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.model.loader import load_model
+from nanotune.model.peft import PeftSpec, apply_peft, describe_trainable
 from nanotune.plot import plot_curves
-from nanotune.run import Run
-from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.progress import progress
 from nanotune.utils import NanotuneError, perplexity
 
 

@@ -17,14 +17,14 @@ import sys
 import torch
 
 from nanotune import generate, load_tokenizer
-from nanotune.data import read_book
+from nanotune.data.sources import read_book
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
-from nanotune.loader import load_model
-from nanotune.peft import PeftSpec, apply_peft, describe_trainable
+from nanotune.lifecycle.run import Run
+from nanotune.lifecycle.step import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.model.loader import load_model
+from nanotune.model.peft import PeftSpec, apply_peft, describe_trainable
 from nanotune.plot import plot_curves
-from nanotune.run import Run
 from nanotune.tokenizer import letter_tokens
-from nanotune.training import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
 from nanotune.utils import NanotuneError, die
 
 

@@ -25,7 +25,7 @@ def peak_mib() -> float:
 def read_one(path: str):
     """In this process: read, detect, split and tokenise as train_sft.py does; print one JSON line."""
     from nanotune import load_tokenizer
-    from nanotune.instruct import encode_example, load_examples, split_examples
+    from nanotune.data.instruct import encode_example, load_examples, split_examples
 
     enc = load_tokenizer()
     enc.encode_ordinary("warm up")

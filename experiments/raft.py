@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the nanotune pac
 from experiments.sentiment_frontier import StepFailed, interruptible, run_step  # noqa: E402
 from nanotune import load_tokenizer  # noqa: E402
 from nanotune import qa as qa_tool  # noqa: E402
-from nanotune.data import read_book  # noqa: E402
+from nanotune.data.sources import read_book  # noqa: E402
 from nanotune.flags import Parser, integer  # noqa: E402
 from nanotune.plot import plot_curves  # noqa: E402
 from nanotune.qa import raft_example, read_questions  # noqa: E402

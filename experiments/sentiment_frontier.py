@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the nanotune pac
 
 from nanotune import load_tokenizer  # noqa: E402
 from nanotune.flags import Parser, integer, real  # noqa: E402
-from nanotune.loader import load_model  # noqa: E402
+from nanotune.model.loader import load_model  # noqa: E402
 from nanotune.plot import plot_curves  # noqa: E402
 from nanotune.rewards import BookPrompts, PromptSpec, make_reward  # noqa: E402
 from nanotune.rollout import answer_logprobs, sample_rollout  # noqa: E402

@@ -6,10 +6,10 @@ import warnings
 # generate`); runpy warns about that, harmlessly, so the warning is silenced for these modules alone
 warnings.filterwarnings("ignore", message=r"'nanotune\.\w+' found in sys\.modules", category=RuntimeWarning)
 
-from .config import PRESETS, GPTConfig
 from .decoding import KVCache
 from .generate import generate
-from .model import GPT
+from .model.config import PRESETS, GPTConfig
+from .model.gpt import GPT
 from .tokenizer import load_tokenizer
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "generate", "load_tokenizer"]

@@ -33,15 +33,15 @@ from pathlib import Path
 
 import torch
 
-from .data import INSTRUCTIONS_URL, default_file, read_records
+from .data.formats import prompt_messages
+from .data.instruct import check_answerable, load_examples, load_splits, prompt_ids
+from .data.sources import INSTRUCTIONS_URL, default_file, read_records
 from .flags import Parser, integer, real
-from .formats import prompt_messages
 from .generate import add_docs_args, generate
-from .instruct import check_answerable, load_examples, load_splits, prompt_ids
-from .loader import check_model, load_model, load_reward_model
-from .metrics import progress
+from .model.loader import check_model, load_model, load_reward_model
+from .model.reward_model import PAD, RewardModel
+from .progress import progress
 from .retrieval import answer_reserve, open_index, with_passages
-from .reward_model import PAD, RewardModel
 from .tokenizer import load_tokenizer
 from .utils import (
     ROOT,

@@ -11,9 +11,9 @@ import argparse
 import math
 import sys
 
-from .checkpoint import read_checkpoint_state
-from .peft import METHODS, lora_targets
-from .tracking import TRACKERS
+from .lifecycle.checkpoint import read_checkpoint_state
+from .lifecycle.tracking import TRACKERS
+from .model.peft import METHODS, lora_targets
 from .utils import NanotuneError, die
 
 
@@ -136,7 +136,8 @@ PEFT_HELP = {
 
 
 def add_peft_args(parser, methods=METHODS, lora_dropout=True):
-    """--peft and the sizes of the methods offered (nanotune/peft.py); --lora-dropout unless lora_dropout=False."""
+    """--peft and the sizes of the methods offered (nanotune/model/peft.py); --lora-dropout unless
+    lora_dropout=False."""
     add = parser.add_argument
     add("--peft", default="none", choices=methods, help="; ".join(PEFT_HELP[m] for m in methods))
     if any("lora" in m for m in methods):

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 
 import torch
 
+from .data.instruct import format_prompt
 from .decoding import KVCache, packed_layers
 from .flags import Parser, integer, real
-from .instruct import format_prompt
-from .loader import load_model
-from .model import GPT
+from .model.gpt import GPT
+from .model.loader import load_model
 from .retrieval import DEFAULT_PASSAGE_TOKENS, answer_reserve, open_index, rag_prompt_ids
 from .tokenizer import load_tokenizer
 from .utils import NanotuneError, die, pick_device

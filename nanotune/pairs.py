@@ -43,9 +43,9 @@ from pathlib import Path
 import torch
 
 from .flags import Parser, integer
-from .loader import load_model
-from .metrics import fmt, progress
-from .outdir import OutputFolder
+from .lifecycle.outdir import OutputFolder
+from .model.loader import load_model
+from .progress import fmt, progress
 from .rewards import add_reward_args, make_prompts, make_reward, prompt_spec, settle_reward_args
 from .rollout import sample_rollout
 from .tokenizer import load_tokenizer

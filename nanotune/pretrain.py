@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from nanotune import GPT, GPTConfig, generate, load_tokenizer
-from nanotune.data import read_book
+from nanotune.data.sources import read_book
 from nanotune.flags import Parser, integer, real
-from nanotune.folder import write_model_files
+from nanotune.lifecycle.folder import write_model_files
+from nanotune.lifecycle.step import lr_at, make_optimizer
 from nanotune.plot import plot_curves
-from nanotune.training import lr_at, make_optimizer
 from nanotune.utils import NanotuneError, autocast, die, pick_device, save_json, seed_everything
 
 

@@ -23,8 +23,8 @@ import re
 import sys
 from pathlib import Path
 
-from .chat import render
-from .data import read_records
+from .data.chat import render
+from .data.sources import read_records
 from .utils import NanotuneError, atomic_write
 
 DEFAULT_PASSAGE_TOKENS = 40  # nano's 256-token context: a question, four such passages and an answer

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import GULLIVER_URL, INSTRUCTIONS_URL, default_file, read_book
+from .data.instruct import collate, encode_pair, load_splits, prompt_ids
+from .data.sources import GULLIVER_URL, INSTRUCTIONS_URL, default_file, read_book
 from .flags import integer
-from .instruct import collate, encode_pair, load_splits, prompt_ids
-from .loader import load_reward_model
-from .reward_model import PAD
+from .model.loader import load_reward_model
+from .model.reward_model import PAD
 from .tokenizer import letter_tokens
 from .utils import NanotuneError
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .data.instruct import token_logprobs
 from .flags import Parser, add_common_args, integer, parse_run_args, real
 from .generate import generate
-from .instruct import token_logprobs
-from .loader import load_model
-from .peft import PeftSpec, apply_peft, base_model
+from .model.loader import load_model
+from .model.peft import PeftSpec, apply_peft, base_model
 from .plot import plot_curves
 from .rewards import REWARD_FLAGS, add_reward_args, make_reward, settle_reward_args
 from .utils import DivergedError, NanotuneError

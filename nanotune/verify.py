@@ -34,15 +34,15 @@ from pathlib import Path
 
 import torch
 
-from .data import read_text
+from .data.sources import read_text
 from .flags import Parser, integer, real
 from .generate import generate
-from .model import GPT
-from .peft import base_path, load_adapter_folder
-from .reward_model import RewardModel
+from .model.gpt import GPT
+from .model.peft import base_path, load_adapter_folder
+from .model.reward_model import RewardModel
+from .model.weights import resolve_checkpoint
 from .tokenizer import load_tokenizer
 from .utils import NanotuneError, die, pick_device
-from .weights import resolve_checkpoint
 
 DEFAULT_TEXT = Path(__file__).with_name("verify.txt")
 

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 import train_sft
 from nanotune import GPT, load_tokenizer
-from nanotune.chat import ALPACA_HEADER
-from nanotune.formats import examples
-from nanotune.instruct import IGNORE, Mixture, collate_masked, encode_example, load_splits
+from nanotune.data.chat import ALPACA_HEADER
+from nanotune.data.formats import examples
+from nanotune.data.instruct import IGNORE, Mixture, collate_masked, encode_example, load_splits
 from nanotune.utils import NanotuneError
 from train_sft import sft_loss
 
@@ -269,7 +269,7 @@ def test_mix_needs_one_weight_per_source(tiny, tmp_path, capsys):
 def test_dpo_reward_and_rl_prompts_take_conversations_whose_prompt_is_all_before_the_last_answer(tmp_path):
     import train_dpo
     import train_reward
-    from nanotune.chat import render
+    from nanotune.data.chat import render
     from nanotune.rewards import InstructionPrompts, PromptSpec
 
     enc = load_tokenizer()
@@ -331,7 +331,7 @@ def test_the_review_cases_prompt_input_whole_conversations_prefix_answers_and_ra
     ex = one({"chosen": "Q: a river? The Nile", "rejected": "Q: a river? The Nile, surely"}, "preference")
     assert (ex["prompt"][0]["content"], ex["chosen"], ex["rejected"]) == ("Q: a river? The Nil", "e", "e, surely")
     # a conversation under --template raw: an error that names the record
-    from nanotune.instruct import prompt_ids
+    from nanotune.data.instruct import prompt_ids
 
     (pair,) = examples(
         [{"prompt": [{"role": "system", "content": "S"}, USER], "chosen": "a", "rejected": "b"}],
@@ -357,7 +357,7 @@ def test_data_given_twice_adds_up_and_a_resume_reads_a_single_saved_source_as_on
 
 
 def test_conversations_that_open_with_their_answer_are_split_one_by_one():
-    from nanotune.instruct import split_examples
+    from nanotune.data.instruct import split_examples
 
     records = [{"messages": [{"role": "assistant", "content": f"Hello {i}."}, USER]} for i in range(40)]
     train, val, test = split_examples(examples(records, "x"), 1337)

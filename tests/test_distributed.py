@@ -13,7 +13,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanotune import GPT
-from nanotune.training import make_optimizer, no_sync_unless_last
+from nanotune.lifecycle.step import make_optimizer, no_sync_unless_last
 from train_gulliver import next_token_nll
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

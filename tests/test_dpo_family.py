@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 import train_dpo
 import train_reward
-from nanotune import GPT, formats, load_tokenizer
-from nanotune.instruct import answers_end, collate, encode_pair, format_prompt, pair_logprobs, sequence_logprobs
+from nanotune import GPT, load_tokenizer
+from nanotune.data import formats
+from nanotune.data.instruct import answers_end, collate, encode_pair, format_prompt, pair_logprobs, sequence_logprobs
 from train_dpo import dpo_loss, hinge_loss, ipo_loss, make_loss, robust_dpo_loss, simpo_loss
 
 logps = st.floats(-500, 0, allow_nan=False)
@@ -273,7 +274,7 @@ def test_ipo_run_and_the_squeezing_diagnostic(tiny, tmp_path, shared, capsys):
 def test_squeezing_diagnostic_is_the_log_prob_per_token_of_all_answers(tiny, tmp_path, shared):
     # at step 0 the logged figures must equal a per-token mean (summed log-probs over summed token counts) that a
     # plain loop computes with the same model
-    from nanotune.instruct import load_splits, prompt_ids
+    from nanotune.data.instruct import load_splits, prompt_ids
 
     data = shared / "data" / "instruction-data-with-preference.json"
     _, metrics = run_dpo(tiny, data, tmp_path / "steps0", "--steps", "0", "--limit", "40")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from nanotune import GPT, load_tokenizer
+from nanotune.data.instruct import format_prompt, load_splits, prompt_ids
 from nanotune.evaluate import bootstrap_interval, main, normalized_score, win_rate
-from nanotune.instruct import format_prompt, load_splits, prompt_ids
-from nanotune.reward_model import PAD, RewardModel
+from nanotune.model.reward_model import PAD, RewardModel
 
 N, NEW = 6, 4  # prompts and answer tokens: seconds on the tiny model
 

@@ -19,8 +19,8 @@ import train_reward
 import train_sft
 import train_xkl
 from nanotune import GPT, GPTConfig
-from nanotune.loader import load_model
-from nanotune.reward_model import RewardModel
+from nanotune.model.loader import load_model
+from nanotune.model.reward_model import RewardModel
 
 ROOT = Path(__file__).resolve().parent.parent
 XKL = ["--seq-len", "8", "--gen-tokens", "4", "--lr", "1e-2", "--log-every", "1"]
@@ -105,7 +105,7 @@ def test_a_finished_run_keeps_no_checkpoint_unless_asked(tiny, tmp_path, capsys)
     ],
 )
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_good_one(error, tiny, tmp_path, monkeypatch, capsys):
-    import nanotune.weights as weights
+    import nanotune.model.weights as weights
 
     real, calls = weights.save_file, []
 
@@ -127,7 +127,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_good_one(error
 
 
 def test_a_failed_write_of_the_final_weights_points_at_the_checkpoint(tiny, tmp_path, monkeypatch, capsys):
-    import nanotune.weights as weights
+    import nanotune.model.weights as weights
 
     real = weights.save_file
 

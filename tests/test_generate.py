@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanotune import GPT, GPTConfig, generate
-from nanotune.peft import PeftSpec, apply_peft
+from nanotune.model.peft import PeftSpec, apply_peft
 
 
 def model_with(name: str, prompt_tokens: int = 0) -> GPT:
@@ -80,7 +80,7 @@ def test_sampling_is_reproducible_with_a_seed_and_bfloat16_stays_close():
 
 def test_bfloat16_sampling_packs_large_layers_and_lora_and_leaves_the_model_as_it_was():
     from nanotune.decoding import onednn_bf16
-    from nanotune.model import Conv1D
+    from nanotune.model.gpt import Conv1D
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=512, n_positions=64)).eval()  # c_fc: 512 x 2048, packed
@@ -134,7 +134,7 @@ def test_float32_sampling_on_a_cpu_reads_packed_large_layers_and_picks_the_forwa
     import importlib
 
     from nanotune.decoding import onednn
-    from nanotune.model import Conv1D
+    from nanotune.model.gpt import Conv1D
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=512, n_positions=128)).eval()

@@ -17,8 +17,8 @@ from hypothesis.extra.numpy import arrays
 import nanotune.rollout
 import train_grpo
 from nanotune import GPT, GPTConfig
+from nanotune.lifecycle.step import clip_gradients
 from nanotune.rollout import Experience, StepMeans, answer_logprobs, layout, minibatches
-from nanotune.training import clip_gradients
 from train_grpo import aggregate, clipped_objective, group_advantages, k3_kl
 
 finite = st.floats(-5, 5, allow_nan=False, width=32)
@@ -214,7 +214,7 @@ def test_grpo_run_logs_its_statistics_and_reports_kl_with_beta_0(tiny, shared, t
 
 def test_a_reward_model_can_score_book_prompts(tiny, shared, tmp_path):
     # --prompt-source books: a reward model trained on book continuations (the sentiment frontier's) scores book windows
-    from nanotune.reward_model import RewardModel
+    from nanotune.model.reward_model import RewardModel
 
     rm_dir = tmp_path / "rm"
     torch.manual_seed(0)

@@ -13,8 +13,8 @@ import torch
 
 import train_sft
 from nanotune import load_tokenizer
-from nanotune.chat import CHAT_TEMPLATES, render, render_text
-from nanotune.folder import FILES, read_template, write_model_files
+from nanotune.data.chat import CHAT_TEMPLATES, render, render_text
+from nanotune.lifecycle.folder import FILES, read_template, write_model_files
 from nanotune.utils import NanotuneError
 
 NANO = Path(__file__).resolve().parent.parent / "weights" / "nano"

@@ -1,4 +1,4 @@
-"""The run lifecycle every recipe shares (nanotune/run.py): checkpoints and bit-identical resume, Ctrl-C and
+"""The run lifecycle every recipe shares (nanotune/lifecycle/run.py): checkpoints and bit-identical resume, Ctrl-C and
 SIGTERM, kill -9, atomic outputs, protected and locked folders, divergence, save-first, and one clear `error:`
 line for each kind of bad input."""
 
@@ -24,9 +24,9 @@ import train_reward
 import train_sft
 import train_xkl
 from nanotune import GPT, GPTConfig
-from nanotune.formats import examples as read_examples
-from nanotune.instruct import split_examples
-from nanotune.run import Run
+from nanotune.data.formats import examples as read_examples
+from nanotune.data.instruct import split_examples
+from nanotune.lifecycle.run import Run
 from nanotune.utils import perplexity, save_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,7 +289,7 @@ def test_sigterm_checkpoints_and_exits_130(tiny, tmp_path):
 
 
 def test_a_failure_between_the_two_weight_files_leaves_the_old_model(tmp_path, monkeypatch):
-    import nanotune.weights as weights_module
+    import nanotune.model.weights as weights_module
 
     torch.manual_seed(0)
     old, new = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32)), GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32))
@@ -443,7 +443,7 @@ def test_an_exploding_loss_stops_the_run_and_keeps_the_last_checkpoint(name, tin
 
 
 def test_the_explosion_rule_needs_three_steps_in_a_row_above_ten_times_the_first_loss():
-    from nanotune.divergence import DivergenceRule
+    from nanotune.lifecycle.divergence import DivergenceRule
 
     def first_stop(losses, grad_norm=1.0):
         rule = DivergenceRule()
@@ -525,7 +525,7 @@ def test_auto_falls_back_quickly_when_the_hub_is_unreachable(tmp_path):
     )
     env.pop("HF_HUB_OFFLINE", None)
     code = (
-        "import time, torch; from nanotune.loader import load_model; t = time.time(); "
+        "import time, torch; from nanotune.model.loader import load_model; t = time.time(); "
         "m, name = load_model('auto', torch.device('cpu')); print(name, round(time.time() - t, 1))"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

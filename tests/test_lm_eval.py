@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import QUICK_REQUESTS, serving
 
-from nanotune.folder import write_model_files
+from nanotune.data.instruct import token_logprobs
 from nanotune.generate import generate
-from nanotune.instruct import token_logprobs
-from nanotune.model import GPT
+from nanotune.lifecycle.folder import write_model_files
+from nanotune.model.gpt import GPT
 from nanotune.tokenizer import load_tokenizer
 
 try:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from nanotune.instruct import IGNORE, collate, sequence_logprobs, token_logprobs
+from nanotune.data.instruct import IGNORE, collate, sequence_logprobs, token_logprobs
 from train_dpo import dpo_loss
 from train_gulliver import next_token_nll
 from train_sft import sft_loss

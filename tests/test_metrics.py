@@ -7,7 +7,8 @@ import re
 from helpers import run_main
 
 import train_ppo
-from nanotune.metrics import Progress, clock, fmt, progress, progress_line
+from nanotune.lifecycle.metrics import progress_line
+from nanotune.progress import Progress, clock, fmt, progress
 
 
 class Terminal(io.StringIO):

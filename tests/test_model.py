@@ -294,7 +294,7 @@ def test_positions_returns_the_same_logits_as_slicing_the_full_output():
     # PPO asks for an answer's logits only; they must be exactly the full forward's, also with left padding
     # and with prompt tuning's virtual tokens in front (positions count real tokens)
 
-    from nanotune.peft import PeftSpec, apply_peft
+    from nanotune.model.peft import PeftSpec, apply_peft
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_embd=64, n_head=2, n_positions=64)).eval()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import run_main
 
-from nanotune.loader import load_model
+from nanotune.model.loader import load_model
 from nanotune.pairs import main, round_trips, sample_pairs
 from nanotune.rewards import LetterShare
 from nanotune.tokenizer import load_tokenizer

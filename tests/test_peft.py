@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning (nanotune/peft.py): each method starts as the base model, trains only its
+"""Parameter-efficient fine-tuning (nanotune/model/peft.py): each method starts as the base model, trains only its
 own tensors, saves and loads (LoRA in the peft library's format, both ways), and refuses bad settings."""
 
 import importlib
@@ -19,11 +19,11 @@ from safetensors.torch import load_file, save_file
 import train_sft
 import train_xkl
 from nanotune import GPT, generate
-from nanotune.checkpoint import save_trained
-from nanotune.instruct import IGNORE
-from nanotune.loader import load_model
-from nanotune.peft import PEFT_PREFIX, PeftSpec, apply_peft, load_adapter_folder, merge
-from nanotune.run import Run
+from nanotune.data.instruct import IGNORE
+from nanotune.lifecycle.checkpoint import save_trained
+from nanotune.lifecycle.run import Run
+from nanotune.model.loader import load_model
+from nanotune.model.peft import PEFT_PREFIX, PeftSpec, apply_peft, load_adapter_folder, merge
 
 METHODS = ["lora", "adapter", "lora+adapter", "prompt"]
 

@@ -16,7 +16,7 @@ from hypothesis.extra.numpy import arrays
 import nanotune.rollout
 import train_ppo
 from nanotune import GPT, GPTConfig
-from nanotune.reward_model import RewardModel
+from nanotune.model.reward_model import RewardModel
 from train_ppo import (
     adaptive_kl_coef,
     explained_variance,
@@ -519,12 +519,12 @@ def test_offline_without_books_names_the_flag_to_use(tiny, tmp_path, monkeypatch
     # the default books are downloads: with no network the error says which flag points at local copies
     import urllib.request
 
-    from nanotune import data
+    from nanotune.data import sources
 
     def no_network(*args, **kwargs):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(data, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(sources, "DATA_DIR", tmp_path / "data")
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     code = run_main(train_ppo.main, ["--model", tiny, "--out", str(tmp_path / "x"), "--reward", "letter:x"])
     assert code == 2

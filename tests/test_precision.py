@@ -15,7 +15,7 @@ import train_reward
 import train_sft
 import train_xkl
 from nanotune import GPT, KVCache
-from nanotune.reward_model import RewardModel
+from nanotune.model.reward_model import RewardModel
 
 IDX = torch.randint(0, 50257, (3, 24), generator=torch.Generator().manual_seed(0))
 

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 
 import train_raft
 from nanotune import GPT, load_tokenizer
-from nanotune.chat import render
-from nanotune.instruct import IGNORE, collate_masked, sft_loss
+from nanotune.data.chat import render
+from nanotune.data.instruct import IGNORE, collate_masked, sft_loss
+from nanotune.model.reward_model import RewardModel
 from nanotune.qa import exact_match, final_answer, raft_example, read_questions, token_f1
 from nanotune.retrieval import DOC_CLOSE, DOC_OPEN, Index, open_index, rag_content, rag_prompt_ids, recall_at_k
-from nanotune.reward_model import RewardModel
 
 ROOT = Path(__file__).resolve().parent.parent
 ENC = load_tokenizer()

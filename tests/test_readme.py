@@ -83,5 +83,12 @@ def test_the_readme_is_a_map():
     for heading in ("## Install and test", "## Quickstart", "## The recipes", "## Layout"):
         assert heading in readme
     layout = readme.split("## Layout", 1)[1]
-    for module in sorted((ROOT / "nanotune").glob("*.py")):  # the map names every module
+    for module in sorted((ROOT / "nanotune").glob("*.py")):  # the map names every module...
         assert module.name == "__init__.py" or f"nanotune/{module.name}" in layout, module.name
+    for package in sorted(p.parent for p in (ROOT / "nanotune").glob("*/__init__.py")):  # ...and every package,
+        assert f"nanotune/{package.name}/" in layout, package.name
+        listed = (package / "__init__.py").read_text()  # whose own docstring names each of its modules
+        for module in sorted(package.glob("*.py")):
+            assert module.name in ("__init__.py", "__main__.py") or module.name in listed, (
+                f"{package.name}/{module.name}"
+            )

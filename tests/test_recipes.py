@@ -145,7 +145,7 @@ def transformers_val_loss(model_dir, data, limit, max_len, seed=1337):
     from transformers import GPT2LMHeadModel
 
     from nanotune import load_tokenizer
-    from nanotune.instruct import format_prompt, load_splits
+    from nanotune.data.instruct import format_prompt, load_splits
 
     enc = load_tokenizer()
     hf = GPT2LMHeadModel.from_pretrained(model_dir).eval()
@@ -165,8 +165,8 @@ def transformers_val_loss(model_dir, data, limit, max_len, seed=1337):
 
 @pytest.mark.parametrize("seed", [1337, 0, 7])
 def test_the_split_never_trains_on_a_held_out_prompt(seed, shared):
-    from nanotune.formats import prompt_key
-    from nanotune.instruct import load_examples, split_examples
+    from nanotune.data.formats import prompt_key
+    from nanotune.data.instruct import load_examples, split_examples
 
     data = shared / "data" / "instruction-data.json"  # 1,100 records, 1,075 distinct prompts
     examples = load_examples(data)
@@ -181,7 +181,7 @@ def test_the_split_never_trains_on_a_held_out_prompt(seed, shared):
 
 
 def test_the_split_of_distinct_prompts_is_a_seeded_shuffle():  # (as before prompts were grouped: same results)
-    from nanotune.instruct import split_examples
+    from nanotune.data.instruct import split_examples
 
     examples = [{"prompt": [{"role": "user", "content": f"prompt {i}"}]} for i in range(200)]
     order = list(range(200))
@@ -254,7 +254,7 @@ def test_dpo_metrics_before_training_equal_an_independent_computation(sft_out, t
     from transformers import GPT2LMHeadModel
 
     from nanotune import load_tokenizer
-    from nanotune.instruct import format_prompt, load_splits
+    from nanotune.data.instruct import format_prompt, load_splits
 
     data = shared / "data" / "instruction-data-with-preference.json"
     out = tmp_path / "dpo"

@@ -1,5 +1,5 @@
-"""The reward model (nanotune/reward_model.py) and train_reward.py: the loss maths, rankings -> pairs, rewards that
-padding cannot change, transformers parity of the saved files, learning a preference, and bad records."""
+"""The reward model (nanotune/model/reward_model.py) and train_reward.py: the loss maths, rankings -> pairs,
+rewards that padding cannot change, transformers parity of the saved files, learning a preference, and bad records."""
 
 import argparse
 import json
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import train_reward
 from nanotune import GPT
-from nanotune.formats import examples as read_examples
-from nanotune.reward_model import PAD, RewardModel, last_token_index
+from nanotune.data.formats import examples as read_examples
+from nanotune.model.reward_model import PAD, RewardModel, last_token_index
 from train_reward import reward_loss
 
 rewards = st.floats(-1e4, 1e4, allow_nan=False)
@@ -134,7 +134,7 @@ def test_train_reward_learns_a_ranking_and_saves_a_transformers_reward_model(tin
     assert s["val_accuracy_after"] == 1.0 and s["val_margin_after"] > s["val_margin_before"] + 0.5
     model = RewardModel.from_pretrained(out)
     from nanotune import load_tokenizer
-    from nanotune.instruct import format_prompt
+    from nanotune.data.instruct import format_prompt
 
     enc = load_tokenizer()
     prompt = enc.encode_ordinary(format_prompt({"instruction": "Tell me about the sea (999).", "input": ""}))
@@ -186,7 +186,7 @@ def test_answers_fit_max_len_the_models_input(shared):
     # the whole prompt + answer is the reward model's input: at most --max-len tokens (at --max-len 1024 on gpt2,
     # one more would not fit the context)
     from nanotune import load_tokenizer
-    from nanotune.data import read_records
+    from nanotune.data.sources import read_records
 
     enc, path = load_tokenizer(), shared / "data" / "instruction-data-with-preference.json"
     examples = read_examples(read_records(path, 200), path, "ranked")

@@ -19,12 +19,12 @@ from helpers import serving
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from nanotune.chat import render_text
+from nanotune.data.chat import render_text
+from nanotune.data.instruct import format_prompt
 from nanotune.decoding import onednn_bf16
-from nanotune.folder import write_model_files
 from nanotune.generate import generate
-from nanotune.instruct import format_prompt
-from nanotune.model import GPT
+from nanotune.lifecycle.folder import write_model_files
+from nanotune.model.gpt import GPT
 from nanotune.serve.engine import Engine, Request, TextStream
 from nanotune.serve.server import Limits, chat_template, create_app
 from nanotune.tokenizer import load_tokenizer

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import nanotune.serve.engine as engine_module
+from nanotune.data.instruct import format_prompt, token_logprobs
 from nanotune.generate import generate
-from nanotune.instruct import format_prompt, token_logprobs
-from nanotune.model import GPT
+from nanotune.model.gpt import GPT
 from nanotune.serve.api_schema import ApiError, request_schemas
 from nanotune.serve.engine import Engine, Request
 from nanotune.serve.openai_api import parse_body

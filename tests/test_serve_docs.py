@@ -9,8 +9,8 @@ import openai
 import pytest
 from helpers import run_main, serving
 
-from nanotune.chat import render
-from nanotune.model import GPT
+from nanotune.data.chat import render
+from nanotune.model.gpt import GPT
 from nanotune.retrieval import DOC_OPEN, Index, answer_reserve, fit_passages, rag_content, rag_prompt_ids
 from nanotune.serve.documents import FIELD, Documents
 from nanotune.serve.engine import Engine

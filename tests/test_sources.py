@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nanotune.data import read_records
+from nanotune.data.sources import read_records
 from nanotune.utils import NanotuneError
 
 datasets = pytest.importorskip("datasets")
@@ -187,7 +187,7 @@ def test_hub_name_offline_and_not_cached_is_one_line(tmp_path):
         "import socket, sys\n"
         "def refuse(*args): raise AssertionError('the test reached for the network')\n"
         "socket.socket.connect = refuse\n"
-        "from nanotune.data import read_records\n"
+        "from nanotune.data.sources import read_records\n"
         "from nanotune.utils import NanotuneError\n"
         "try:\n"
         "    read_records(sys.argv[1])\n"

@@ -33,42 +33,67 @@ def test_functions_and_files_stay_short():
     assert not too_long, too_long
 
 
+def module_name(path: Path) -> str:
+    """nanotune/lifecycle/run.py -> lifecycle.run; a package's __init__.py -> the package (nanotune's own: "")."""
+    parts = path.relative_to(ROOT / "nanotune").with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def project_imports(path: Path) -> set[str]:
-    """The nanotune modules (and recipes) a file imports, anywhere in it (function-local imports too)."""
+    """The nanotune modules (and recipes) a file imports, anywhere in it (function-local imports too), as dotted
+    names under nanotune (lifecycle.run, utils)."""
+    inside = ROOT / "nanotune" in path.parents
+    package = module_name(path).split(".") if inside else []
+    package = package if inside and path.name == "__init__.py" else package[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from .model import GPT
-                found.add(node.module or "__init__")
-            elif node.module and node.module.startswith("nanotune."):
-                found.add(node.module.removeprefix("nanotune."))
-            elif node.module == "nanotune":
-                found |= {alias.name for alias in node.names if (ROOT / "nanotune" / f"{alias.name}.py").is_file()}
-                found.add("__init__")
+            if node.level:  # from .model.gpt import GPT, from ..utils import die, from . import checkpoint
+                base = package[: len(package) - node.level + 1]
+            elif node.module == "nanotune" or (node.module or "").startswith("nanotune."):
+                base = []
+                node = ast.ImportFrom(node.module.removeprefix("nanotune").lstrip("."), node.names, 0)
+            else:
+                continue
+            module = ".".join(base + ([node.module] if node.module else []))
+            names = [f"{module}.{a.name}".lstrip(".") for a in node.names]  # a name may be a module of its own
+            found |= {n for n in names if (ROOT / "nanotune" / f"{n.replace('.', '/')}.py").is_file()} or {module}
         elif isinstance(node, ast.Import):
             found |= {
                 a.name.removeprefix("nanotune.") for a in node.names if a.name.startswith(("nanotune.", "train_"))
             }
-    return found
+    return found - {""}
 
 
-def test_the_library_has_no_import_circle_and_the_ground_floor_imports_nothing():
-    graph = {f.stem: project_imports(f) - {"__init__"} for f in LIBRARY if f.stem != "__init__"}
-    assert graph["utils"] == set(), graph["utils"]  # the ground floor
+def first_circle(graph: dict) -> list | None:
+    """An import circle of graph {module: the modules it imports}, as a path, or None."""
     state = {}  # depth-first search: 1 = on the current path, 2 = done
 
     def visit(module, path):
         if state.get(module) == 1:
-            raise AssertionError("import circle: " + " -> ".join(path[path.index(module) :] + [module]))
+            return path[path.index(module) :] + [module]
         if state.get(module) == 2:
-            return
+            return None
         state[module] = 1
         for imported in sorted(graph.get(module, ())):
-            visit(imported, path + [module])
+            if circle := visit(imported, path + [module]):
+                return circle
         state[module] = 2
+        return None
 
-    for module in sorted(graph):
-        visit(module, [])
+    return next((circle for module in sorted(graph) if (circle := visit(module, []))), None)
+
+
+def test_the_library_has_no_import_circle_and_the_ground_floor_imports_nothing():
+    modules = {module_name(f): project_imports(f) for f in LIBRARY if f.name != "__init__.py"}
+    assert modules["utils"] == set(), modules["utils"]  # the ground floor
+    assert first_circle(modules) is None, "import circle: " + " -> ".join(first_circle(modules))
+    # nor between the packages as wholes (data/, model/, lifecycle/...): each one stands above or below another
+    rooms = {}
+    for module, imported in modules.items():
+        room = module.split(".")[0]
+        rooms.setdefault(room, set()).update(i.split(".")[0] for i in imported if i.split(".")[0] != room)
+    assert first_circle(rooms) is None, "import circle between packages: " + " -> ".join(first_circle(rooms))
 
 
 def test_no_recipe_imports_another():

@@ -1,4 +1,4 @@
-"""--tracker (nanotune/tracking.py): metrics.jsonl mirrored to TensorBoard and Weights & Biases, line by line,
+"""--tracker (nanotune/lifecycle/tracking.py): metrics.jsonl mirrored to TensorBoard and Weights & Biases, line by line,
 across a crash, a Ctrl-C and a --resume, and read back with their own readers: TensorBoard's EventAccumulator,
 and W&B's protobuf records from the offline run's .wandb log. W&B runs in a subprocess, offline, its folders
 under tmp_path."""
@@ -23,8 +23,8 @@ import train_ppo
 import train_reward
 import train_sft
 import train_xkl
-from nanotune import tracking
-from nanotune.run import Run
+from nanotune.lifecycle import tracking
+from nanotune.lifecycle.run import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 XKL = ["--seq-len", "8", "--gen-tokens", "4", "--lr", "1e-3", "--log-every", "1"]

@@ -79,9 +79,9 @@ def test_verify_command_on_the_bundled_model():
 def test_verify_checks_reward_models_and_lora_folders(tiny, tmp_path):
 
     from nanotune import GPT
-    from nanotune.checkpoint import save_trained
-    from nanotune.peft import PeftSpec, apply_peft
-    from nanotune.reward_model import RewardModel
+    from nanotune.lifecycle.checkpoint import save_trained
+    from nanotune.model.peft import PeftSpec, apply_peft
+    from nanotune.model.reward_model import RewardModel
 
     torch.manual_seed(0)
     RewardModel(GPT.from_pretrained(tiny)).save_pretrained(tmp_path / "rm")

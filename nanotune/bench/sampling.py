@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import PRESETS, GPTConfig
 from ..decoding import KVCache, packed_layers
 from ..flags import Parser, integer
 from ..generate import generate
-from ..loader import load_model
-from ..model import GPT
+from ..model.config import PRESETS, GPTConfig
+from ..model.gpt import GPT
+from ..model.loader import load_model
 from ..tokenizer import load_tokenizer
 from ..utils import pick_device
 
@@ -128,8 +128,8 @@ def main(argv=None):
     )
     hf = None
     if args.transformers:
+        from ..model.weights import resolve_checkpoint
         from ..verify import load_transformers, quiet_transformers
-        from ..weights import resolve_checkpoint
 
         quiet_transformers()
         hf = load_transformers(*resolve_checkpoint(model_source(args.model, name)), model).to(device)

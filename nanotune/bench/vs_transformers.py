@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanotune.config import PRESETS
 from nanotune.flags import Parser, integer
 from nanotune.generate import generate
-from nanotune.model import GPT
-from nanotune.peft import PeftSpec, apply_peft
+from nanotune.model.config import PRESETS
+from nanotune.model.gpt import GPT
+from nanotune.model.peft import PeftSpec, apply_peft
 from nanotune.utils import autocast
 
 # dense bf16 peak (TFLOP/s) by device name, for MFU

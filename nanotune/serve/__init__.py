@@ -5,4 +5,5 @@ engine.py      continuous batching: requests join and leave one batch of decodin
 openai_api.py  the OpenAI API's JSON: requests checked, answers, log-probabilities, streamed chunks, errors
 api_schema.py  the request bodies as JSON Schema: what the server checks and /openapi.json publishes
 openapi.py     the OpenAPI document served at /openapi.json
+documents.py   --docs: each chat's question answered from the top BM25 passages of a folder of documents
 """

@@ -9,7 +9,7 @@ harnesses score (lm-eval's log-likelihoods); text with passages wrapped around i
 
 import sys
 
-from ..chat import render
+from ..data.chat import render
 from ..retrieval import Index, answer_reserve, fit_passages, warn_cut
 from ..utils import NanotuneError
 from .api_schema import ApiError

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..data.instruct import token_logprobs
 from ..decoding import KVCache, packed_layers
 from ..generate import pick_tokens
-from ..instruct import token_logprobs
-from ..model import GPT
+from ..model.gpt import GPT
 
 SLOTS = 64  # the cache grows in steps of this many positions (fewer reallocations, attention over few unused)
 
@@ -346,7 +346,7 @@ class Engine:
 
 def scored(logits: torch.Tensor, tokens: torch.Tensor, alternatives: int) -> list[tuple]:
     """logits (T, V) float32 and the tokens (T,) they were followed by -> [(token, log p(token), [(alternative,
-    log p)] for the `alternatives` most likely)] in float32 (nanotune.instruct.token_logprobs', the training's)."""
+    log p)] for the `alternatives` most likely)] in float32 (nanotune.data.instruct.token_logprobs', the training's)."""
     lse = torch.logsumexp(logits.float(), dim=-1)  # (T,)
     chosen = token_logprobs(logits[None], tokens[None], lse[None])[0].tolist()  # (T,)
     top = torch.topk(logits.float(), alternatives, dim=-1) if alternatives else None

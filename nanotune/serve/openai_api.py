@@ -6,8 +6,8 @@ import json
 import time
 import uuid
 
-from ..chat import render
-from ..formats import content as message_content
+from ..data.chat import render
+from ..data.formats import content as message_content
 from ..utils import NanotuneError
 from .api_schema import ApiError, check, field
 from .engine import Request
@@ -104,7 +104,7 @@ def sampling_request(body: dict, prompt: list[int], limits: Limits, emit, schema
 
 
 def chat_prompt(body: dict, template: str, enc) -> list[int]:
-    """The messages, checked, as the token ids the model continues (nanotune/chat.py's renderer)."""
+    """The messages, checked, as the token ids the model continues (nanotune/data/chat.py's renderer)."""
     return render(enc, chat_messages(body), template, add_generation_prompt=True)[0]
 
 
@@ -117,7 +117,7 @@ def chat_messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", f"messages[{i}].role")
-        try:  # text, or content parts of which only text ones are read: as in training data (nanotune/formats.py)
+        try:  # text, or content parts of which only text ones are read: as in training data (nanotune/data/formats.py)
             checked.append({"role": m["role"], "content": message_content(m.get("content"), f"messages[{i}]")})
         except NanotuneError as e:
             raise ApiError(400, str(e), f"messages[{i}].content") from None

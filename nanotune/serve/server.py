@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from ..flags import Parser, integer
-from ..folder import read_template
 from ..generate import add_docs_args
-from ..loader import load_model
+from ..lifecycle.folder import read_template
+from ..model.loader import load_model
 from ..retrieval import open_index
 from ..tokenizer import load_tokenizer
 from ..utils import NanotuneError, die, pick_device

@@ -23,8 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..utils import ROOT, atomic_write, fsync_file, temp_path
 from .config import PRESETS, GPTConfig
-from .utils import atomic_write, fsync_file, temp_path
 
 HF_REPO = "openai-community/{name}"
 HEADS_BY_WIDTH = {p["n_embd"]: p["n_head"] for p in PRESETS.values()}
@@ -37,7 +37,7 @@ class WeightsNotFoundError(FileNotFoundError):
 def weights_dir() -> Path:
     """Where preset weights are kept: $NANOTUNE_WEIGHTS_DIR, else weights/ at the repository root."""
     env = os.environ.get("NANOTUNE_WEIGHTS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "weights"
+    return Path(env) if env else ROOT / "weights"
 
 
 def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:

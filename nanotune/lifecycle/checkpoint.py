@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from ..model.peft import load_new_tensors, load_peft, merge, save_peft
+from ..model.reward_model import RewardModel
+from ..model.weights import load_checkpoint, save_tensors
+from ..utils import NanotuneError, device_rng_state, save_json, set_device_rng_state
 from .folder import FILES, write_model_files
-from .peft import load_new_tensors, load_peft, merge, save_peft
-from .reward_model import RewardModel
-from .utils import NanotuneError, device_rng_state, save_json, set_device_rng_state
-from .weights import load_checkpoint, save_tensors
 
 CHECKPOINTS = "checkpoints"
 # what writing weights or a checkpoint raises when the disk is full or the folder cannot be written
@@ -71,7 +71,7 @@ def save_trained(model, directory: Path, final: bool = True):
 
 def save_complete(model, directory: Path, template: str | None, prompt_source: str | None = None):
     """The run's output as a whole Hugging Face model folder: save_trained's weights, then the tokenizer,
-    generation config and chat template (nanotune/folder.py), in lora/ as well (peft loads that on its base).
+    generation config and chat template (nanotune/lifecycle/folder.py), in lora/ as well (peft loads that on its base).
     template: the recipe's --template; PPO and GRPO on book windows (prompt_source books) learned raw text."""
     save_trained(model, directory)
     template = None if prompt_source == "books" else template

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from .model import GPT
+from .gpt import GPT
 from .weights import load_checkpoint, resolve_checkpoint, write_weights
 
 PAD = 50256  # <|endoftext|> doubles as padding, as in transformers' GPT-2 reward models

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .chat import CHAT_TEMPLATES, EOT_TEXT, folder_template, jinja_template
-from .tokenizer import EOT, bpe_files
-from .utils import NanotuneError, atomic_write
+from ..data.chat import CHAT_TEMPLATES, EOT_TEXT, folder_template, jinja_template
+from ..tokenizer import EOT, bpe_files
+from ..utils import NanotuneError, atomic_write
 
 FILES = (
     "vocab.json",

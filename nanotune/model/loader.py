@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .model import GPT
+from ..utils import ROOT, NanotuneError
+from .gpt import GPT
 from .peft import is_adapter_folder, load_adapter_folder
 from .reward_model import RewardModel
-from .utils import ROOT, NanotuneError
 from .weights import WeightsNotFoundError, find_or_download_preset, resolve_checkpoint
 
 NANO = ROOT / "weights" / "nano"

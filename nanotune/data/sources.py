@@ -13,7 +13,7 @@ import re
 import urllib.request
 from pathlib import Path
 
-from .utils import ROOT, NanotuneError, atomic_write
+from ..utils import ROOT, NanotuneError, atomic_write
 
 DATA_DIR = ROOT / "data"
 GULLIVER_URL = "https://www.gutenberg.org/cache/epub/829/pg829.txt"

@@ -14,7 +14,7 @@ An example is a dict:
 
 from __future__ import annotations
 
-from .utils import NanotuneError
+from ..utils import NanotuneError
 
 SFT_FORMATS = (
     "messages (OpenAI, TRL), conversations (ShareGPT), prompt/completion, instruction/input/output (Alpaca), "

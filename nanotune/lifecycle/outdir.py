@@ -14,7 +14,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from .utils import NanotuneError
+from ..utils import NanotuneError
 
 LOCK = "run.lock"
 REPLACED = ".replaced"  # the run --overwrite replaces, until the new one has finished

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .utils import NanotuneError
+from ..utils import NanotuneError
 
 TRACKERS = ("none", "tensorboard", "wandb")
 TRACKER_FILES = ("tensorboard", "wandb")  # what the trackers write into --out

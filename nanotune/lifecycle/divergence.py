@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .utils import DivergedError
+from ..utils import DivergedError
 
 EXPLODE_FACTOR, EXPLODE_STEPS = 10.0, 3
 

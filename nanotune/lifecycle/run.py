@@ -47,13 +47,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .checkpoint import CHECKPOINTS, MODEL_FILES, SAVE_ERRORS
-from .divergence import DivergenceRule, diverged
-from .metrics import StepLog
-from .outdir import OutputFolder
-from .tracking import TRACKER_FILES, open_tracker
-from .utils import (
+from ..utils import (
     ROOT,
     DivergedError,
     NanotuneError,
@@ -69,6 +63,12 @@ from .utils import (
     seed_everything,
     setup_distributed,
 )
+from . import checkpoint
+from .checkpoint import CHECKPOINTS, MODEL_FILES, SAVE_ERRORS
+from .divergence import DivergenceRule, diverged
+from .metrics import StepLog
+from .outdir import OutputFolder
+from .tracking import TRACKER_FILES, open_tracker
 
 EXIT_CODES = {"finished": 0, "interrupted": 130}  # anything else: 2 (its error line printed)
 

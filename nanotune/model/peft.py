@@ -38,8 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from .model import GPT, Conv1D
-from .utils import NanotuneError, atomic_write
+from ..utils import NanotuneError, atomic_write
+from .gpt import GPT, Conv1D
 from .weights import save_tensors
 
 METHODS = ("none", "lora", "adapter", "lora+adapter", "prompt")

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from .chat import render, render_text
-from .data import read_records
+from .sources import read_records
 from .formats import examples, prompt_key
-from .metrics import progress
-from .utils import NanotuneError
+from ..progress import progress
+from ..utils import NanotuneError
 
 IGNORE = -100  # label value of positions the loss skips
 
@@ -34,8 +34,8 @@ def format_prompt(example: dict, template: str = "alpaca") -> str:
 
 
 def load_examples(path, kind: str = "sft", limit: int | None = None) -> list[dict]:
-    """A data source (nanotune/data.py reads files, folders and Hub names) -> examples of a kind
-    (nanotune/formats.py: every record shape detected on its own)."""
+    """A data source (nanotune/data/sources.py reads files, folders and Hub names) -> examples of a kind
+    (nanotune/data/formats.py: every record shape detected on its own)."""
     return examples(read_records(path, limit), path, kind)
 
 
@@ -74,7 +74,7 @@ def answers_end(template: str) -> bool:
 
 
 def prompt_ids(enc, example: dict, template: str) -> list[int]:
-    """An example's prompt as the model reads it before answering (nanotune/chat.py); a prompt the template cannot
+    """An example's prompt as the model reads it before answering (nanotune/data/chat.py); a prompt the template cannot
     lay out (a conversation under --template raw) is an error naming its source and record."""
     where = f"{example.get('source', 'the data')}: record {example.get('record')}"
     if template == "raw" and not example.get("text_prompt", True):

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .utils import NanotuneError
+from ..utils import NanotuneError
 
 
 def lr_at(

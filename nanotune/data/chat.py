@@ -21,7 +21,7 @@ stays apart (" ", "The") as it is when the model answers it.
 
 from __future__ import annotations
 
-from .utils import NanotuneError
+from ..utils import NanotuneError
 
 EOT_TEXT = "<|endoftext|>"
 ALPACA_HEADER = (

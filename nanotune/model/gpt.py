@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from ..decoding import KVCache, linear_packed
 from .config import GPTConfig
-from .decoding import KVCache, linear_packed
 from .weights import load_checkpoint, resolve_checkpoint, save_checkpoint
 
 
@@ -89,7 +89,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
-        # bottleneck adapters (nanotune/peft.py) go here, between each sublayer and its residual add; plain GPT-2
+        # bottleneck adapters (nanotune/model/peft.py) go here, between each sublayer and its residual add; plain GPT-2
         # has none, and nn.Identity holds no weights, so the checkpoint layout is unchanged
         self.adapter_attn = nn.Identity()
         self.adapter_mlp = nn.Identity()
@@ -109,7 +109,7 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         # No separate lm_head: the output projection is wte.weight (tied), see forward().
-        # Prompt tuning (nanotune/peft.py) sets this to learnable embeddings (n_virtual, C) read before every input
+        # Prompt tuning (peft.py) sets this to learnable embeddings (n_virtual, C) read before every input
         self.register_parameter("prompt", None)
         # activation checkpointing (--activation-checkpointing): in training keep only each block's input and
         # recompute the block during backward; trades about one extra forward for most activation memory.
@@ -149,7 +149,7 @@ class GPT(nn.Module):
         positions: slice | torch.Tensor | None = None,
     ):
         """idx (B, T) token ids -> logits (B, T, vocab_size); with hidden, the final hidden states (B, T, C) instead
-        (what a scalar head, as in nanotune/reward_model.py, reads).
+        (what a scalar head, as in nanotune/model/reward_model.py, reads).
 
         attention_mask (B, past + T), 1 for real tokens and 0 for padding, makes padded batches exact:
         padding is never attended to and positions count real tokens only (so left padding works).
@@ -231,7 +231,7 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> GPT:
         """A preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a directory holding model.safetensors
         (+ config.json), or a .safetensors file: a plain GPT-2 checkpoint in the official layout (or transformers'
-        fine-tune layout). LoRA/adapter folders and `auto` are the loader's (nanotune/loader.py)."""
+        fine-tune layout). LoRA/adapter folders and `auto` are the loader's (nanotune/model/loader.py)."""
         path, config_path = resolve_checkpoint(name_or_path)
         config, state_dict = load_checkpoint(path, config_path)
         with torch.device("meta"):
