@@ -26,8 +26,8 @@ from nanotune import rollout as rl  # what every RL step is: sampling, scoring, 
 from nanotune.flags import integer, real
 from nanotune.lifecycle.run import Run
 from nanotune.lifecycle.step import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.metrics import fmt
 from nanotune.model.peft import describe_trainable
-from nanotune.progress import fmt
 from nanotune.rewards import make_prompts, prompt_spec
 from nanotune.utils import all_reduce_mean, die
 

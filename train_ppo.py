@@ -29,10 +29,10 @@ from nanotune.data.instruct import IGNORE, token_logprobs
 from nanotune.flags import integer, real
 from nanotune.lifecycle.run import Run
 from nanotune.lifecycle.step import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.metrics import fmt
 from nanotune.model.loader import load_reward_model
 from nanotune.model.peft import describe_trainable
 from nanotune.model.reward_model import RewardModel
-from nanotune.progress import fmt
 from nanotune.rewards import make_prompts, parse_reward, prompt_spec
 from nanotune.utils import all_reduce_mean, die
 

@@ -39,10 +39,10 @@ from nanotune.data.sources import INSTRUCTIONS_URL, default_file
 from nanotune.flags import Parser, add_common_args, integer, parse_run_args, real
 from nanotune.lifecycle.run import Run
 from nanotune.lifecycle.step import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
+from nanotune.metrics import progress
 from nanotune.model.loader import load_model
 from nanotune.model.peft import PeftSpec, apply_peft, describe_trainable
 from nanotune.plot import plot_curves
-from nanotune.progress import progress
 from nanotune.utils import NanotuneError, perplexity
 
 

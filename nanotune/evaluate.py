@@ -38,9 +38,9 @@ from .data.instruct import check_answerable, load_examples, load_splits, prompt_
 from .data.sources import INSTRUCTIONS_URL, default_file, read_records
 from .flags import Parser, integer, real
 from .generate import add_docs_args, generate
+from .metrics import progress
 from .model.loader import check_model, load_model, load_reward_model
 from .model.reward_model import PAD, RewardModel
-from .progress import progress
 from .retrieval import answer_reserve, open_index, with_passages
 from .tokenizer import load_tokenizer
 from .utils import (

@@ -44,8 +44,8 @@ import torch
 
 from .flags import Parser, integer
 from .lifecycle.outdir import OutputFolder
+from .metrics import fmt, progress
 from .model.loader import load_model
-from .progress import fmt, progress
 from .rewards import add_reward_args, make_prompts, make_reward, prompt_spec, settle_reward_args
 from .rollout import sample_rollout
 from .tokenizer import load_tokenizer

@@ -24,8 +24,8 @@ from .data.instruct import encode_example
 from .data.sources import read_records
 from .flags import Parser, integer
 from .generate import generate
+from .metrics import progress
 from .model.loader import load_model
-from .progress import progress
 from .retrieval import DEFAULT_PASSAGE_TOKENS, Index, open_index, rag_content, rag_prompt_ids, recall_at_k
 from .tokenizer import load_tokenizer
 from .utils import NanotuneError, atomic_write, die, pick_device

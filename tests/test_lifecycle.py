@@ -443,7 +443,7 @@ def test_an_exploding_loss_stops_the_run_and_keeps_the_last_checkpoint(name, tin
 
 
 def test_the_explosion_rule_needs_three_steps_in_a_row_above_ten_times_the_first_loss():
-    from nanotune.lifecycle.divergence import DivergenceRule
+    from nanotune.lifecycle.run import DivergenceRule
 
     def first_stop(losses, grad_norm=1.0):
         rule = DivergenceRule()

@@ -7,8 +7,7 @@ import re
 from helpers import run_main
 
 import train_ppo
-from nanotune.lifecycle.metrics import progress_line
-from nanotune.progress import Progress, clock, fmt, progress
+from nanotune.metrics import Progress, clock, fmt, progress, progress_line
 
 
 class Terminal(io.StringIO):

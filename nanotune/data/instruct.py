@@ -16,7 +16,7 @@ import torch
 from .chat import render, render_text
 from .sources import read_records
 from .formats import examples, prompt_key
-from ..progress import progress
+from ..metrics import progress
 from ..utils import NanotuneError
 
 IGNORE = -100  # label value of positions the loss skips
