@@ -27,7 +27,7 @@ from nanotune.flags import integer, real
 from nanotune.lifecycle.run import Run
 from nanotune.lifecycle.step import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
 from nanotune.metrics import fmt
-from nanotune.model.peft import describe_trainable
+from nanotune.model.peft import PeftSpec, describe_trainable
 from nanotune.rewards import make_prompts, prompt_spec
 from nanotune.utils import all_reduce_mean, die
 
@@ -177,11 +177,14 @@ def train(args, run):
     device, enc = run.device, load_tokenizer()
 
     # ---- the models: the policy (trains), the reference (frozen: the KL term, and KL measured at evaluations)
-    models = rl.load_rl_models(args, run, enc)
+    peft = PeftSpec.from_flags(args)
+    models = rl.load_rl_models(run, enc, args.model, args.ref_model, args.reward, peft, args.missing_eos_penalty)
     policy, model_name = models.policy, models.name
     # ---- prompts: training prompts are sampled, held-out prompts are fixed (the same answers drawn each time)
     prompts = make_prompts(prompt_spec(args, args.eval_prompts), enc, models.context)
-    heldout = rl.HeldOut(args, run, models, prompts, enc)
+    heldout = rl.HeldOut(
+        run, models, prompts.heldout, enc, args.max_new_tokens, args.seed, args.eval_every, args.steps, args.samples
+    )
 
     run.summary.update(model=model_name, reward=args.reward, ref_model=args.ref_model, world_size=run.world)
     if run.master:

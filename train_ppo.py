@@ -31,7 +31,7 @@ from nanotune.lifecycle.run import Run
 from nanotune.lifecycle.step import clip_gradients, lr_at, make_optimizer, no_sync_unless_last, wrap_model
 from nanotune.metrics import fmt
 from nanotune.model.loader import load_reward_model
-from nanotune.model.peft import describe_trainable
+from nanotune.model.peft import PeftSpec, describe_trainable
 from nanotune.model.reward_model import RewardModel
 from nanotune.rewards import make_prompts, parse_reward, prompt_spec
 from nanotune.utils import all_reduce_mean, die
@@ -248,11 +248,16 @@ def train(args, run):
         shared = {id(p): p for p in policy.parameters()} if args.peft != "none" else {}
         return load_reward_model(target, device) if kind == "model" else RewardModel(copy.deepcopy(policy, shared))
 
-    models = rl.load_rl_models(args, run, enc, make_value_model)
+    peft = PeftSpec.from_flags(args)
+    models = rl.load_rl_models(
+        run, enc, args.model, args.ref_model, args.reward, peft, args.missing_eos_penalty, make_value_model
+    )
     policy, reference, value_model, model_name = models.policy, models.reference, models.value_model, models.name
     # ---- prompts: training prompts are sampled, held-out prompts are fixed; training text for PPO-ptx
     prompts = make_prompts(prompt_spec(args, args.eval_prompts), enc, models.context, with_text=args.ptx_coef > 0)
-    heldout = rl.HeldOut(args, run, models, prompts, enc)
+    heldout = rl.HeldOut(
+        run, models, prompts.heldout, enc, args.max_new_tokens, args.seed, args.eval_every, args.steps, args.samples
+    )
 
     def paid_scores(scores, rollout):
         """What the rewards pay: the scores (whitened with --whiten-scores), all on each answer's last token or,

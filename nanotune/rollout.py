@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -81,23 +82,32 @@ class RLModels:
     value_model: torch.nn.Module | None = None
 
 
-def load_rl_models(args, run, enc, value_model: Callable | None = None) -> RLModels:
+def load_rl_models(
+    run,
+    enc,
+    model: str,
+    ref_model: str | None,
+    reward: str,
+    peft: PeftSpec,
+    missing_eos_penalty: float,
+    value_model: Callable | None = None,
+) -> RLModels:
     """The policy (--model, trained: --peft applied), the frozen KL reference (--ref-model, or where the policy
-    starts: with --peft the policy, its additions switched off), --reward's scorer, and the context they all
-    read. value_model(policy) -> a value model, built from the policy before --peft changes it (PPO)."""
-    policy, name = load_model(args.model, run.device, quiet=not run.master)
-    reference = load_model(args.ref_model, run.device, "--ref-model", quiet=True)[0] if args.ref_model else None
-    reference = base_model(policy, args.peft) if reference is None else reference.eval().requires_grad_(False)
-    score = make_reward(args.reward, enc, run.device, run.ctx, run.dtype)  # (prompt_ids, answers) -> (B,)
+    starts: with --peft the policy, its additions switched off), --reward's scorer (an unended answer costs
+    missing_eos_penalty), and the context they all read. value_model(policy) -> a value model, built from the
+    policy before --peft changes it (PPO)."""
+    policy, name = load_model(model, run.device, quiet=not run.master)
+    reference = load_model(ref_model, run.device, "--ref-model", quiet=True)[0] if ref_model else None
+    reference = base_model(policy, peft.method) if reference is None else reference.eval().requires_grad_(False)
+    score = make_reward(reward, enc, run.device, run.ctx, run.dtype)  # (prompt_ids, answers) -> (B,)
     value = value_model(policy) if value_model else None
-    peft = PeftSpec.from_flags(args)
     apply_peft(policy, peft, name)
     bodies = [policy, reference]
     if value is not None:
         apply_peft(value.body, peft, name)  # (the value head stays trainable)
         bodies.append(value.body)
     context = min(m.config.n_positions - m.n_virtual for m in bodies)
-    reward = Reward(args.reward, score, args.missing_eos_penalty)
+    reward = Reward(reward, score, missing_eos_penalty)
     return RLModels(policy, reference, reward, name, min(context, reward.context or context), value)
 
 
@@ -261,25 +271,41 @@ def parse_flags(parser, argv, objective: str):
     return settle_reward_args(parse_run_args(parser, argv, fixed_on_resume=fixed))
 
 
+@dataclass
 class HeldOut:
-    """An RL run's held-out evaluation (see evaluate_policy): before training, every --eval-every steps and after
-    it, on the master process; samples_before.txt, samples_after.txt and the plots (plot_heldout)."""
+    """An RL run's held-out evaluation (see evaluate_policy): before training, every `every` steps and at the last
+    step, on the master process; samples_before.txt, samples_after.txt and the plots (plot_heldout). prompts: the
+    held-out prompts' token ids; samples: how many answers the text files show."""
 
-    OUTPUTS = ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg")  # what it writes in --out
+    OUTPUTS: ClassVar = ("samples_before.txt", "samples_after.txt", "kl_score.svg", "score.svg")  # written in --out
 
-    def __init__(self, args, run, models: RLModels, prompts, enc):
-        self.args, self.run, self.models, self.prompts, self.enc = args, run, models, prompts, enc
+    run: object
+    models: RLModels
+    prompts: list[list[int]]
+    enc: object
+    max_new_tokens: int
+    seed: int
+    every: int
+    steps: int
+    samples: int
 
     def __call__(self):
-        """-> {"val_score", "val_kl"}, the first --samples answers as text"""
-        a, m = self.args, self.models
-        heldout, samples = self.prompts.heldout, a.samples
+        """-> {"val_score", "val_kl"}, the first `samples` answers as text"""
+        m = self.models
         return evaluate_policy(
-            m.policy, m.reference, heldout, m.reward, self.enc, a.max_new_tokens, self.run.ctx, a.seed, samples
+            m.policy,
+            m.reference,
+            self.prompts,
+            m.reward,
+            self.enc,
+            self.max_new_tokens,
+            self.run.ctx,
+            self.seed,
+            self.samples,
         )
 
     def due(self, step: int) -> bool:
-        return self.run.master and (step % self.args.eval_every == 0 or step == self.args.steps)
+        return self.run.master and (step % self.every == 0 or step == self.steps)
 
     def before(self, **extra):
         """Step 0 of a run that does not resume: logged (with extra), written to samples_before.txt."""
