@@ -16,7 +16,15 @@ from torch import nn
 class KVCache:
     """Preallocated keys and values for every layer: generation writes in place instead of concatenating."""
 
-    def __init__(self, model: nn.Module, batch_size: int, max_len: int, copy_head: bool = True, packed: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int,
+        max_len: int,
+        copy_head: bool = True,
+        packed: bool = False,
+        packed_rows: bool = False,
+    ):
         config, device, dtype = model.config, model.wte.weight.device, model.wte.weight.dtype
         if torch.is_autocast_enabled(device.type):  # keys and values come out in autocast's dtype: keep them so
             dtype = torch.get_autocast_dtype(device.type)
@@ -34,12 +42,17 @@ class KVCache:
         # for nano and ~170-290 ms for gpt2 to make (mostly first touches of new memory), so short generations
         # (copy_head=False) use a transposed view, and the server makes one for its life. (Not kept across
         # generations: a fused optimizer step changes wte without moving its version counter.) Several rows are
-        # a matrix product, which MKL runs faster as wte (V, C) @ x.T (nano, 8 rows: 3.3 against 7.2 ms).
+        # a matrix product, which MKL runs faster as wte (V, C) @ x.T (nano, 8 rows: 3.3 against 7.2 ms), and
+        # oneDNN's kernel faster still on a packed float32 copy (packed_rows, any CPU with oneDNN): 1.2-1.6x from
+        # 6 rows up for nano and gpt2, a tie at 2-4 (python -m nanotune.bench.sampling --head); the copy takes
+        # half the time of the (C, V) one to make (nano 24 ms, gpt2 96 ms).
         # packed: sampling that may round its logits, on a CPU with oneDNN's bfloat16 kernels, reads a packed
         # bfloat16 copy instead (see packed_layers)
         self.wte = model.wte.weight.detach()
         self.head = self.wte.t().contiguous() if copy_head else None
         self.packed_head = pack(model.wte.weight, torch.bfloat16) if packed and onednn_bf16(device) else None
+        rows = packed_rows and self.packed_head is None and onednn(device)
+        self.rows_head = pack(model.wte.weight, torch.float32) if rows else None
 
     # ---- rows that join and leave (the server's batch, nanotune/serve/engine.py)
 
@@ -75,6 +88,8 @@ class KVCache:
             if x.shape[0] == 1:
                 head = self.head if self.head is not None else self.wte.t()
                 return x.float() @ head.float()  # (1, V)
+            if self.rows_head is not None:
+                return linear_packed(x, self.rows_head, None, torch.float32)
             return (self.wte.float() @ x.float().t()).t()  # (V, B) -> (B, V)
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..decoding import KVCache, packed_layers
+from ..decoding import KVCache, linear_packed, onednn, pack, packed_layers
 from ..flags import Parser, integer
 from ..generate import generate
 from ..model.config import PRESETS, GPTConfig
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="add the bf16 head and cache")
     p.add_argument("--transformers", action="store_true", help="add transformers' generate on the same weights")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this file")
+    head = "also time the head's paths for several rows: wte @ x.T against the packed float32 copy (CPU)"
+    p.add_argument("--head", action="store_true", help=head)
     return p.parse_args(argv)
 
 
@@ -99,6 +101,33 @@ def matvec_rate(model, device) -> float:
     return head.numel() * head.element_size() / best / 1e9
 
 
+def head_paths(model, batches, rounds: int = 7) -> list[dict]:
+    """ms for the tied head's logits of B rows, median of `rounds` turns of 10: MKL on wte (V, C) @ x.T (what
+    KVCache used for several rows) against oneDNN on a packed float32 copy (its packed_rows)."""
+    wte = model.wte.weight.detach()
+    packed = pack(wte, torch.float32)
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, wte.shape[1])
+        paths = {
+            "wte @ x.T": lambda x=x: wte @ x.t(),
+            "packed": lambda x=x: linear_packed(x, packed, None, torch.float32),
+        }
+        ms = {}
+        for key, path in paths.items():
+            path()
+            turns = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                for _ in range(10):
+                    path()
+                turns.append((time.perf_counter() - start) * 100)  # ms per call
+            ms[key] = statistics.median(turns)
+        rows.append({"batch": batch, **ms, "ratio": ms["wte @ x.T"] / ms["packed"]})
+        print(f"head, {batch} rows: wte @ x.T {ms['wte @ x.T']:.2f} ms, packed {ms['packed']:.2f} ms", flush=True)
+    return rows
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -136,6 +165,7 @@ def main(argv=None):
     if args.bf16:
         share = bf16_agreement(model, device)
         print(f"bfloat16 picks float32's greedy token at {share:.1%} of the verify passage's positions", flush=True)
+    head = head_paths(model, (2, 4, 8, 16, 64)) if args.head and device.type == "cpu" and onednn(device) else None
     results = []
     for batch in map(int, args.batches.split(",")):
         prompt = torch.randint(0, 50257, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
@@ -156,7 +186,7 @@ def main(argv=None):
             results.append({"batch": batch, "variant": key, "tokens_per_s": rate, "limit_share": share})
     print_table(results)
     report = {"model": name, "weight_bytes": weight_bytes, "copy_gb_s": bandwidth, "matvec_gb_s": matvec}
-    report |= {"batch1_limit_tokens_per_s": limit, "rows": results}
+    report |= {"batch1_limit_tokens_per_s": limit, "rows": results, "head_paths": head}
     if args.compile and device.type == "cuda":  # did the compiled step run as CUDA graphs, or did inductor fall back?
         from torch._dynamo.utils import counters
 
