@@ -132,6 +132,12 @@ def whiten_scores(scores, token_scores=None):
     return whiten(scores), None if token_scores is None else token_scores * scale
 
 
+# what the run optimised: a --resume keeps it (nanotune/rollout.py adds the reward's flags, flags.py the model's)
+# (--kl-coef: the checkpoint holds the coefficient, which --target-kl moves; a new one would be ignored)
+PPO_OBJECTIVE = "--kl-coef --target-kl --kl-horizon --whiten-scores --dense-score --gamma --lam --clip --value-clip"
+PPO_OBJECTIVE += " --vf-coef --ptx-coef"
+
+
 def parse_args(argv=None):
     p = rl.make_parser(__doc__, batch_size=4)  # the shared flags and the reward's: nanotune/rollout.py
     add = p.add_argument
@@ -148,10 +154,7 @@ def parse_args(argv=None):
     add("--value-clip", type=real(0, low_open=True), default=0.2, help="value clip range (default 0.2)")
     add("--vf-coef", type=real(0), default=0.1, help="weight of the value loss (default 0.1)")
     add("--ptx-coef", type=real(0), default=0.0, help="PPO-ptx: weight of a next-token loss on training text (0: off)")
-    # what the run optimised: a --resume keeps it (nanotune/rollout.py adds the reward's flags, flags.py the model's)
-    # (--kl-coef: the checkpoint holds the coefficient, which --target-kl moves; a new one would be ignored)
-    objective = "--kl-coef --target-kl --kl-horizon --whiten-scores --dense-score --gamma --lam --clip --value-clip"
-    return rl.parse_flags(p, argv, objective + " --vf-coef --ptx-coef")
+    return rl.parse_flags(p, argv, PPO_OBJECTIVE)
 
 
 def main(argv=None):

@@ -145,9 +145,10 @@ def add_passages(examples: list[dict], args, enc, context: int):
     comparisons.jsonl."""
     index, reserve = open_index(args.docs, enc, args.passage_tokens), answer_reserve(args.max_new_tokens, context)
     for ex in examples:
-        ex["prompt"], ex["passages"] = with_passages(
+        ex["prompt"], _, hits = with_passages(
             enc, ex["prompt"], index, args.passages or 3, args.template, context, reserve
         )
+        ex["passages"] = [h[1] for h in hits]
 
 
 def generate_answers(model_name, examples, args, device, enc):

@@ -84,9 +84,10 @@ def generate(
     sampling, B = (temperature, top_k, top_p, banned_tokens, eos_token, generator), idx.shape[0]
     # on a CPU, the large layers read packed copies (decoding.packed_layers; inductor cannot lower the kernel):
     # bfloat16 ones for bfloat16 sampling, float32 ones for a generation long enough to pay for packing them
-    packed = dtype == torch.bfloat16 and device.type == "cpu" and not compile
+    eager_cpu = device.type == "cpu" and not compile
+    packed = dtype == torch.bfloat16 and eager_cpu
     # (packing gpt2's layers takes ~0.5 s; they then read 1.2x faster for one row, 2x for several)
-    packed_fp32 = dtype is None and device.type == "cpu" and not compile and max_new_tokens * min(B, 4) >= 256
+    packed_fp32 = dtype is None and eager_cpu and max_new_tokens * min(B, 4) >= 256
     if packed or packed_fp32:
         context = packed_layers(model, torch.bfloat16 if packed else torch.float32)
     elif dtype is not None and device.type != "cpu":
@@ -95,7 +96,7 @@ def generate(
         context = contextlib.nullcontext()
     # several rows read a packed float32 copy of the head (see KVCache) when the rows' tokens pay for making it
     # (nano ~24 ms, gpt2 ~0.1 s): GRPO's rollout of 64 answers of 24 tokens gains 1.2-1.45x for nano
-    packed_rows = dtype is None and device.type == "cpu" and not compile and B >= 4 and B * max_new_tokens >= 1024
+    packed_rows = dtype is None and eager_cpu and B >= 4 and B * max_new_tokens >= 1024
     with context:
         out = decode(model, idx, attention_mask, max_new_tokens, sampling, compile, packed, packed_rows)
     if not as_list:

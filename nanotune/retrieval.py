@@ -226,12 +226,14 @@ def rag_prompt_ids(
 
 
 def with_passages(enc, messages: list[dict], index: Index, k: int, template: str, context: int, reserve: int):
-    """A prompt (messages ending in a user message) with the top k passages for that message put before it.
-    -> (messages, the ids of the passages kept)"""
+    """A conversation (with a user message) whose last user message gets its top k passages put before it, the
+    messages around it kept (evaluate's prompts, the server's chats). -> (messages, prompt ids, the hits kept:
+    top_k's (number, id, text, score), best first)"""
     last = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    user = messages[last]
+    user, after = messages[last], messages[last + 1 :]
     question = user["content"] + (f"\n{user['input']}" if user.get("input") else "")
     hits = index.top_k(question, k)
-    new, _, kept = fit_passages(enc, messages[:last], question, [h[2] for h in hits], template, context, reserve)
+    passages = [h[2] for h in hits]
+    new, ids, kept = fit_passages(enc, messages[:last], question, passages, template, context, reserve, after)
     warn_cut(len(hits), kept, context, reserve)
-    return new, [h[1] for h in hits[:kept]]
+    return new, ids, hits[:kept]

@@ -43,19 +43,17 @@ def project_imports(path: Path) -> set[str]:
     """The nanotune modules (and recipes) a file imports, anywhere in it (function-local imports too), as dotted
     names under nanotune (lifecycle.run, utils)."""
     inside = ROOT / "nanotune" in path.parents
-    package = module_name(path).split(".") if inside else []
-    package = package if inside and path.name == "__init__.py" else package[:-1]
+    package = list(path.parent.relative_to(ROOT / "nanotune").parts) if inside else []  # where `.` points
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:  # from .model.gpt import GPT, from ..utils import die, from . import checkpoint
-                base = package[: len(package) - node.level + 1]
+                base, name = package[: len(package) - node.level + 1], node.module
             elif node.module == "nanotune" or (node.module or "").startswith("nanotune."):
-                base = []
-                node = ast.ImportFrom(node.module.removeprefix("nanotune").lstrip("."), node.names, 0)
+                base, name = [], node.module.removeprefix("nanotune").lstrip(".")
             else:
                 continue
-            module = ".".join(base + ([node.module] if node.module else []))
+            module = ".".join(base + ([name] if name else []))
             names = [f"{module}.{a.name}".lstrip(".") for a in node.names]  # a name may be a module of its own
             found |= {n for n in names if (ROOT / "nanotune" / f"{n.replace('.', '/')}.py").is_file()} or {module}
         elif isinstance(node, ast.Import):
@@ -87,13 +85,13 @@ def first_circle(graph: dict) -> list | None:
 def test_the_library_has_no_import_circle_and_the_ground_floor_imports_nothing():
     modules = {module_name(f): project_imports(f) for f in LIBRARY if f.name != "__init__.py"}
     assert modules["utils"] == set(), modules["utils"]  # the ground floor
-    assert first_circle(modules) is None, "import circle: " + " -> ".join(first_circle(modules))
+    assert (circle := first_circle(modules)) is None, "import circle: " + " -> ".join(circle)
     # nor between the packages as wholes (data/, model/, lifecycle/...): each one stands above or below another
     rooms = {}
     for module, imported in modules.items():
         room = module.split(".")[0]
         rooms.setdefault(room, set()).update(i.split(".")[0] for i in imported if i.split(".")[0] != room)
-    assert first_circle(rooms) is None, "import circle between packages: " + " -> ".join(first_circle(rooms))
+    assert (circle := first_circle(rooms)) is None, "import circle between packages: " + " -> ".join(circle)
 
 
 def test_no_recipe_imports_another():

@@ -41,6 +41,7 @@ from ..model.gpt import GPT
 from ..model.loader import load_model
 from ..tokenizer import load_tokenizer
 from ..utils import pick_device
+from .vs_transformers import run_times
 
 
 def parse_args(argv=None):
@@ -75,13 +76,7 @@ def copy_bandwidth(device, megabytes: int = 512) -> float:
     """GB/s of a large tensor copy (read + write), the best of five: what streaming weights can reach."""
     src = torch.empty(megabytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
+    best = min(run_times(lambda: dst.copy_(src), device, 0, 5))
     return 2 * src.numel() * 4 / best / 1e9
 
 
@@ -91,13 +86,7 @@ def matvec_rate(model, device) -> float:
     a token by matrix-vector products (well under the copy bandwidth on this CPU)."""
     head = model.wte.weight.detach().t().contiguous()
     x = torch.randn(1, head.shape[0], device=device)
-    best = float("inf")
-    for _ in range(10):
-        sync(device)
-        start = time.perf_counter()
-        x @ head
-        sync(device)
-        best = min(best, time.perf_counter() - start)
+    best = min(run_times(lambda: x @ head, device, 0, 10))
     return head.numel() * head.element_size() / best / 1e9
 
 
@@ -114,15 +103,9 @@ def head_paths(model, batches, rounds: int = 7) -> list[dict]:
             "packed": lambda x=x: linear_packed(x, packed, None, torch.float32),
         }
         ms = {}
-        for key, path in paths.items():
-            path()
-            turns = []
-            for _ in range(rounds):
-                start = time.perf_counter()
-                for _ in range(10):
-                    path()
-                turns.append((time.perf_counter() - start) * 100)  # ms per call
-            ms[key] = statistics.median(turns)
+        for key, path in paths.items():  # turns of 10 calls: ms per call
+            turns = run_times(lambda path=path: [path() for _ in range(10)], torch.device("cpu"), 1, rounds)
+            ms[key] = statistics.median(turns) * 100
         rows.append({"batch": batch, **ms, "ratio": ms["wte @ x.T"] / ms["packed"]})
         print(f"head, {batch} rows: wte @ x.T {ms['wte @ x.T']:.2f} ms, packed {ms['packed']:.2f} ms", flush=True)
     return rows
@@ -165,7 +148,7 @@ def main(argv=None):
     if args.bf16:
         share = bf16_agreement(model, device)
         print(f"bfloat16 picks float32's greedy token at {share:.1%} of the verify passage's positions", flush=True)
-    head = head_paths(model, (2, 4, 8, 16, 64)) if args.head and device.type == "cpu" and onednn(device) else None
+    head = head_paths(model, (2, 4, 8, 16, 64)) if args.head and onednn(device) else None
     results = []
     for batch in map(int, args.batches.split(",")):
         prompt = torch.randint(0, 50257, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)

@@ -10,7 +10,7 @@ harnesses score (lm-eval's log-likelihoods); text with passages wrapped around i
 import sys
 
 from ..data.chat import render
-from ..retrieval import Index, answer_reserve, fit_passages, warn_cut
+from ..retrieval import Index, answer_reserve, with_passages
 from ..utils import NanotuneError
 from .api_schema import ApiError
 
@@ -42,34 +42,20 @@ class Documents:
     """The index a server answers from, opened once, and how many passages each question gets."""
 
     def __init__(self, index: Index, passages: int, template: str, context: int, default_max_tokens: int):
-        self.index, self.passages, self.template = index, passages, template
-        self.context, self.default_max_tokens = context, default_max_tokens
+        self.index, self.passages, self.template, self.context = index, passages, template, context
+        self.default_reserve = answer_reserve(default_max_tokens, context)  # what generate keeps for the answer
 
     def chat_prompt(self, enc, messages: list[dict], max_tokens: int | None) -> tuple[list[int], list[dict]]:
         """Checked messages -> (the prompt's token ids, the passages in it: [{id, text, score}], best first).
         The answer keeps max_tokens, or when the request gives none what generate keeps (answer_reserve)."""
-        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-        if not users:  # nothing asked, nothing to retrieve for: the conversation as it is
+        if not any(m["role"] == "user" for m in messages):  # nothing asked, nothing to retrieve for: as it is
             return render(enc, messages, self.template, add_generation_prompt=True)[0], []
-        last = users[-1]
-        question = messages[last]["content"]
-        hits = self.index.top_k(question, self.passages)
-        reserve = max_tokens if max_tokens is not None else answer_reserve(self.default_max_tokens, self.context)
+        reserve = max_tokens if max_tokens is not None else self.default_reserve
         try:
-            _, ids, kept = fit_passages(
-                enc,
-                messages[:last],
-                question,
-                [h[2] for h in hits],
-                self.template,
-                self.context,
-                reserve,
-                messages[last + 1 :],
-            )
+            _, ids, hits = with_passages(enc, messages, self.index, self.passages, self.template, self.context, reserve)
         except NanotuneError as e:  # the question alone leaves no room for the answer
             raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
-        warn_cut(len(hits), kept, self.context, reserve)
-        return ids, [{"id": i, "text": text, "score": score} for _, i, text, score in hits[:kept]]
+        return ids, [{"id": i, "text": text, "score": score} for _, i, text, score in hits]
 
 
 def log_passages(answer_id: str, passages: list[dict]):

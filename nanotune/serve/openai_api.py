@@ -60,11 +60,17 @@ def parse_body(data: bytes, model_id: str, schema: dict) -> dict:
     return body
 
 
+def max_tokens_key(body: dict) -> str:
+    """The field that limits the answer: max_completion_tokens (the chat API's newer name) when given, else
+    max_tokens."""
+    return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+
+
 def sampling_request(body: dict, prompt: list[int], limits: Limits, emit, schema: dict) -> Request:
     """The sampling fields every endpoint shares, checked (body has passed parse_body), as an engine Request:
     what the schema cannot say, the fields' sums and combinations, is checked here."""
     echo = bool(body.get("echo"))
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    key = max_tokens_key(body)
     room = limits.context - len(prompt)
     max_tokens = body.get(key)
     if room < 1 and not (echo and max_tokens == 0):

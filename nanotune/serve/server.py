@@ -40,6 +40,7 @@ from .openai_api import (
     chat_messages,
     chat_prompt,
     completion_prompts,
+    max_tokens_key,
     parse_body,
     sampling_request,
 )
@@ -160,9 +161,7 @@ def create_app(
         if documents is None:
             prompt = chat_prompt(body, template or "transcript", enc)
         else:
-            max_tokens = body.get("max_completion_tokens")
-            max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
-            prompt, passages = documents.chat_prompt(enc, chat_messages(body), max_tokens)
+            prompt, passages = documents.chat_prompt(enc, chat_messages(body), body.get(max_tokens_key(body)))
         # a transcript's answer ends where the model starts to write the user's next line
         return await complete(http, body, [prompt], "chat", () if template else ("\nUser:",), passages)
 
