@@ -56,15 +56,15 @@ class KVCache:
 
     # ---- rows that join and leave (the server's batch, nanotune/serve/engine.py)
 
-    def add_rows(self, prompt: KVCache, length: int, n: int):
-        """n rows at the end of the batch that continue `prompt`'s one row (its first `length` positions)."""
-        pad = (0, 0, 0, self.max_len - length)  # (L, 1, H, length, D) -> (L, 1, H, max_len, D)
-        k, v = F.pad(prompt.k[:, :, :, :length], pad), F.pad(prompt.v[:, :, :, :length], pad)
-        self.k = torch.cat([self.k, k.expand(-1, n, -1, -1, -1)], dim=1)
-        self.v = torch.cat([self.v, v.expand(-1, n, -1, -1, -1)], dim=1)
-        valid = torch.zeros(n, self.max_len, dtype=torch.bool, device=self.valid.device)
-        valid[:, :length] = True
-        self.valid = torch.cat([self.valid, valid])
+    def add_rows(self, prompts: KVCache, length: int, copies: list[int]):
+        """Rows at the end of the batch that continue `prompts`' rows (their first `length` positions, and which
+        of them are real keys): copies[i] rows for its row i (a request's n choices)."""
+        index = torch.repeat_interleave(torch.arange(len(copies)), torch.tensor(copies)).to(self.valid.device)
+        pad = (0, 0, 0, self.max_len - length)  # (L, R, H, length, D) -> (L, R, H, max_len, D)
+        k, v = F.pad(prompts.k[:, :, :, :length], pad), F.pad(prompts.v[:, :, :, :length], pad)
+        self.k = torch.cat([self.k, k.index_select(1, index)], dim=1)
+        self.v = torch.cat([self.v, v.index_select(1, index)], dim=1)
+        self.valid = torch.cat([self.valid, F.pad(prompts.valid[:, :length], (0, self.max_len - length))[index]])
 
     def keep_rows(self, index: torch.Tensor):
         """Only the rows `index` names stay, in that order."""

@@ -25,6 +25,7 @@ from nanotune.decoding import onednn_bf16
 from nanotune.generate import generate
 from nanotune.lifecycle.folder import write_model_files
 from nanotune.model.gpt import GPT
+from nanotune.model.peft import PeftSpec, apply_peft
 from nanotune.serve.engine import Engine, Request, TextStream
 from nanotune.serve.server import Limits, chat_template, create_app
 from nanotune.tokenizer import load_tokenizer
@@ -399,6 +400,50 @@ def test_engine_rows_of_different_lengths_match_generate_alone(tiny):
         new = generate(model, [p], budgets[i], temperature=0, eos_token=enc.eot_token)[0][len(p) :]
         expected = enc.decode([t for t in new if t != enc.eot_token])
         assert texts[i, 0] == expected
+    assert texts[1, 1] == texts[1, 0]
+
+
+@pytest.mark.parametrize("prompt_tokens", [0, 5])
+def test_requests_waiting_together_join_in_one_prefill_and_match_generate_alone(tiny, prompt_tokens):
+    """Requests that wait while the engine is busy join the batch together: one forward over their prompts,
+    left-padded to the longest (three lengths here, one request with two choices), so the last of them waits for
+    one prefill instead of one per request before it; a request that scores its prompt joins alone. With prompt
+    tuning the virtual tokens sit before each row's padding, as generate() places them."""
+    model, enc = GPT.from_pretrained(tiny).eval(), load_tokenizer()
+    if prompt_tokens:
+        model = apply_peft(model, PeftSpec(method="prompt", prompt_tokens=prompt_tokens), tiny).eval()
+        with torch.no_grad():
+            model.prompt.add_(torch.randn(model.prompt.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+    prompts = [enc.encode_ordinary(t) for t in ("A", "The quick brown fox jumps over", "Hello there, how", "x y")]
+    texts, scored_prompt, finished = {}, [], threading.Semaphore(0)
+    prefills = []
+    forward = model.forward
+    model.forward = lambda idx, *a, **k: prefills.append(idx.shape) or forward(idx, *a, **k)
+
+    def emit_for(i):
+        def emit(choice, text, finish, n, logprobs=None):
+            texts[i, choice] = texts.get((i, choice), "") + text
+            if logprobs and not n:
+                scored_prompt.append(len(logprobs))
+            if finish:
+                finished.release()
+
+        return emit
+
+    engine = Engine(model, enc, max_batch=6)
+    for i, p in enumerate(prompts):  # queued before the engine runs: they wait together
+        engine.submit(Request(p, 20, emit_for(i), n=2 if i == 1 else 1, temperature=0, score_prompt=i == 3))
+    engine.start()
+    try:
+        for _ in range(len(prompts) + 1):
+            assert finished.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert prefills == [(1, 2), (3, 6)]  # the scoring request alone, then the other three at once
+    assert scored_prompt == [2]
+    for i, p in enumerate(prompts):
+        new = generate(model, [p], 20, temperature=0, eos_token=enc.eot_token)[0][len(p) :]
+        assert texts[i, 0] == enc.decode([t for t in new if t != enc.eot_token]), i
     assert texts[1, 1] == texts[1, 0]
 
 

@@ -125,7 +125,7 @@ def engine_steps(model, enc, rows: int, steps: int):
     def prepare():
         batch = engine.Batch(model, enc, packed=False, fail=lambda request, error: None)
         for _ in range(rows):
-            batch.join(engine.Request(prompt, steps + 1, lambda *a, **k: None, temperature=0.0))
+            batch.join([engine.Request(prompt, steps + 1, lambda *a, **k: None, temperature=0.0)])
 
         def run():
             engine.Row.advance = advance

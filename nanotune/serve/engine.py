@@ -3,9 +3,10 @@ request together, one token per row per step; a request that arrives meanwhile j
 and one that ends (or whose client left) leaves it. So tokens per second grow with the number of clients, where
 one generate() call per request would make them queue.
 
-Each row keeps its own place in one KV cache (model.decode_step with a slot per row): a joining request's prompt
-runs once on its own (prefill) and its keys and values are copied into a new row; cache.valid marks each row's
-real keys, so rows of different lengths never see each other's padding. This module knows nothing of HTTP.
+Each row keeps its own place in one KV cache (model.decode_step with a slot per row): the prompts of the requests
+that join at a step run once, together (prefill), and their keys and values are copied into new rows;
+cache.valid marks each row's real keys, so rows of different lengths never see each other's padding. This module
+knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -134,37 +135,49 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def join(self, request: Request):
-        """The prompt once through the model; its keys and values become n new rows, each with its first token.
-        With score_prompt the same forward also gives the prompt's own log-probabilities (each token's, given
-        those before it), sent before the first token; with max_tokens 0 they are all there is."""
-        model, n = self.model, request.n
-        ids = torch.tensor([request.prompt], device=self.device)
-        scoring_alone = request.score_prompt and not request.max_tokens  # (no rows join: no cache to fill)
-        own = None if scoring_alone else KVCache(model, 1, len(request.prompt) + model.n_virtual, copy_head=False)
-        if own is not None:
-            own.head = self.cache.head  # the batch's (C, V) copy of the head: the first token's logits 3x sooner
-        if request.score_prompt:
+    def join(self, requests: list[Request]):
+        """The prompts once through the model, together (left-padded to the longest: requests that arrive at once
+        wait for one forward, not one each); each prompt's keys and values become n new rows, each with its first
+        token. A request with score_prompt joins alone: the same forward also gives the prompt's own
+        log-probabilities (each token's, given those before it), sent before the first token; with max_tokens 0
+        they are all there is."""
+        model, lengths = self.model, [len(request.prompt) for request in requests]
+        scoring = requests[0].score_prompt
+        if scoring and len(requests) > 1:
+            raise ValueError("a request that scores its prompt joins the batch alone")
+        T, nv = max(lengths), model.n_virtual
+        ids = torch.tensor([[0] * (T - n) + r.prompt for r, n in zip(requests, lengths)], device=self.device)
+        real = torch.tensor([[False] * (T - n) + [True] * n for n in lengths], device=self.device)
+        padded = not bool(real.all())  # (R, T): the prompts' real tokens; padding only when their lengths differ
+        scoring_alone = scoring and not requests[0].max_tokens  # (no rows join: no cache to fill)
+        own = None if scoring_alone else KVCache(model, len(requests), T + nv, copy_head=False)
+        if own is not None:  # the batch's copies of the head: the first token's logits 3x sooner
+            own.head, own.rows_head = self.cache.head, self.cache.rows_head
+        if scoring:
             hidden = model(ids, cache=own, hidden=True)[0]  # (T, C)
             with torch.autocast(self.device.type, enabled=False):  # the head in float32, as forward's own
                 every = F.linear(hidden.float(), model.wte.weight.float())  # (T, V)
+            request = requests[0]
             scores = [(request.prompt[0], None, [])] + scored(every[:-1], ids[0, 1:], request.logprobs or 0)
-            for choice in range(n):
+            for choice in range(request.n):
                 request.emit(choice, "", "length" if scoring_alone else None, 0, logprobs=scores)
             if scoring_alone:
                 return
-            logits = every[-1:].expand(n, -1)  # (n, V)
+            logits = every[-1:]  # (1, V)
         else:
-            logits = model(ids, cache=own)[:, -1].expand(n, -1)  # (n, V), float32
+            logits = model(ids, attention_mask=real if padded else None, cache=own)[:, -1]  # (R, V), float32
+        own.valid[:, : own.length] = torch.cat([real.new_ones(len(requests), nv), real], dim=1)  # (+ prompt tuning)
+        copies = [request.n for request in requests]
         self._grow(own.length + 1)
-        self.cache.add_rows(own, own.length, n)
-        self.logits = torch.cat([self.logits, logits])
-        for choice in range(n):
-            generator = None
-            if request.temperature > 0:
-                seed = request.seed + choice if request.seed is not None else int(torch.randint(2**62, ()))
-                generator = torch.Generator(self.device).manual_seed(seed)
-            self.rows.append(Row(request, choice, own.length, TextStream(self.enc, request.stop), generator))
+        self.cache.add_rows(own, own.length, copies)
+        self.logits = torch.cat([self.logits, logits.repeat_interleave(torch.tensor(copies, device=self.device), 0)])
+        for request in requests:
+            for choice in range(request.n):
+                generator = None
+                if request.temperature > 0:
+                    seed = request.seed + choice if request.seed is not None else int(torch.randint(2**62, ()))
+                    generator = torch.Generator(self.device).manual_seed(seed)
+                self.rows.append(Row(request, choice, own.length, TextStream(self.enc, request.stop), generator))
 
     def _grow(self, needed: int):
         if needed > self.cache.max_len:
@@ -313,27 +326,33 @@ class Engine:
                 request.emit(choice, "", "error", 0)
 
     def _admit(self, block: bool):
-        """Move waiting requests into the batch while it has room for all their choices."""
-        while len(self.batch) < self.max_batch:
+        """Move waiting requests into the batch while it has room for all their choices; those waiting now join
+        together (one prefill for them all), except one that scores its prompt, which joins alone."""
+        taken, room = [], self.max_batch - len(self.batch)
+        while room > 0:
             request, self._next = self._next, None
             try:
-                request = request or self.waiting.get(block=block, timeout=0.5 if block else None)
+                request = request or self.waiting.get(block=block and not taken, timeout=0.5 if block else None)
             except queue.Empty:
-                return
+                break
             if request is None:  # stop()
-                return
+                break
             if request.cancelled:
                 continue
-            if len(self.batch) + request.n > self.max_batch:  # no room for all its choices yet: it goes first later
+            if request.n > room:  # no room for all its choices yet: it goes first later
                 self._next = request
-                return
+                break
+            taken.append(request)
+            room -= request.n
+        together = [request for request in taken if not request.score_prompt]
+        for group in [[r] for r in taken if r.score_prompt] + ([together] if together else []):
             try:
-                self.batch.join(request)
-            except Exception as e:  # this request's prompt failed (too long for memory, say): it alone ends
-                self._fail(request, e)
+                self.batch.join(group)
+            except Exception as e:  # these prompts failed (too long for memory, say): they alone end
+                for request in group:
+                    self._fail(request, e)
                 if self.batch.cache.k.shape[1] != len(self.batch):  # it failed while joining the batch: afresh
                     self.batch.fail_all(e)
-            block = False
 
     def _fail(self, request: Request, error: Exception):
         """This request alone ends with finish_reason "error" (the server answers 500, naming the error)."""
