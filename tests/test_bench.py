@@ -1,11 +1,16 @@
 """The benchmark's child processes: a result comes back, and a child that dies ends the bench with a message
-instead of leaving it waiting (on a GPU machine that is the difference between a failed check and a lost lease)."""
+instead of leaving it waiting (on a GPU machine that is the difference between a failed check and a lost lease).
+The breakdown's categories: each operator of a step counted where it belongs."""
 
 import os
 
 import pytest
+import torch
 
+from nanotune.bench import breakdown
 from nanotune.bench.vs_transformers import in_child
+from nanotune.model.gpt import GPT
+from nanotune.tokenizer import load_tokenizer
 
 
 def reports(name, queue):
@@ -23,3 +28,17 @@ def test_a_child_reports_its_result():
 def test_a_child_that_dies_before_reporting_stops_the_bench_with_its_exit_code():
     with pytest.raises(SystemExit, match="dies nanotune: the child process ended with exit code 3"):
         in_child(dies, "nanotune")
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_the_breakdown_counts_the_head_as_the_head_whichever_kernel_reads_it(tiny, rows):
+    """One row reads the head's (C, V) copy with MKL; several read its packed copy with oneDNN's kernel, the
+    layers' kernel too: both are the head's time, and almost nothing is left as "other operators"."""
+    model = GPT.from_pretrained(tiny).eval()
+    with torch.no_grad():
+        case = breakdown.measure(breakdown.engine_steps(model, load_tokenizer(), rows, 8), 8)
+    parts = case["breakdown"]
+    operators = sum(ms for category, ms in parts.items() if not category.startswith("Python"))
+    assert parts[breakdown.HEAD] > 0.3 * operators, parts  # (a 50257 x 64 head, 2 layers of width 64)
+    assert parts.get("other operators", 0) < 0.05 * operators, parts
+    assert sum(parts.values()) == pytest.approx(case["profiled_ms"])

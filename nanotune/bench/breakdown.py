@@ -13,6 +13,7 @@ operator, which is why the profiled token is slower than the unprofiled one prin
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from functools import partial
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from ..decoding import KVCache, packed_layers
 from ..flags import Parser, integer
 from ..generate import generate
 from ..utils import save_json
@@ -28,8 +30,8 @@ from .sampling import bench_model
 
 # the operators of a decode step, by what they do (anything else counts as "other operators")
 CATEGORIES = {
-    "head (tied, vocabulary x width)": ("aten::matmul", "aten::mm"),
-    "layers' matrix products": ("aten::addmm", "aten::linear"),
+    "head (tied, vocabulary x width)": ("aten::matmul", "aten::mm"),  # (and every operator of KVCache.logits)
+    "layers' matrix products": ("aten::addmm", "aten::linear", "mkldnn::_linear_pointwise"),
     "attention": ("aten::scaled_dot_product_attention",),
     "cache writes": ("aten::scatter_", "aten::index_put_", "aten::copy_", "aten::fill_"),
     "LayerNorm, GELU, residual adds": ("aten::layer_norm", "aten::gelu", "aten::add", "aten::add_"),
@@ -58,6 +60,24 @@ CATEGORIES = {
     "sampling": ("aten::argmax", "aten::topk", "aten::softmax", "aten::multinomial", "aten::where", "aten::eq"),
 }
 ROW_WORK = "engine: per-row work"  # a record_function around Row.advance
+HEAD = "head (tied, vocabulary x width)"  # a record_function around KVCache.logits (the packed copies' kernel is
+# the layers' too)
+
+
+@contextlib.contextmanager
+def labelled(owner, method: str, label: str):
+    """owner.method's operators profiled under one record_function named label, while the context lasts."""
+    original = getattr(owner, method)
+
+    def wrapper(*args, **kwargs):
+        with record_function(label):
+            return original(*args, **kwargs)
+
+    setattr(owner, method, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, method, original)
 
 
 def parse_args(argv=None):
@@ -79,8 +99,8 @@ def split_by_category(prof, wall_s: float, units: int) -> dict[str, float]:
     for event in prof.events():
         if event.cpu_parent is not None:
             continue
-        if event.name == ROW_WORK:
-            category = ROW_WORK
+        if event.name in (ROW_WORK, HEAD):
+            category = event.name
         else:
             category = names.get(event.name, "other operators")
         totals[category] += event.cpu_time_total / 1e3  # (us -> ms)
@@ -99,7 +119,7 @@ def measure(prepare, units: int) -> dict:
         run()
         times.append(time.perf_counter() - start)
     run = prepare()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with labelled(KVCache, "logits", HEAD), profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         run()
         wall = time.perf_counter() - start
@@ -112,28 +132,19 @@ def measure(prepare, units: int) -> dict:
 
 def engine_steps(model, enc, rows: int, steps: int):
     """-> prepare: the server's batch filled with `rows` greedy rows, then a function that runs `steps` of its
-    decode steps."""
+    decode steps, with the large layers' packed copies the server reads (Engine.run)."""
     from ..serve import engine
 
-    def advance(row, *args):
-        with record_function(ROW_WORK):
-            return original(row, *args)
-
-    original = engine.Row.advance
     prompt = enc.encode_ordinary("It was the best of times, it was the worst of times, it was the age of wisdom")
 
     def prepare():
         batch = engine.Batch(model, enc, packed=False, fail=lambda request, error: None)
-        for _ in range(rows):
-            batch.join([engine.Request(prompt, steps + 1, lambda *a, **k: None, temperature=0.0)])
+        batch.join([engine.Request(prompt, steps + 1, lambda *a, **k: None, temperature=0.0) for _ in range(rows)])
 
         def run():
-            engine.Row.advance = advance
-            try:
+            with labelled(engine.Row, "advance", ROW_WORK), packed_layers(model, torch.float32):
                 for _ in range(steps):
                     batch.step()
-            finally:
-                engine.Row.advance = original
 
         return run
 
