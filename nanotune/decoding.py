@@ -7,6 +7,7 @@ weight when one is set; generate.py and serve/engine.py make and own them.
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -116,21 +117,35 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias=None, dtype=torch.
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
 
 
+class Packed(NamedTuple):
+    """A layer's weight and bias in oneDNN's layout, read by inputs of min_rows rows or more (fewer rows read the
+    layer's own weight)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    min_rows: int = 1
+
+    def reads(self, x: torch.Tensor) -> bool:
+        return x.numel() >= self.min_rows * x.shape[-1]  # (x.numel() / in: the rows)
+
+
 @contextlib.contextmanager
 def packed_layers(model: nn.Module, dtype: torch.dtype):
     """For the length of one generation on a CPU, every large Conv1D (LoRA merged in) reads a packed copy of its
     weight: in bfloat16 where oneDNN has bfloat16 kernels (sampling that may round); in float32 on any CPU with
-    oneDNN, where its kernel reads gpt2's layers 1.2x (one row) to 2.2x (2 to 8 rows) faster than MKL's addmm
-    reads the (in, out) layout, exact in float32 (another order of sums: ~1e-6 apart). The training weights are
-    untouched; outside the context nothing changes."""
+    oneDNN, for 2 rows or more, where its kernel reads each of gpt2's layers 1.2-10x faster than MKL's addmm
+    reads the (in, out) layout (python -m nanotune.bench.sampling --layers), exact in float32 (another order of
+    sums: ~1e-6 apart); one row keeps addmm, as fast in a whole generation (gpt2, 64 tokens: 0.93x with the
+    copies). The training weights are untouched; outside the context nothing changes."""
     # (only large layers: for a small one, as in nano, the kernel's fixed cost outweighs what it saves)
     big = [m for m in model.modules() if hasattr(m, "packed") and m.weight.numel() >= 2**19]  # Conv1D layers
     device = model.wte.weight.device
     usable = onednn_bf16(device) if dtype == torch.bfloat16 else onednn(device)
     layers = big if usable else []
+    min_rows = 2 if dtype == torch.float32 else 1
     for m in layers:
         weight = m.merged().weight if hasattr(m, "merged") else m.weight  # (LoRA: W + (alpha / r) A B)
-        m.packed = (pack(weight.t(), dtype), m.bias.detach().to(dtype))
+        m.packed = Packed(pack(weight.t(), dtype), m.bias.detach().to(dtype), min_rows)
     try:
         yield model
     finally:

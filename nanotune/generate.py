@@ -83,11 +83,12 @@ def generate(
         )
     sampling, B = (temperature, top_k, top_p, banned_tokens, eos_token, generator), idx.shape[0]
     # on a CPU, the large layers read packed copies (decoding.packed_layers; inductor cannot lower the kernel):
-    # bfloat16 ones for bfloat16 sampling, float32 ones for a generation long enough to pay for packing them
+    # bfloat16 ones for bfloat16 sampling, float32 ones for several rows when their tokens pay for packing them
     eager_cpu = device.type == "cpu" and not compile
     packed = dtype == torch.bfloat16 and eager_cpu
-    # (packing gpt2's layers takes ~0.5 s; they then read 1.2x faster for one row, 2x for several)
-    packed_fp32 = dtype is None and eager_cpu and max_new_tokens * min(B, 4) >= 256
+    # (packing gpt2's layers takes ~0.4 s; whole greedy generations of gpt2's shape with it, packing included: 2
+    # rows x 24 tokens 1.27x, 4 x 24 1.71x, 8 x 24 1.54x, 8 x 8 1.07x; one row does not read them)
+    packed_fp32 = dtype is None and eager_cpu and B >= 2 and B * max_new_tokens >= 64
     if packed or packed_fp32:
         context = packed_layers(model, torch.bfloat16 if packed else torch.float32)
     elif dtype is not None and device.type != "cpu":

@@ -104,6 +104,35 @@ def test_bfloat16_sampling_packs_large_layers_and_lora_and_leaves_the_model_as_i
 
 
 @torch.no_grad()
+def test_float32_packed_layers_are_read_by_two_rows_or_more_and_one_row_keeps_the_weights_lora_included(
+    monkeypatch,
+):
+    """In float32 one row reads a layer's own weight (as fast in a whole generation) and several rows its packed
+    copy, LoRA merged into it: both give the layer's output with LoRA."""
+    from nanotune.decoding import onednn, packed_layers
+    from nanotune.model import gpt
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=512, n_positions=64)).eval()  # c_fc: 512 x 2048, packed
+    apply_peft(model, PeftSpec(method="lora", lora_r=4, lora_alpha=8.0, lora_targets="all"), "wide")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0, 0.05)
+    layer = model.h[0].mlp.c_fc
+    one, two = torch.randn(1, 1, 512), torch.randn(2, 1, 512)
+    expected = layer(one), layer(two)
+    rows_read = []
+    original = gpt.linear_packed
+    monkeypatch.setattr(gpt, "linear_packed", lambda x, *a: rows_read.append(x.shape[0]) or original(x, *a))
+    with packed_layers(model, torch.float32):
+        got = layer(one), layer(two)
+    assert rows_read == ([2] if onednn("cpu") else [])
+    for g, e in zip(got, expected):
+        assert (g - e).abs().max() < 1e-5
+    assert (expected[0] - torch.addmm(layer.bias, one[0], layer.weight)).abs().max() > 1e-3  # (LoRA's share counts)
+
+
+@torch.no_grad()
 def test_a_batch_greedy_tokens_are_each_rows_alone_for_64_tokens():
     """Eight prompts of different lengths decoded together (left-padded, attention over the filled slots with the
     mask of real keys) pick, position by position, what each prompt decoded alone picks (no mask: no padding).

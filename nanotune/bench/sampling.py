@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this file")
     head = "also time the head's paths for several rows: wte @ x.T against the packed float32 copy (CPU)"
     p.add_argument("--head", action="store_true", help=head)
+    layers = "also time each layer's paths for 1-8 rows: addmm against its packed float32 copy, and which is read"
+    p.add_argument("--layers", action="store_true", help=layers)
     return p.parse_args(argv)
 
 
@@ -90,6 +92,11 @@ def matvec_rate(model, device) -> float:
     return head.numel() * head.element_size() / best / 1e9
 
 
+def per_call_ms(path, rounds: int) -> float:
+    """ms per call of path() on the CPU, median of `rounds` turns of 10 calls."""
+    return statistics.median(run_times(lambda: [path() for _ in range(10)], torch.device("cpu"), 1, rounds)) * 100
+
+
 def head_paths(model, batches, rounds: int = 7) -> list[dict]:
     """ms for the tied head's logits of B rows, median of `rounds` turns of 10: MKL on wte (V, C) @ x.T (what
     KVCache used for several rows) against oneDNN on a packed float32 copy (its packed_rows)."""
@@ -98,16 +105,47 @@ def head_paths(model, batches, rounds: int = 7) -> list[dict]:
     rows = []
     for batch in batches:
         x = torch.randn(batch, wte.shape[1])
-        paths = {
-            "wte @ x.T": lambda x=x: wte @ x.t(),
-            "packed": lambda x=x: linear_packed(x, packed, None, torch.float32),
+        ms = {
+            "wte @ x.T": per_call_ms(lambda x=x: wte @ x.t(), rounds),
+            "packed": per_call_ms(lambda x=x: linear_packed(x, packed, None, torch.float32), rounds),
         }
-        ms = {}
-        for key, path in paths.items():  # turns of 10 calls: ms per call
-            turns = run_times(lambda path=path: [path() for _ in range(10)], torch.device("cpu"), 1, rounds)
-            ms[key] = statistics.median(turns) * 100
         rows.append({"batch": batch, **ms, "ratio": ms["wte @ x.T"] / ms["packed"]})
         print(f"head, {batch} rows: wte @ x.T {ms['wte @ x.T']:.2f} ms, packed {ms['packed']:.2f} ms", flush=True)
+    return rows
+
+
+def addmm_against_packed(weight, bias, batches, rounds: int) -> list[dict]:
+    """One layer's times for each row count: {"addmm": us, "packed": us}."""
+    packed = pack(weight.t(), torch.float32)
+    times = []
+    for batch in batches:
+        x = torch.randn(batch, weight.shape[0])
+        addmm = per_call_ms(lambda x=x: torch.addmm(bias, x, weight), rounds)
+        oned = per_call_ms(lambda x=x: linear_packed(x, packed, bias, torch.float32), rounds)
+        times.append({"addmm": addmm * 1e3, "packed": oned * 1e3})
+    return times
+
+
+def layer_paths(model, batches, rounds: int = 7) -> list[dict]:
+    """us for each of the first block's four layers on B rows, median of `rounds` turns of 10: MKL's addmm on the
+    (in, out) weight against oneDNN on a packed float32 copy, and whether decoding.packed_layers has that layer
+    read its copy at that row count."""
+    rows = []
+    layers = [m for m in model.h[0].modules() if hasattr(m, "packed")]
+    with packed_layers(model, torch.float32):
+        chosen = {id(m): m.packed for m in layers}  # (a decoding.Packed, or None)
+    for m in layers:
+        shape = " x ".join(map(str, m.weight.shape))
+        for batch, us in zip(batches, addmm_against_packed(m.weight.detach(), m.bias.detach(), batches, rounds)):
+            reads = chosen[id(m)] is not None and chosen[id(m)].reads(torch.empty(batch, m.weight.shape[0]))
+            rows.append(
+                {"layer": shape, "batch": batch, **us, "ratio": us["addmm"] / us["packed"], "packed_read": reads}
+            )
+            print(
+                f"layer {shape}, {batch} rows: addmm {us['addmm']:.0f} us, packed {us['packed']:.0f} us "
+                f"({us['addmm'] / us['packed']:.2f}x); decoding reads {'the packed copy' if reads else 'addmm'}",
+                flush=True,
+            )
     return rows
 
 
@@ -149,6 +187,7 @@ def main(argv=None):
         share = bf16_agreement(model, device)
         print(f"bfloat16 picks float32's greedy token at {share:.1%} of the verify passage's positions", flush=True)
     head = head_paths(model, (2, 4, 8, 16, 64)) if args.head and onednn(device) else None
+    layers = layer_paths(model, (1, 2, 4, 8)) if args.layers and onednn(device) else None
     results = []
     for batch in map(int, args.batches.split(",")):
         prompt = torch.randint(0, 50257, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
@@ -169,7 +208,7 @@ def main(argv=None):
             results.append({"batch": batch, "variant": key, "tokens_per_s": rate, "limit_share": share})
     print_table(results)
     report = {"model": name, "weight_bytes": weight_bytes, "copy_gb_s": bandwidth, "matvec_gb_s": matvec}
-    report |= {"batch1_limit_tokens_per_s": limit, "rows": results, "head_paths": head}
+    report |= {"batch1_limit_tokens_per_s": limit, "rows": results, "head_paths": head, "layer_paths": layers}
     if args.compile and device.type == "cuda":  # did the compiled step run as CUDA graphs, or did inductor fall back?
         from torch._dynamo.utils import counters
 

@@ -28,11 +28,11 @@ class Conv1D(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
-        self.packed = None  # (weight, bias) in oneDNN's layout while a CPU samples (decoding.packed_layers)
+        self.packed = None  # a decoding.Packed copy of weight and bias while a CPU samples (decoding.packed_layers)
 
     def forward(self, x):
-        if self.packed is not None:
-            weight, bias = self.packed
+        if self.packed is not None and self.packed.reads(x):
+            weight, bias, _ = self.packed
             return linear_packed(x, weight, bias, bias.dtype).to(x.dtype)
         out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)  # (B*T, n_out)
         return out.view(*x.shape[:-1], -1)

@@ -65,7 +65,7 @@ class LoRAConv1D(Conv1D):
         self.enabled = True  # False: the base layer alone (see without_peft)
 
     def forward(self, x):
-        if not self.enabled or self.packed is not None:  # (packed: generate's bfloat16 copy, LoRA merged in)
+        if not self.enabled or (self.packed is not None and self.packed.reads(x)):  # (packed: LoRA merged in)
             return super().forward(x)
         x2d = x.reshape(-1, x.shape[-1])  # (B*T, in)
         down = self.dropout(x2d) @ self.lora_A.t()  # (B*T, r)
