@@ -56,7 +56,8 @@ CATEGORIES = {
         "aten::zeros",
         "aten::cat",
         "aten::narrow",
-    ),  # fmt: skip
+        "mkldnn::_reorder_linear_weight",
+    ),  # fmt: skip  (with the copies made once per generation: the head's (C, V) copy, the packed layers)
     "sampling": ("aten::argmax", "aten::topk", "aten::softmax", "aten::multinomial", "aten::where", "aten::eq"),
 }
 ROW_WORK = "engine: per-row work"  # a record_function around Row.advance
