@@ -57,15 +57,22 @@ class KVCache:
 
     # ---- rows that join and leave (the server's batch, nanotune/serve/engine.py)
 
-    def add_rows(self, prompts: KVCache, length: int, copies: list[int]):
-        """Rows at the end of the batch that continue `prompts`' rows (their first `length` positions, and which
-        of them are real keys): copies[i] rows for its row i (a request's n choices)."""
-        index = torch.repeat_interleave(torch.arange(len(copies)), torch.tensor(copies)).to(self.valid.device)
+    def add_rows(self, prompts: KVCache, length: int, copies: list[int]) -> torch.Tensor:
+        """Rows at the end of the batch that continue `prompts`' rows (their first `length` positions): copies[i]
+        rows for its row i (a request's n choices). Each row's real keys move to its first slots, in order (left
+        padding goes behind them, masked), so a short prompt that was prefilled beside a long one keeps its own
+        room in the context. -> the prompt row of each new row (R',)."""
+        valid = prompts.valid[:, :length]  # (R, length)
+        order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)  # (R, length): real slots first
+        slots = order[None, :, None, :, None].expand(prompts.k.shape[0], -1, prompts.k.shape[2], -1, prompts.k.shape[4])
+        index = torch.repeat_interleave(torch.arange(len(copies)), torch.tensor(copies)).to(valid.device)
         pad = (0, 0, 0, self.max_len - length)  # (L, R, H, length, D) -> (L, R, H, max_len, D)
-        k, v = F.pad(prompts.k[:, :, :, :length], pad), F.pad(prompts.v[:, :, :, :length], pad)
+        k = F.pad(prompts.k[:, :, :, :length].gather(3, slots), pad)
+        v = F.pad(prompts.v[:, :, :, :length].gather(3, slots), pad)
         self.k = torch.cat([self.k, k.index_select(1, index)], dim=1)
         self.v = torch.cat([self.v, v.index_select(1, index)], dim=1)
-        self.valid = torch.cat([self.valid, F.pad(prompts.valid[:, :length], (0, self.max_len - length))[index]])
+        self.valid = torch.cat([self.valid, F.pad(valid.gather(1, order), (0, self.max_len - length))[index]])
+        return index
 
     def keep_rows(self, index: torch.Tensor):
         """Only the rows `index` names stay, in that order."""

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from nanotune.data.chat import render_text
 from nanotune.data.instruct import format_prompt
-from nanotune.decoding import onednn_bf16
+from nanotune.decoding import KVCache, onednn_bf16
 from nanotune.generate import generate
 from nanotune.lifecycle.folder import write_model_files
 from nanotune.model.gpt import GPT
@@ -406,19 +406,22 @@ def test_engine_rows_of_different_lengths_match_generate_alone(tiny):
 @pytest.mark.parametrize("prompt_tokens", [0, 5])
 def test_requests_waiting_together_join_in_one_prefill_and_match_generate_alone(tiny, prompt_tokens):
     """Requests that wait while the engine is busy join the batch together: one forward over their prompts,
-    left-padded to the longest (three lengths here, one request with two choices), so the last of them waits for
+    left-padded to the longest (four lengths here, one request with two choices), so the last of them waits for
     one prefill instead of one per request before it; a request that scores its prompt joins alone. With prompt
-    tuning the virtual tokens sit before each row's padding, as generate() places them."""
+    tuning the virtual tokens sit before each row's padding, as generate() places them. A short prompt keeps its
+    own room in the context: beside a 200-token prompt, "A" still gets its 100 tokens of tiny's 256."""
     model, enc = GPT.from_pretrained(tiny).eval(), load_tokenizer()
     if prompt_tokens:
         model = apply_peft(model, PeftSpec(method="prompt", prompt_tokens=prompt_tokens), tiny).eval()
         with torch.no_grad():
             model.prompt.add_(torch.randn(model.prompt.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
     prompts = [enc.encode_ordinary(t) for t in ("A", "The quick brown fox jumps over", "Hello there, how", "x y")]
-    texts, scored_prompt, finished = {}, [], threading.Semaphore(0)
+    prompts.append(enc.encode_ordinary(" ".join(f"word{i}" for i in range(100)))[:200])
+    budgets = [100, 20, 20, 20, 20]
+    texts, ends, scored_prompt, finished = {}, {}, [], threading.Semaphore(0)
     prefills = []
     forward = model.forward
-    model.forward = lambda idx, *a, **k: prefills.append(idx.shape) or forward(idx, *a, **k)
+    model.forward = lambda idx, *a, **k: prefills.append(tuple(idx.shape)) or forward(idx, *a, **k)
 
     def emit_for(i):
         def emit(choice, text, finish, n, logprobs=None):
@@ -426,25 +429,81 @@ def test_requests_waiting_together_join_in_one_prefill_and_match_generate_alone(
             if logprobs and not n:
                 scored_prompt.append(len(logprobs))
             if finish:
+                ends[i, choice] = finish, n
                 finished.release()
 
         return emit
 
     engine = Engine(model, enc, max_batch=6)
     for i, p in enumerate(prompts):  # queued before the engine runs: they wait together
-        engine.submit(Request(p, 20, emit_for(i), n=2 if i == 1 else 1, temperature=0, score_prompt=i == 3))
+        engine.submit(Request(p, budgets[i], emit_for(i), n=2 if i == 1 else 1, temperature=0, score_prompt=i == 3))
     engine.start()
     try:
         for _ in range(len(prompts) + 1):
             assert finished.acquire(timeout=60)
     finally:
         engine.stop()
-    assert prefills == [(1, 2), (3, 6)]  # the scoring request alone, then the other three at once
+    assert prefills == [(1, 2), (4, 200)]  # the scoring request alone, then the other four at once
     assert scored_prompt == [2]
     for i, p in enumerate(prompts):
-        new = generate(model, [p], 20, temperature=0, eos_token=enc.eot_token)[0][len(p) :]
+        new = generate(model, [p], budgets[i], temperature=0, eos_token=enc.eot_token)[0][len(p) :]
         assert texts[i, 0] == enc.decode([t for t in new if t != enc.eot_token]), i
     assert texts[1, 1] == texts[1, 0]
+    assert ends[0, 0] == ("length", 100)
+
+
+def test_a_prompt_that_fails_its_prefill_fails_alone_when_it_arrived_with_others(tiny):
+    """Requests prefilled together share a forward; when it fails, each tries again alone, so only the request
+    whose own prompt fails (here: any forward that holds token 999) ends with an error."""
+    model, enc = GPT.from_pretrained(tiny).eval(), load_tokenizer()
+    forward = model.forward
+
+    def fails_on_999(idx, *args, **kwargs):
+        if (idx == 999).any():
+            raise RuntimeError("out of memory (simulated)")
+        return forward(idx, *args, **kwargs)
+
+    model.forward = fails_on_999
+    ends, finished = {}, threading.Semaphore(0)
+
+    def emit_for(i):
+        def emit(choice, text, finish, n):
+            if finish:
+                ends[i] = finish
+                finished.release()
+
+        return emit
+
+    engine = Engine(model, enc, max_batch=4)
+    prompts = [[464, 3290], [999, 318, 257], [40, 588, 11]]
+    requests = [Request(p, 5, emit_for(i), temperature=0) for i, p in enumerate(prompts)]
+    for request in requests:  # queued before the engine runs: they would join together
+        engine.submit(request)
+    engine.start()
+    try:
+        for _ in prompts:
+            assert finished.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert ends == {0: "length", 1: "error", 2: "length"}
+    assert "out of memory (simulated)" in str(requests[1].error) and engine.faults == 1
+
+
+def test_rows_added_from_left_padded_prompts_hold_their_real_keys_first_in_order(tiny):
+    """KVCache.add_rows: each new row's real keys at its first slots, in order, the padding behind them masked;
+    copies[i] rows for prompt row i."""
+    model = GPT.from_pretrained(tiny).eval()
+    prompts = KVCache(model, 2, 5, copy_head=False)
+    prompts.k.normal_(generator=torch.Generator().manual_seed(0))
+    prompts.v.normal_(generator=torch.Generator().manual_seed(1))
+    prompts.valid[:] = torch.tensor([[False, False, True, True, True], [True] * 5])  # (3 and 5 real tokens)
+    batch = KVCache(model, 0, 8, copy_head=False)
+    assert batch.add_rows(prompts, 5, [2, 1]).tolist() == [0, 0, 1]
+    assert batch.valid.tolist() == [[True] * 3 + [False] * 5] * 2 + [[True] * 5 + [False] * 3]
+    for row, (prompt_row, real) in enumerate([(0, slice(2, 5)), (0, slice(2, 5)), (1, slice(0, 5))]):
+        n = real.stop - real.start
+        assert torch.equal(batch.k[:, row, :, :n], prompts.k[:, prompt_row, :, real])
+        assert torch.equal(batch.v[:, row, :, :n], prompts.v[:, prompt_row, :, real])
 
 
 def test_engine_in_bfloat16_matches_generate_in_bfloat16(tiny):

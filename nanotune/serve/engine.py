@@ -143,7 +143,7 @@ class Batch:
         they are all there is."""
         model, lengths = self.model, [len(request.prompt) for request in requests]
         scoring = requests[0].score_prompt
-        if scoring and len(requests) > 1:
+        if len(requests) > 1 and any(request.score_prompt for request in requests):
             raise ValueError("a request that scores its prompt joins the batch alone")
         T, nv = max(lengths), model.n_virtual
         ids = torch.tensor([[0] * (T - n) + r.prompt for r, n in zip(requests, lengths)], device=self.device)
@@ -169,15 +169,16 @@ class Batch:
         own.valid[:, : own.length] = torch.cat([real.new_ones(len(requests), nv), real], dim=1)  # (+ prompt tuning)
         copies = [request.n for request in requests]
         self._grow(own.length + 1)
-        self.cache.add_rows(own, own.length, copies)
-        self.logits = torch.cat([self.logits, logits.repeat_interleave(torch.tensor(copies, device=self.device), 0)])
+        prompt_rows = self.cache.add_rows(own, own.length, copies)  # (each row's real keys first: its own room)
+        self.logits = torch.cat([self.logits, logits.index_select(0, prompt_rows)])
         for request in requests:
             for choice in range(request.n):
                 generator = None
                 if request.temperature > 0:
                     seed = request.seed + choice if request.seed is not None else int(torch.randint(2**62, ()))
                     generator = torch.Generator(self.device).manual_seed(seed)
-                self.rows.append(Row(request, choice, own.length, TextStream(self.enc, request.stop), generator))
+                length = nv + len(request.prompt)  # (its own positions, whoever it was prefilled with)
+                self.rows.append(Row(request, choice, length, TextStream(self.enc, request.stop), generator))
 
     def _grow(self, needed: int):
         if needed > self.cache.max_len:
@@ -297,7 +298,8 @@ class Engine:
         run(). Either way every request still running or waiting when run() ends gets finish_reason "error"."""
         packed = self.dtype == torch.bfloat16 and self.device.type == "cpu"
         bf16 = self.dtype is not None and self.device.type != "cpu"
-        # on a CPU the large layers read packed copies for the server's life (decoding.packed_layers)
+        # on a CPU the large layers keep packed copies for the server's life (decoding.packed_layers; in float32
+        # one row reads the weights themselves)
         layers = torch.bfloat16 if packed else torch.float32
         context = packed_layers(self.model, layers) if self.device.type == "cpu" else contextlib.nullcontext()
         with torch.inference_mode(), context, torch.autocast(self.device.type, dtype=self.dtype, enabled=bf16):
@@ -346,13 +348,23 @@ class Engine:
             room -= request.n
         together = [request for request in taken if not request.score_prompt]
         for group in [[r] for r in taken if r.score_prompt] + ([together] if together else []):
-            try:
-                self.batch.join(group)
-            except Exception as e:  # these prompts failed (too long for memory, say): they alone end
+            self._join(group)
+
+    def _join(self, group: list[Request]):
+        """The group into the batch. If it fails before the batch changed, a group of several tries again one
+        request at a time, so that only a request whose own prompt fails (too long for memory, say) ends."""
+        try:
+            self.batch.join(group)
+        except Exception as e:
+            untouched = self.batch.cache.k.shape[1] == len(self.batch)
+            if len(group) > 1 and untouched:
                 for request in group:
-                    self._fail(request, e)
-                if self.batch.cache.k.shape[1] != len(self.batch):  # it failed while joining the batch: afresh
-                    self.batch.fail_all(e)
+                    self._join([request])
+                return
+            for request in group:
+                self._fail(request, e)
+            if not untouched:  # it failed while joining the batch: afresh
+                self.batch.fail_all(e)
 
     def _fail(self, request: Request, error: Exception):
         """This request alone ends with finish_reason "error" (the server answers 500, naming the error)."""
