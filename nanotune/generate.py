@@ -88,8 +88,9 @@ def generate(
     packed = dtype == torch.bfloat16 and eager_cpu
     # (packing gpt2's layers takes ~0.4 s; whole greedy generations of gpt2's shape with it, packing included,
     # against without: 2 rows x 16 tokens 0.87x, 2 x 24 1.21-1.27x, 4 x 24 1.71x, 8 x 24 1.53x, 16 x 24 1.43x,
-    # 64 x 24 (GRPO's rollout) 1.28x, 8 x 8 1.07x; one row does not read them)
-    packed_fp32 = dtype is None and eager_cpu and B >= 2 and B * max_new_tokens >= 48
+    # 64 x 24 (GRPO's rollout) 1.28x, 8 x 8 1.07x: a few tokens never pay, however many rows; one row does not
+    # read them)
+    packed_fp32 = dtype is None and eager_cpu and B >= 2 and min(B, 8) * max_new_tokens >= 48
     if packed or packed_fp32:
         context = packed_layers(model, torch.bfloat16 if packed else torch.float32)
     elif dtype is not None and device.type != "cpu":

@@ -65,12 +65,13 @@ class LoRAConv1D(Conv1D):
         self.enabled = True  # False: the base layer alone (see without_peft)
 
     def forward(self, x):
-        if not self.enabled or (self.packed is not None and self.packed.reads(x)):  # (packed: LoRA merged in)
+        if self.enabled and self.packed is not None and self.packed.reads(x):  # (generation's copy, LoRA merged in)
             return super().forward(x)
         x2d = x.reshape(-1, x.shape[-1])  # (B*T, in)
-        down = self.dropout(x2d) @ self.lora_A.t()  # (B*T, r)
-        # x W + b, then + (alpha / r) (x A) B added in the same matmul call (no (B*T, out) temporaries)
-        out = torch.addmm(torch.addmm(self.bias, x2d, self.weight), down, self.lora_B.t(), alpha=self.scaling)
+        out = torch.addmm(self.bias, x2d, self.weight)  # x W + b: the base layer alone when disabled
+        if self.enabled:  # + (alpha / r) (x A) B, added in the same matmul call (no (B*T, out) temporaries)
+            down = self.dropout(x2d) @ self.lora_A.t()  # (B*T, r)
+            out = torch.addmm(out, down, self.lora_B.t(), alpha=self.scaling)
         return out.view(*x.shape[:-1], -1)  # (B, T, out)
 
     def merged(self) -> Conv1D:
