@@ -130,6 +130,10 @@ def test_float32_packed_layers_are_read_by_two_rows_or_more_and_one_row_keeps_th
     for g, e in zip(got, expected):
         assert (g - e).abs().max() < 1e-5
     assert (expected[0] - torch.addmm(layer.bias, one[0], layer.weight)).abs().max() > 1e-3  # (LoRA's share counts)
+    layer.enabled = False  # (without_peft: the base layer alone, which the packed copy, LoRA merged in, is not)
+    with packed_layers(model, torch.float32):
+        base = layer(two)
+    assert (base - torch.addmm(layer.bias, two.view(2, 512), layer.weight).view(2, 1, -1)).abs().max() < 1e-5
 
 
 @torch.no_grad()
