@@ -42,3 +42,17 @@ def test_the_breakdown_counts_the_head_as_the_head_whichever_kernel_reads_it(tin
     assert head > parts["layers' matrix products"], parts  # (a 50257 x 64 head: 40x the 2 layers' weights)
     assert parts.get("other operators", 0) < 0.25 * head, parts
     assert sum(parts.values()) == pytest.approx(case["profiled_ms"])
+
+
+def test_the_breakdown_counts_each_operator_called_from_python_once():
+    """Top-level operators and those directly under a label count; the operators they call in turn (layer_norm's
+    native_layer_norm, matmul's mm) and the labels themselves do not."""
+    x, w = torch.ones(2, 4), torch.ones(4, 3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            x + x
+        with torch.profiler.record_function(breakdown.HEAD):
+            x @ w
+            x.view(-1)
+        torch.nn.functional.layer_norm(x, (4,))
+    assert breakdown.operators(prof) == 13

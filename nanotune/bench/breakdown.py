@@ -92,6 +92,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def operators(prof) -> int:
+    """The operators the profiled run called from Python: its top-level events, and those directly under one of
+    the labels (the head, the engine's per-row work), not the operators they call in turn."""
+    return sum(
+        event.name not in (ROW_WORK, HEAD) and (event.cpu_parent is None or event.cpu_parent.name in (ROW_WORK, HEAD))
+        for event in prof.events()
+    )
+
+
+def dispatch_us(calls: int = 2000) -> float:
+    """What one operator costs from Python when its kernel has nothing to do: a 1-element add (a new tensor, as
+    most of a step's operators make), in microseconds, the median of 5 loops."""
+    a, b = torch.ones(1), torch.ones(1)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            a + b
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times) * 1e6
+
+
 def split_by_category(prof, wall_s: float, units: int) -> dict[str, float]:
     """The profiled run's top-level operators (their total times never overlap) summed by CATEGORIES, and the
     rest of the wall time as Python; -> {category: ms per unit}."""
@@ -111,7 +133,7 @@ def split_by_category(prof, wall_s: float, units: int) -> dict[str, float]:
 
 def measure(prepare, units: int) -> dict:
     """prepare() -> run, a function to time (what prepare does is not timed); run unprofiled (median of 3, after a
-    warm-up) and profiled once -> {ms per unit, profiled ms per unit, breakdown}."""
+    warm-up) and profiled once -> {ms per unit, profiled ms per unit, breakdown, operators per unit}."""
     prepare()()
     times = []
     for _ in range(3):
@@ -128,6 +150,7 @@ def measure(prepare, units: int) -> dict:
         "ms": statistics.median(times) * 1e3 / units,
         "profiled_ms": wall * 1e3 / units,
         "breakdown": split_by_category(prof, wall, units),
+        "operators": operators(prof) / units,
     }
 
 
@@ -154,14 +177,21 @@ def engine_steps(model, enc, rows: int, steps: int):
     return prepare
 
 
-def print_table(title: str, cases: dict[str, dict]):
+def print_table(title: str, cases: dict[str, dict], empty_us: float):
     categories = list(dict.fromkeys(c for case in cases.values() for c in case["breakdown"]))
     print(f"\n{title}\n\n| ms | " + " | ".join(cases) + " |\n|---|" + "---|" * len(cases))
     for category in categories:
         cells = [f"{case['breakdown'].get(category, 0):.3f}" for case in cases.values()]
         print(f"| {category} | " + " | ".join(cells) + " |")
     print("| **profiled, in all** | " + " | ".join(f"{c['profiled_ms']:.3f}" for c in cases.values()) + " |")
-    print("| **unprofiled** | " + " | ".join(f"{c['ms']:.3f}" for c in cases.values()) + " |", flush=True)
+    print("| **unprofiled** | " + " | ".join(f"{c['ms']:.3f}" for c in cases.values()) + " |")
+    print("| operators called from Python | " + " | ".join(f"{c['operators']:.0f}" for c in cases.values()) + " |")
+    # a floor no kernel can lower: each operator's own cost from Python, at the price of an empty one
+    floors = [
+        f"{c['operators'] * empty_us / 1e3:.3f} ({c['operators'] * empty_us / 1e3 / c['ms']:.0%})"
+        for c in cases.values()
+    ]
+    print("| their dispatch alone, ms (share of unprofiled) | " + " | ".join(floors) + " |", flush=True)
 
 
 @torch.no_grad()
@@ -172,16 +202,20 @@ def main(argv=None):
 
     enc = load_tokenizer()
     print(f"{name} on the CPU, {torch.get_num_threads()} threads: {args.tokens} greedy tokens per case", flush=True)
-    report = {"model": name, "threads": torch.get_num_threads(), "generate": {}, "engine": {}}
+    empty_us = dispatch_us()
+    print(f"one operator with nothing to do (a 1-element add) costs {empty_us:.2f} us from Python here", flush=True)
+    report = {"model": name, "threads": torch.get_num_threads(), "empty_operator_us": empty_us}
+    report |= {"generate": {}, "engine": {}}
     for batch in map(int, args.batches.split(",")):
         prompt = torch.randint(0, 50257, (batch, 16), generator=torch.Generator().manual_seed(0))
         prepare = partial(partial, generate, model, prompt, args.tokens, temperature=0)  # () -> a generation
         report["generate"][f"batch {batch}"] = measure(prepare, args.tokens)
-    print_table("generate(): ms per decoding step (a token per row)", report["generate"])
+    print_table("generate(): ms per decoding step (a token per row)", report["generate"], empty_us)
     for rows in (int(r) for r in args.rows.split(",") if int(r) > 0):
         report["engine"][f"{rows} rows"] = measure(engine_steps(model, enc, rows, args.tokens), args.tokens)
     if report["engine"]:
-        print_table("The server's engine: ms per step (a token for every row; joining not counted)", report["engine"])
+        title = "The server's engine: ms per step (a token for every row; joining not counted)"
+        print_table(title, report["engine"], empty_us)
     if args.json:
         save_json(Path(args.json), report)
 
