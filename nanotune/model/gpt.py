@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -31,11 +32,12 @@ class Conv1D(nn.Module):
         self.packed = None  # a decoding.Packed copy of weight and bias while a CPU samples (decoding.packed_layers)
 
     def forward(self, x):
+        if x.dim() > 2:  # (B, T, in) as rows (B*T, in), and back to (B, T, out); decoding's rows come as (B, in)
+            return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         if self.packed is not None and self.packed.reads(x):
             weight, bias, _ = self.packed
             return linear_packed(x, weight, bias, bias.dtype).to(x.dtype)
-        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)  # (B*T, n_out)
-        return out.view(*x.shape[:-1], -1)
+        return torch.addmm(self.bias, x, self.weight)  # (rows, n_out)
 
 
 class CausalSelfAttention(nn.Module):
@@ -45,30 +47,47 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = Conv1D(config.n_embd, config.n_embd)
 
-    def forward(self, x, attn_mask=None, cache: KVCache | None = None, layer: int = 0, at=None, span=None):
+    def forward(self, x, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         past = 0 if cache is None else cache.length
-        if at is not None:  # GPT.decode_step: row b into cache slot at[b] (or all into at[0]), seeing the first
-            slot = at.view(-1, 1, 1, 1).expand_as(k)  # span slots (None: all of them)  (B, n_head, 1, head_dim)
-            cache.k[layer].scatter_(2, slot, k)
-            cache.v[layer].scatter_(2, slot, v)
-            k, v = cache.k[layer, :, :, :span], cache.v[layer, :, :, :span]
-        elif cache is not None:
+        if cache is not None:
             cache.k[layer, :, :, past : past + T] = k
             cache.v[layer, :, :, past : past + T] = v
             k, v = cache.k[layer, :, :, : past + T], cache.v[layer, :, :, : past + T]
         if attn_mask is None:
-            # plain causal attention, or, after a filled cache, one new token that sees all of it (decode_step's
-            # too: the server's cache keeps length 0, its rows filled by add_rows). (A static condition, not T > 1:
-            # under torch.compile T is symbolic and a bool of it breaks the graph.)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and at is None)
+            # plain causal attention, or, after a filled cache, one new token that sees all of it. (A static
+            # condition, not T > 1: under torch.compile T is symbolic and a bool of it breaks the graph.)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C) (a view when T is 1, as in decoding)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
+
+    def decode(self, x, attn_mask, step: DecodeSlots):
+        """GPT.decode_step's attention: one new token per row, x (B, C); its key and value go into the cache slot
+        of its row (step.slot), and it attends over the slots step.keys and step.values hold. The rows stay (B, C)
+        through every layer, with no split, transposes or per-layer views of the cache: each operator costs a few
+        microseconds however little it does; this path calls 15 a layer (through forward, decoding called 37)."""
+        B, C = x.shape
+        # (B, 3C) -> 3 x (B, n_head, 1, head_dim)
+        q, k, v = self.c_attn(x).view(B, 3, self.n_head, 1, C // self.n_head).unbind(1)
+        step.keys.scatter_(2, step.slot, k)
+        step.values.scatter_(2, step.slot, v)
+        y = F.scaled_dot_product_attention(q, step.keys, step.values, attn_mask=attn_mask)  # (B, n_head, 1, head_dim)
+        return self.c_proj(y.reshape(B, C))
+
+
+class DecodeSlots(NamedTuple):
+    """What one layer's attention reads in GPT.decode_step: its keys and values in the cache, the slots attention
+    sees (views: writing into them writes the cache), and the slot each row's new token goes to (B, n_head, 1,
+    head_dim) as scatter_ takes it."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slot: torch.Tensor
 
 
 class MLP(nn.Module):
@@ -94,8 +113,11 @@ class Block(nn.Module):
         self.adapter_attn = nn.Identity()
         self.adapter_mlp = nn.Identity()
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0, at=None, span=None):
-        x = x + self.adapter_attn(self.attn(self.ln_1(x), attn_mask, cache, layer, at, span))
+    def forward(self, x, attn_mask=None, cache=None, layer=0, step: DecodeSlots | None = None):
+        """x (B, T, C); in GPT.decode_step (step given) one token per row, x (B, C)."""
+        h = self.ln_1(x)
+        h = self.attn(h, attn_mask, cache, layer) if step is None else self.attn.decode(h, attn_mask, step)
+        x = x + self.adapter_attn(h)
         x = x + self.adapter_mlp(self.mlp(self.ln_2(x)))
         return x
 
@@ -198,13 +220,17 @@ class GPT(nn.Module):
         the empty ones after them cost time); None: every slot, so that every shape stays fixed (compiled).
         When no row has a gap (cache.ragged False), attention needs no mask.
         token (B, 1) -> the next token's logits (B, vocab_size), float32."""
-        cache.valid.scatter_(1, at.view(-1, 1).expand(token.shape[0], 1), True)
+        B, H, C = token.shape[0], self.config.n_head, self.config.n_embd
+        cache.valid.scatter_(1, at.view(-1, 1).expand(B, 1), True)
         pos = cache.valid.sum(-1, keepdim=True) - 1  # (B, 1): the real tokens before this one
-        x = self.wte(token) + self.wpe(pos)  # (B, 1, C)
+        x = (self.wte(token) + self.wpe(pos)).view(B, C)  # (B, C): one token per row, through every layer
         mask = cache.valid[:, None, None, :span] if cache.ragged or span is None else None  # (B, 1, 1, span)
-        for i, block in enumerate(self.h):
-            x = block(x, mask, cache, i, at, span)
-        return cache.logits(self.ln_f(x)[:, -1])  # (B, vocab_size), float32
+        # each layer's keys and values, and the slot of each row's new ones, as views made once for every layer
+        keys, values = cache.k[:, :, :, :span].unbind(0), cache.v[:, :, :, :span].unbind(0)  # (B, H, span, D) each
+        slot = at.view(-1, 1, 1, 1).expand(B, H, 1, C // H)
+        for block, layer_keys, layer_values in zip(self.h, keys, values):
+            x = block(x, mask, step=DecodeSlots(layer_keys, layer_values, slot))
+        return cache.logits(self.ln_f(x))  # (B, vocab_size), float32
 
     def _prepend_prompt(self, x: torch.Tensor, attention_mask: torch.Tensor | None, past: int):
         """Prompt tuning: the learned embeddings go in front of the first chunk, and the caller's attention mask

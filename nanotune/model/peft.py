@@ -65,14 +65,15 @@ class LoRAConv1D(Conv1D):
         self.enabled = True  # False: the base layer alone (see without_peft)
 
     def forward(self, x):
+        if x.dim() > 2:  # (B, T, in) as rows (B*T, in), and back to (B, T, out)
+            return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         if self.enabled and self.packed is not None and self.packed.reads(x):  # (generation's copy, LoRA merged in)
             return super().forward(x)
-        x2d = x.reshape(-1, x.shape[-1])  # (B*T, in)
-        out = torch.addmm(self.bias, x2d, self.weight)  # x W + b: the base layer alone when disabled
-        if self.enabled:  # + (alpha / r) (x A) B, added in the same matmul call (no (B*T, out) temporaries)
-            down = self.dropout(x2d) @ self.lora_A.t()  # (B*T, r)
+        out = torch.addmm(self.bias, x, self.weight)  # x W + b: the base layer alone when disabled
+        if self.enabled:  # + (alpha / r) (x A) B, added in the same matmul call (no (rows, out) temporaries)
+            down = self.dropout(x) @ self.lora_A.t()  # (rows, r)
             out = torch.addmm(out, down, self.lora_B.t(), alpha=self.scaling)
-        return out.view(*x.shape[:-1], -1)  # (B, T, out)
+        return out  # (rows, out)
 
     def merged(self) -> Conv1D:
         """A plain Conv1D with W + (alpha / r) A B."""
