@@ -24,7 +24,7 @@ class KVCache:
         max_len: int,
         copy_head: bool = True,
         packed: bool = False,
-        packed_rows: bool = False,
+        compiled: bool = False,
     ):
         config, device, dtype = model.config, model.wte.weight.device, model.wte.weight.dtype
         if torch.is_autocast_enabled(device.type):  # keys and values come out in autocast's dtype: keep them so
@@ -38,22 +38,28 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # keys of real tokens
         self.ragged = True  # rows with gaps in their real keys (padding, rows of different lengths): attention
         # over the filled slots needs cache.valid as its mask (the owner clears it when no row has a gap)
-        # the tied head. One row at a time is a matrix-vector product, which streams a contiguous (C, V) copy
-        # 3x faster than wte's (V, C) (nano: 2.4 against 7.5 ms per token on a 2-core CPU); the copy costs ~40 ms
-        # for nano and ~170-290 ms for gpt2 to make (mostly first touches of new memory), so short generations
-        # (copy_head=False) use a transposed view, and the server makes one for its life. (Not kept across
-        # generations: a fused optimizer step changes wte without moving its version counter.) Several rows are
-        # a matrix product, which MKL runs faster as wte (V, C) @ x.T (nano, 8 rows: 3.3 against 7.2 ms), and
-        # oneDNN's kernel faster still on a packed float32 copy (packed_rows, any CPU with oneDNN): 1.2-1.6x from
-        # 6 rows up for nano and gpt2, a tie at 2-4 (python -m nanotune.bench.sampling --head); the copy takes
-        # half the time of the (C, V) one to make (nano 24 ms, gpt2 96 ms).
+        # the tied head. wte (V, C) as it is: one row through its transposed view, which MKL reads 3x slower than
+        # a contiguous (C, V) copy (nano: 7.5 against 2.4 ms a token, 2-core CPU), several rows as wte @ x.T.
+        # copy_head, for generations long enough to pay for a copy made for them (not kept across generations: a
+        # fused optimizer step changes wte without moving its version counter): on a CPU with oneDNN a packed
+        # float32 copy, which its kernel reads faster at any row count (nano: 1.24 against 1.46 ms for one row,
+        # 1.2-1.6x wte @ x.T from 6 rows up; gpt2 a tie for one row; python -m nanotune.bench.sampling --head) and
+        # which takes about half the time of the (C, V) copy to make (nano 19 against 32 ms, gpt2 65 against
+        # 176 ms); elsewhere a (C, V) copy, for one row.
         # packed: sampling that may round its logits, on a CPU with oneDNN's bfloat16 kernels, reads a packed
-        # bfloat16 copy instead (see packed_layers)
+        # bfloat16 copy instead (see packed_layers). compiled: torch.compile runs the step, and inductor cannot
+        # lower oneDNN's kernel on a packed copy: no packed copies then.
         self.wte = model.wte.weight.detach()
-        self.head = self.wte.t().contiguous() if copy_head else None
-        self.packed_head = pack(model.wte.weight, torch.bfloat16) if packed and onednn_bf16(device) else None
-        rows = packed_rows and self.packed_head is None and onednn(device)
-        self.rows_head = pack(model.wte.weight, torch.float32) if rows else None
+        bf16 = packed and onednn_bf16(device) and not compiled
+        fp32 = copy_head and onednn(device) and not compiled
+        self.packed_dtype = torch.bfloat16 if bf16 else torch.float32 if fp32 else None
+        self.packed_head = pack(self.wte, self.packed_dtype) if self.packed_dtype is not None else None
+        one_row = copy_head and batch_size <= 1 and self.packed_head is None
+        self.head = self.wte.t().contiguous() if one_row else None
+
+    def share_head(self, other: KVCache):
+        """Read other's copies of the head (the same model's): the server's prefills read the batch's."""
+        self.head, self.packed_head, self.packed_dtype = other.head, other.packed_head, other.packed_dtype
 
     # ---- rows that join and leave (the server's batch, nanotune/serve/engine.py)
 
@@ -92,12 +98,10 @@ class KVCache:
         """The tied head on the last hidden states x (B, C): next-token logits (B, V) in float32, autocast off."""
         with torch.autocast(x.device.type, enabled=False):
             if self.packed_head is not None:
-                return linear_packed(x, self.packed_head).float()
+                return linear_packed(x, self.packed_head, None, self.packed_dtype).float()
             if x.shape[0] == 1:
                 head = self.head if self.head is not None else self.wte.t()
                 return x.float() @ head.float()  # (1, V)
-            if self.rows_head is not None:
-                return linear_packed(x, self.rows_head, None, torch.float32)
             return (self.wte.float() @ x.float().t()).t()  # (V, B) -> (B, V)
 
 

@@ -97,11 +97,12 @@ def generate(
         context = torch.autocast(device.type, dtype=dtype)
     else:
         context = contextlib.nullcontext()
-    # several rows read a packed float32 copy of the head (see KVCache) when the rows' tokens pay for making it
-    # (nano ~24 ms, gpt2 ~0.1 s): GRPO's rollout of 64 answers of 24 tokens gains 1.2-1.45x for nano
-    packed_rows = dtype is None and eager_cpu and B >= 4 and B * max_new_tokens >= 1024
+    # a copy of the head (see KVCache) when the tokens pay for making it: one row of 32 tokens or more; several
+    # rows, their packed float32 copy (nano ~24 ms, gpt2 ~0.1 s to make), when B x tokens >= 1024 (GRPO's rollout
+    # of 64 answers of 24 tokens gains 1.2-1.45x for nano; 2-3 rows read it no faster than wte @ x.T)
+    copy_head = (B == 1 and max_new_tokens >= 32) or (eager_cpu and B >= 4 and B * max_new_tokens >= 1024)
     with context:
-        out = decode(model, idx, attention_mask, max_new_tokens, sampling, compile, packed, packed_rows)
+        out = decode(model, idx, attention_mask, max_new_tokens, sampling, compile, packed, copy_head)
     if not as_list:
         return out[0] if squeeze else out
     result = []
@@ -113,7 +114,7 @@ def generate(
     return result
 
 
-def decode(model: GPT, idx, attention_mask, max_new_tokens: int, sampling, compile, packed: bool, packed_rows: bool):
+def decode(model: GPT, idx, attention_mask, max_new_tokens: int, sampling, compile, packed: bool, copy_head: bool):
     """The loop of generate: the prompts (B, T) at once into a KV cache, then one decode step per new token.
     -> (B, T + max_new_tokens) token ids, rows that ended filled with eos_token"""
     temperature, top_k, top_p, banned_tokens, eos_token, generator = sampling
@@ -122,7 +123,7 @@ def decode(model: GPT, idx, attention_mask, max_new_tokens: int, sampling, compi
     banned = torch.tensor(sorted(set(int(t) for t in banned_tokens)), dtype=torch.long, device=device)
     # cache slots rounded up to 64, so that a compiled step serves generations of nearby lengths alike
     slots = min(model.config.n_positions, -(-(total + model.n_virtual) // 64) * 64)
-    cache = KVCache(model, B, slots, copy_head=B == 1 and max_new_tokens >= 32, packed=packed, packed_rows=packed_rows)
+    cache = KVCache(model, B, slots, copy_head=copy_head, packed=packed, compiled=bool(compile))
     out = torch.empty(B, total, dtype=torch.long, device=device)
     out[:, :T] = idx
     done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -196,7 +196,7 @@ def test_float32_sampling_on_a_cpu_reads_packed_large_layers_and_picks_the_forwa
     prompts += [[1000 + 7 * i + j for j in range(1 + i % 6)] for i in range(12)]  # 16 rows: the head packed too
     out = generate(model, prompts, 64, temperature=0)
     assert seen == [torch.float32]
-    assert len(caches) == 1 and (caches[0].rows_head is not None) == onednn("cpu")  # the head's packed copy read
+    assert len(caches) == 1 and (caches[0].packed_head is not None) == onednn("cpu")  # the head's packed copy read
     reference = greedy_without_cache(model, prompts[:4], 64)  # (four rows of the batch suffice, and are quicker)
     compared = 0
     for prompt, row, expected in zip(prompts[:4], out, reference):
@@ -212,6 +212,39 @@ def test_float32_sampling_on_a_cpu_reads_packed_large_layers_and_picks_the_forwa
         with original(model, torch.float32):
             packed = {m.weight.numel() for m in model.modules() if isinstance(m, Conv1D) and m.packed is not None}
         assert packed == {512 * 2048, 512 * 1536}
+
+
+@torch.no_grad()
+def test_one_row_reads_the_heads_packed_copy_on_a_cpu_and_a_compiled_step_its_contiguous_copy(monkeypatch):
+    """One row of 32 tokens or more reads the tied head through a copy made for it: on a CPU with oneDNN the packed
+    float32 copy (its kernel reads it faster than MKL reads the (C, V) copy), with the tokens of a full forward;
+    fewer tokens read wte as it is; a compiled step (inductor cannot lower oneDNN's kernel) the (C, V) copy."""
+    import importlib
+
+    from nanotune.decoding import KVCache, onednn
+
+    generate_module = importlib.import_module("nanotune.generate")
+    caches = []
+
+    class SeenCache(KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    monkeypatch.setattr(generate_module, "KVCache", SeenCache)
+    decoding, reads = importlib.import_module("nanotune.decoding"), []
+    linear_packed = decoding.linear_packed
+    monkeypatch.setattr(decoding, "linear_packed", lambda *a: reads.append(a[1]) or linear_packed(*a))
+    model = model_with("nano")
+    prompt = [464, 3290, 318, 257]
+    assert generate(model, [prompt], 40, temperature=0) == greedy_without_cache(model, [prompt], 40)
+    assert caches[0].packed_dtype == (torch.float32 if onednn("cpu") else None)
+    assert len(reads) == (40 if onednn("cpu") else 0) and all(r is caches[0].packed_head for r in reads)
+    assert (caches[0].head is None) == onednn("cpu")  # (elsewhere the (C, V) copy)
+    generate(model, [prompt], 8, temperature=0)
+    assert caches[1].packed_head is None and caches[1].head is None
+    compiled = KVCache(model, 1, 64, copy_head=True, compiled=True)
+    assert compiled.packed_head is None and compiled.head.shape == (model.config.n_embd, model.config.vocab_size)
 
 
 def test_a_generation_after_a_fused_optimizer_step_samples_the_new_weights():

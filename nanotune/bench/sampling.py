@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="add the bf16 head and cache")
     p.add_argument("--transformers", action="store_true", help="add transformers' generate on the same weights")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this file")
-    head = "also time the head's paths for several rows: wte @ x.T against the packed float32 copy (CPU)"
+    head = "also time the head's paths for 1-64 rows: MKL's layouts against the packed float32 copy (CPU)"
     p.add_argument("--head", action="store_true", help=head)
     layers = "also time each layer's paths for 1-8 rows: addmm against its packed float32 copy, and which is read"
     p.add_argument("--layers", action="store_true", help=layers)
@@ -83,13 +83,18 @@ def copy_bandwidth(device, megabytes: int = 512) -> float:
 
 
 def matvec_rate(model, device) -> float:
-    """GB/s at which this machine's BLAS reads the tied head for one row's logits (x @ the (C, V) copy that batch-1
-    decoding reads), the best of ten: the honest limit of batch-1 float32 decoding, which reads every weight once
-    a token by matrix-vector products (well under the copy bandwidth on this CPU)."""
-    head = model.wte.weight.detach().t().contiguous()
-    x = torch.randn(1, head.shape[0], device=device)
+    """GB/s at which this machine reads the tied head for one row's logits, the best of ten by the faster of its
+    kernels: BLAS on a contiguous (C, V) copy, or on a CPU with oneDNN its kernel on a packed float32 copy (what
+    batch-1 decoding reads there). The honest limit of batch-1 float32 decoding, which reads every weight once a
+    token by matrix-vector products (well under the copy bandwidth on this CPU)."""
+    wte = model.wte.weight.detach()
+    x = torch.randn(1, wte.shape[1], device=device)
+    head = wte.t().contiguous()
     best = min(run_times(lambda: x @ head, device, 0, 10))
-    return head.numel() * head.element_size() / best / 1e9
+    if onednn(device):
+        packed = pack(wte, torch.float32)
+        best = min(best, *run_times(lambda: linear_packed(x, packed, None, torch.float32), device, 0, 10))
+    return wte.numel() * wte.element_size() / best / 1e9
 
 
 def per_call_ms(path, rounds: int) -> float:
@@ -98,19 +103,20 @@ def per_call_ms(path, rounds: int) -> float:
 
 
 def head_paths(model, batches, rounds: int = 7) -> list[dict]:
-    """ms for the tied head's logits of B rows, median of `rounds` turns of 10: MKL on wte (V, C) @ x.T (what
-    KVCache used for several rows) against oneDNN on a packed float32 copy (its packed_rows)."""
+    """ms for the tied head's logits of B rows, median of `rounds` turns of 10: MKL on the layout it reads fastest
+    (x @ a contiguous (C, V) copy for one row, wte (V, C) @ x.T for several) against oneDNN on a packed float32
+    copy (what KVCache's copy_head makes on a CPU with oneDNN)."""
     wte = model.wte.weight.detach()
-    packed = pack(wte, torch.float32)
+    packed, head = pack(wte, torch.float32), wte.t().contiguous()
     rows = []
     for batch in batches:
         x = torch.randn(batch, wte.shape[1])
-        ms = {
-            "wte @ x.T": per_call_ms(lambda x=x: wte @ x.t(), rounds),
-            "packed": per_call_ms(lambda x=x: linear_packed(x, packed, None, torch.float32), rounds),
-        }
-        rows.append({"batch": batch, **ms, "ratio": ms["wte @ x.T"] / ms["packed"]})
-        print(f"head, {batch} rows: wte @ x.T {ms['wte @ x.T']:.2f} ms, packed {ms['packed']:.2f} ms", flush=True)
+        mkl = (lambda x=x: x @ head) if batch == 1 else (lambda x=x: wte @ x.t())
+        ms = {"MKL": per_call_ms(mkl, rounds)}
+        ms["packed"] = per_call_ms(lambda x=x: linear_packed(x, packed, None, torch.float32), rounds)
+        rows.append({"batch": batch, **ms, "ratio": ms["MKL"] / ms["packed"]})
+        layout = "x @ (C, V) copy" if batch == 1 else "wte @ x.T"
+        print(f"head, {batch} rows: {layout} {ms['MKL']:.2f} ms, packed {ms['packed']:.2f} ms", flush=True)
     return rows
 
 
@@ -186,7 +192,7 @@ def main(argv=None):
     if args.bf16:
         share = bf16_agreement(model, device)
         print(f"bfloat16 picks float32's greedy token at {share:.1%} of the verify passage's positions", flush=True)
-    head = head_paths(model, (2, 4, 8, 16, 64)) if args.head and onednn(device) else None
+    head = head_paths(model, (1, 2, 4, 8, 16, 64)) if args.head and onednn(device) else None
     layers = layer_paths(model, (1, 2, 4, 8)) if args.layers and onednn(device) else None
     results = []
     for batch in map(int, args.batches.split(",")):

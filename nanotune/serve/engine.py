@@ -128,7 +128,7 @@ class Batch:
         self.model, self.enc, self.fail, self.device = model, enc, fail, model.wte.weight.device
         # the tied head copied once for the server's life, for one row and for several (see KVCache); the
         # batch's keys and values follow
-        self.cache = KVCache(model, 0, SLOTS, copy_head=True, packed=packed, packed_rows=True)
+        self.cache = KVCache(model, 0, SLOTS, copy_head=True, packed=packed)
         self.logits = torch.empty(0, model.config.vocab_size, device=self.device)  # (B, V)
         self.rows: list[Row] = []
 
@@ -152,7 +152,7 @@ class Batch:
         scoring_alone = scoring and not requests[0].max_tokens  # (no rows join: no cache to fill)
         own = None if scoring_alone else KVCache(model, len(requests), T + nv, copy_head=False)
         if own is not None:  # the batch's copies of the head: the first token's logits 3x sooner
-            own.head, own.rows_head = self.cache.head, self.cache.rows_head
+            own.share_head(self.cache)
         if scoring:
             hidden = model(ids, cache=own, hidden=True)[0]  # (T, C)
             with torch.autocast(self.device.type, enabled=False):  # the head in float32, as forward's own
