@@ -42,10 +42,11 @@ class KVCache:
         # a contiguous (C, V) copy (nano: 7.5 against 2.4 ms a token, 2-core CPU), several rows as wte @ x.T.
         # copy_head, for generations long enough to pay for a copy made for them (not kept across generations: a
         # fused optimizer step changes wte without moving its version counter): on a CPU with oneDNN a packed
-        # float32 copy, which its kernel reads faster at any row count (nano: 1.24 against 1.46 ms for one row,
-        # 1.2-1.6x wte @ x.T from 6 rows up; gpt2 a tie for one row; python -m nanotune.bench.sampling --head) and
-        # which takes about half the time of the (C, V) copy to make (nano 19 against 32 ms, gpt2 65 against
-        # 176 ms); elsewhere a (C, V) copy, for one row.
+        # float32 copy, read by every row count: its kernel is faster for one row (nano 1.14 against 1.30 ms,
+        # gpt2 7.2 against 8.1) and from 4 rows up (1.2-2.5x wte @ x.T), a tie or slower at 2-3 (gpt2, 2 rows: 8.6
+        # against 5.8 ms in one run; python -m nanotune.bench.sampling --head), and it takes about half the time
+        # of the (C, V) copy to make (nano 19 against 32 ms, gpt2 65 against 176 ms); elsewhere a (C, V) copy,
+        # for one row.
         # packed: sampling that may round its logits, on a CPU with oneDNN's bfloat16 kernels, reads a packed
         # bfloat16 copy instead (see packed_layers). compiled: torch.compile runs the step, and inductor cannot
         # lower oneDNN's kernel on a packed copy: no packed copies then.

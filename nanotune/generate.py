@@ -98,7 +98,7 @@ def generate(
     else:
         context = contextlib.nullcontext()
     # a copy of the head (see KVCache) when the tokens pay for making it: one row of 32 tokens or more; several
-    # rows, their packed float32 copy (nano ~24 ms, gpt2 ~0.1 s to make), when B x tokens >= 1024 (GRPO's rollout
+    # rows, their packed float32 copy (nano ~20 ms, gpt2 ~65 ms to make), when B x tokens >= 1024 (GRPO's rollout
     # of 64 answers of 24 tokens gains 1.2-1.45x for nano; 2-3 rows read it no faster than wte @ x.T)
     copy_head = (B == 1 and max_new_tokens >= 32) or (eager_cpu and B >= 4 and B * max_new_tokens >= 1024)
     with context:

@@ -260,3 +260,19 @@ def test_a_generation_after_a_fused_optimizer_step_samples_the_new_weights():
     after = generate(model, prompt, 40, temperature=0)
     assert torch.equal(after, torch.tensor(greedy_without_cache(model, prompt.tolist(), 40)))
     assert not torch.equal(after, before)
+
+
+def test_a_decode_step_runs_with_autograd_on_and_gives_the_forwards_logits():
+    """decode_step writes into the cache through views, which autograd would refuse: it runs without it, whatever
+    mode its caller is in."""
+    from nanotune.decoding import KVCache
+
+    model = model_with("tiny")
+    tokens = torch.tensor([[464, 3290, 318, 257]])
+    cache = KVCache(model, 1, 8, copy_head=False)
+    with torch.no_grad():
+        model(tokens[:, :3], cache=cache)
+    cache.valid[:, :3] = True
+    logits = model.decode_step(tokens[:, 3:], cache, torch.tensor([3]), 4)  # (1, V), autograd on
+    with torch.no_grad():
+        assert torch.allclose(logits, model(tokens)[:, -1], atol=1e-5)

@@ -506,6 +506,26 @@ def test_rows_added_from_left_padded_prompts_hold_their_real_keys_first_in_order
         assert torch.equal(batch.v[:, row, :, :n], prompts.v[:, prompt_row, :, real])
 
 
+@torch.no_grad()
+def test_a_prompts_first_token_reads_the_batchs_copy_of_the_head(tiny, monkeypatch):
+    """The prefill's cache shares the batch's copies of the tied head (made once for the server's life): on a CPU
+    with oneDNN the first token's logits come from its packed copy, as every later step's do."""
+    import nanotune.decoding as decoding
+    from nanotune.serve.engine import Batch, Request
+
+    model, reads = GPT.from_pretrained(tiny).eval(), []
+    linear_packed = decoding.linear_packed
+    monkeypatch.setattr(decoding, "linear_packed", lambda *a: reads.append(a[1]) or linear_packed(*a))
+    batch = Batch(model, load_tokenizer(), packed=False, fail=lambda request, error: None)
+    batch.join([Request([464, 3290, 318], 4, lambda *a, **k: None, temperature=0.0)])
+    if decoding.onednn("cpu"):
+        assert len(reads) == 1 and reads[0] is batch.cache.packed_head
+    else:  # (elsewhere the (C, V) copy, for one row)
+        assert reads == [] and batch.cache.head is not None
+    expected = generate(model, [[464, 3290, 318]], 1, temperature=0)[0][-1]
+    assert int(batch.logits.argmax(-1)) == expected
+
+
 def test_engine_in_bfloat16_matches_generate_in_bfloat16(tiny):
     """--dtype bfloat16: the engine decodes as generate(dtype=bfloat16) does (packed bfloat16 weights on a CPU
     with the kernels), so its greedy answers are generate's."""

@@ -5,9 +5,9 @@
     python -m nanotune.bench.sampling --device cuda --compile
 
 Decoding one token reads every weight once (the tied head alone is 50257 x width), by matrix-vector products at
-batch 1, so the rate at which this machine's BLAS reads a weight matrix for one (measured here on the head, and
-printed beside the copy bandwidth) divided by the weights' bytes is the ceiling in tokens/s at batch 1: its last
-column is the share of it each variant reaches.
+batch 1, so the rate at which this machine reads a weight matrix for one (measured here on the head, by the faster
+of BLAS and, on a CPU, oneDNN's kernel on a packed copy, and printed beside the copy bandwidth) divided by the
+weights' bytes is the ceiling in tokens/s at batch 1: its last column is the share of it each variant reaches.
 Rows, each greedy decoding of --tokens new tokens after a 16-token prompt, timed in one process, the variants
 taking turns for --rounds rounds (a slow spell of a shared machine hits them all) and reported as the median:
   per-token forward   the way nanotune decoded before its static step: GPT.forward with the cache, per token
@@ -162,7 +162,8 @@ def sync(device):
 
 @torch.no_grad()
 def per_token_forward(model, prompt, tokens: int):
-    """The decoding loop nanotune had before GPT.decode_step: GPT.forward with the KV cache, one token at a time."""
+    """The decoding loop nanotune had before GPT.decode_step: GPT.forward with the KV cache, one token at a time
+    (with today's KVCache and its copies of the head, so that the step is what differs)."""
     cache = KVCache(model, prompt.shape[0], prompt.shape[1] + tokens, copy_head=tokens >= 32)
     logits = model(prompt, cache=cache)[:, -1]
     for _ in range(tokens - 1):
@@ -252,9 +253,9 @@ def bf16_agreement(model: GPT, device) -> float:
             context = packed_layers(model, torch.bfloat16)
         else:
             context = torch.autocast(device.type, dtype=torch.bfloat16)
-        cache = KVCache(model, 1, len(tokens), packed=bf16 and device.type == "cpu")
         at, argmax = torch.zeros(1, dtype=torch.long, device=device), []
-        with context:
+        with context:  # (the cache made inside: under autocast its keys and values take autocast's dtype)
+            cache = KVCache(model, 1, len(tokens), packed=bf16 and device.type == "cpu")
             for token in tokens:
                 argmax.append(model.decode_step(token.view(1, 1), cache, at).argmax(-1))  # (1,)
                 at += 1

@@ -32,7 +32,7 @@ class Conv1D(nn.Module):
         self.packed = None  # a decoding.Packed copy of weight and bias while a CPU samples (decoding.packed_layers)
 
     def forward(self, x):
-        if x.dim() > 2:  # (B, T, in) as rows (B*T, in), and back to (B, T, out); decoding's rows come as (B, in)
+        if x.dim() != 2:  # (B, T, in) as rows (B*T, in), and back to (B, T, out); decoding's rows come as (B, in)
             return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         if self.packed is not None and self.packed.reads(x):
             weight, bias, _ = self.packed
@@ -69,8 +69,9 @@ class CausalSelfAttention(nn.Module):
     def decode(self, x, attn_mask, step: DecodeSlots):
         """GPT.decode_step's attention: one new token per row, x (B, C); its key and value go into the cache slot
         of its row (step.slot), and it attends over the slots step.keys and step.values hold. The rows stay (B, C)
-        through every layer, with no split, transposes or per-layer views of the cache: each operator costs a few
-        microseconds however little it does; this path calls 15 a layer (through forward, decoding called 37)."""
+        through every layer, with no split, no transposes and no slicing of the cache here (decode_step makes the
+        views once a step): each operator costs a few microseconds however little it does, and this path calls 15
+        a layer (through forward, decoding called 37)."""
         B, C = x.shape
         # (B, 3C) -> 3 x (B, n_head, 1, head_dim)
         q, k, v = self.c_attn(x).view(B, 3, self.n_head, 1, C // self.n_head).unbind(1)
@@ -211,6 +212,7 @@ class GPT(nn.Module):
                 return cache.logits(x[:, -1])[:, None]
             return F.linear(x.float(), self.wte.weight.float())  # (B, T, vocab_size)
 
+    @torch.no_grad()  # (it writes into the cache through views, which autograd would refuse)
     def decode_step(self, token: torch.Tensor, cache: KVCache, at: torch.Tensor, span: int | None = None):
         """One new token per row, written into cache slot `at`: what torch.compile (and on a GPU a CUDA graph)
         captures once for a whole generation (nanotune/generate.py). `at` is a tensor: one slot for every row (1,),

@@ -65,7 +65,7 @@ class LoRAConv1D(Conv1D):
         self.enabled = True  # False: the base layer alone (see without_peft)
 
     def forward(self, x):
-        if x.dim() > 2:  # (B, T, in) as rows (B*T, in), and back to (B, T, out)
+        if x.dim() != 2:  # (B, T, in) as rows (B*T, in), and back to (B, T, out)
             return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         if self.enabled and self.packed is not None and self.packed.reads(x):  # (generation's copy, LoRA merged in)
             return super().forward(x)

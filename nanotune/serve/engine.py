@@ -126,8 +126,8 @@ class Batch:
 
     def __init__(self, model: GPT, enc, packed: bool, fail):
         self.model, self.enc, self.fail, self.device = model, enc, fail, model.wte.weight.device
-        # the tied head copied once for the server's life, for one row and for several (see KVCache); the
-        # batch's keys and values follow
+        # the tied head copied once for the server's life (see KVCache: on a CPU a packed copy for every row
+        # count, on a GPU a (C, V) copy for one row); the batch's keys and values follow
         self.cache = KVCache(model, 0, SLOTS, copy_head=True, packed=packed)
         self.logits = torch.empty(0, model.config.vocab_size, device=self.device)  # (B, V)
         self.rows: list[Row] = []
