@@ -43,7 +43,7 @@ class KVCache:
         # copy_head, for generations long enough to pay for a copy made for them (not kept across generations: a
         # fused optimizer step changes wte without moving its version counter): on a CPU with oneDNN a packed
         # float32 copy, read by every row count: its kernel is faster for one row (nano 1.14 against 1.30 ms,
-        # gpt2 7.2 against 8.1) and from 4 rows up (1.2-2.5x wte @ x.T), a tie or slower at 2-3 (gpt2, 2 rows: 8.6
+        # gpt2 7.2 against 8.1) and from 4 rows up (1.1-2.5x wte @ x.T), a tie or slower at 2-3 (gpt2, 2 rows: 8.6
         # against 5.8 ms in one run; python -m nanotune.bench.sampling --head), and it takes about half the time
         # of the (C, V) copy to make (nano 19 against 32 ms, gpt2 65 against 176 ms); elsewhere a (C, V) copy,
         # for one row.

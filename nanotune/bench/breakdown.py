@@ -27,6 +27,7 @@ from ..flags import Parser, integer
 from ..generate import generate
 from ..utils import save_json
 from .sampling import bench_model
+from .vs_transformers import run_times
 
 # the operators of a decode step, by what they do (anything else counts as "other operators")
 CATEGORIES = {
@@ -105,13 +106,8 @@ def dispatch_us(calls: int = 2000) -> float:
     """What one operator costs from Python when its kernel has nothing to do: a 1-element add (a new tensor, as
     most of a step's operators make), in microseconds, the median of 5 loops."""
     a, b = torch.ones(1), torch.ones(1)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            a + b
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times) * 1e6
+    times = run_times(lambda: [a + b for _ in range(calls)], torch.device("cpu"), 1, 5)
+    return statistics.median(times) / calls * 1e6
 
 
 def split_by_category(prof, wall_s: float, units: int) -> dict[str, float]:
@@ -187,10 +183,8 @@ def print_table(title: str, cases: dict[str, dict], empty_us: float):
     print("| **unprofiled** | " + " | ".join(f"{c['ms']:.3f}" for c in cases.values()) + " |")
     print("| operators called from Python | " + " | ".join(f"{c['operators']:.0f}" for c in cases.values()) + " |")
     # a floor no kernel can lower: each operator's own cost from Python, at the price of an empty one
-    floors = [
-        f"{c['operators'] * empty_us / 1e3:.3f} ({c['operators'] * empty_us / 1e3 / c['ms']:.0%})"
-        for c in cases.values()
-    ]
+    floors = [c["operators"] * empty_us / 1e3 for c in cases.values()]  # ms
+    floors = [f"{ms:.3f} ({ms / c['ms']:.0%})" for ms, c in zip(floors, cases.values())]
     print("| their dispatch alone, ms (share of unprofiled) | " + " | ".join(floors) + " |", flush=True)
 
 
